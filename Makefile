@@ -1,0 +1,35 @@
+# The README's commands. Each target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch pinned for a fast CPU install on these machines; pyproject states the real range.
+TORCH_PIN ?= torch==2.13.0
+TRITON_PIN ?= triton==3.8.0
+
+.PHONY: install run test lint docs bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_PIN)
+	$(PY) -m pip install -q -e '.[test,experiment,docs]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m bio_transformations.experiment $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html
+	$(VENV)/bin/sphinx-build -q -W --keep-going -b doctest docs docs/_build/doctest
+
+clean:
+	rm -rf $(VENV) docs/_build .pytest_cache .benchmarks

@@ -1,0 +1,199 @@
+"""Times the published ``pytorch-bio-transformations==0.0.5`` on the benchmark cases.
+
+Its import name, ``bio_transformations``, is this project's too, so it runs in its own process:
+
+    PYTHONPATH=benchmarks/.upstream python benchmarks/upstream_runner.py --op crystallize --size 4M
+    PYTHONPATH=benchmarks/.upstream python benchmarks/upstream_runner.py --serve
+
+The first form times one case and prints one JSON object. ``--serve`` (what the pytest side
+uses) reads one JSON request per line on stdin and answers each with one JSON line, so each
+upstream case is timed right next to the contenders of its group, in the same minute of the
+same run. Requests: ``{"kind": "op", "op": ..., "size": ..., "device": "cpu"|"gpu",
+"threads": 2, "plan": {...}}`` or ``{"kind": "model", "model": ..., "op": ...}``. Answers:
+``{"ok": true, "samples": [seconds, ...], ...}`` or ``{"ok": false, "error": traceback}``.
+
+Data, config and the timing protocol come from ``bench_cases`` (torch only), the same module
+the pytest side uses. The published package is called through its documented API only:
+``BioModule`` methods on a layer with ``.weight.grad``, and the methods ``BioConverter``
+attaches to a converted model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Callable, Dict, Tuple
+
+import torch
+
+import bench_cases as bc
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _import_upstream():
+    import bio_transformations as bt
+    from bio_transformations.bio_config import BioConfig, Distribution
+
+    where = os.path.abspath(bt.__file__)
+    if os.path.join(_HERE, ".upstream") not in where:
+        raise RuntimeError(
+            f"bio_transformations was imported from {where}, not from benchmarks/.upstream: run "
+            "with PYTHONPATH=benchmarks/.upstream (this project's package has the same name)"
+        )
+    return bt, BioConfig, Distribution
+
+
+def _config(op: str):
+    _, BioConfig, Distribution = _import_upstream()
+    fields = dict(bc.config_overrides(op))
+    if "fuzzy_lr_distribution" in fields:
+        fields["fuzzy_lr_distribution"] = Distribution(fields["fuzzy_lr_distribution"])
+    return BioConfig(**fields)
+
+
+def upstream_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pytorch-bio-transformations")
+    except Exception:  # metadata not on the path: the folder name says it
+        return "0.0.5"
+
+
+def op_case(op: str, size: str, device: str) -> Tuple[Callable, Callable]:
+    """``(call, restore)`` for one upstream ``BioModule`` method on a fresh layer."""
+    bt, _, _ = _import_upstream()
+    w0, g0, p0 = bc.layer_data(size, device)
+    layer = bc.make_linear(w0, g0)
+    mod = bt.BioModule(lambda: layer, config=_config(op))
+    if op == "dale":  # the initialisation flipped signs: restore to the initialised weights
+        w0 = layer.weight.detach().clone()
+
+    def rates():
+        return mod.fuzzy_learning_rate_parameters
+
+    restore_tensors = bc.restorer(
+        [(lambda: layer.weight, w0), (lambda: layer.weight.grad, g0), (rates, p0)]
+    )
+
+    calls: Dict[str, Callable] = {
+        "fuzzy": mod.fuzzy_learning_rates,
+        "crystallize": mod.crystallize,
+        "volume": mod.volume_dependent_lr,
+        "rejuvenate": mod.rejuvenate_weights,
+        "dale": mod.enforce_dales_principle,
+        "temporal": mod.update_fuzzy_learning_rates,
+        "weight_adaptive": mod.update_fuzzy_learning_rates,
+    }
+
+    def bio_step() -> None:  # upstream has no fused op: the three calls, in the documented order
+        mod.volume_dependent_lr()
+        mod.fuzzy_learning_rates()
+        mod.crystallize()
+
+    calls["bio_step"] = bio_step
+
+    def restore() -> None:
+        restore_tensors()
+        if op == "temporal":  # the next update is a due one, with noise
+            mod.update_step = 10 * bc.UPDATE_FREQ - 1
+        elif op == "weight_adaptive":  # the (non-dynamic) update refills the rates
+            mod.weight_adaptive_initialized = False
+
+    return calls[op], restore
+
+
+def model_case(model_name: str, op: str, device: str) -> Tuple[Callable, Callable]:
+    """``(call, restore)`` for a model-level method of an upstream-converted model."""
+    bt, _, _ = _import_upstream()
+    model = bc.build_model(model_name, device)
+    data = bc.model_data(model)
+    bt.BioConverter().convert(model)
+    layers = bc.learnable_layers(model)
+    pairs = []
+    for layer, (w0, g0, p0) in zip(layers, data):
+        pairs += [
+            (lambda l=layer: l.weight, w0),
+            (lambda l=layer: l.weight.grad, g0),
+            (lambda l=layer: l.bio_mod.fuzzy_learning_rate_parameters, p0),
+        ]
+    restore = bc.restorer(pairs)
+
+    def step() -> None:
+        model.volume_dependent_lr()
+        model.fuzzy_learning_rates()
+        model.crystallize()
+
+    calls = {"step": step, "rejuvenate": model.rejuvenate_weights}
+    return calls[op], restore
+
+
+def handle(request: dict) -> dict:
+    torch.set_num_threads(int(request.get("threads", 2)))
+    plan = bc.Plan(**request.get("plan", {}))
+    device = request.get("device", "cpu")
+    with torch.no_grad():
+        if request["kind"] == "op":
+            call, restore = op_case(request["op"], request["size"], device)
+        else:
+            call, restore = model_case(request["model"], request["op"], device)
+        sync = bc.synchronizer(device)
+        rounds = bc.probe(call, restore, sync, plan)
+        samples = bc.time_rounds(call, restore, sync, rounds)
+    bt, _, _ = _import_upstream()
+    return {
+        "ok": True,
+        "samples": samples,
+        "rounds": rounds,
+        "upstream_version": upstream_version(),
+        "upstream_file": os.path.relpath(bt.__file__, _HERE),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def serve() -> None:
+    out = sys.stdout
+    sys.stdout = sys.stderr  # anything upstream prints must not corrupt the protocol
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            answer = handle(json.loads(line))
+        except Exception:
+            answer = {"ok": False, "error": traceback.format_exc()}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve", action="store_true", help="answer JSON requests on stdin")
+    parser.add_argument("--op", default="crystallize")
+    parser.add_argument("--size", default="64K", choices=list(bc.SIZES))
+    parser.add_argument("--model", choices=list(bc.MODELS), help="time a model-level op")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve()
+        return
+    plan = bc.QUICK_PLAN if args.quick else bc.FULL_PLAN
+    request = {
+        "kind": "model" if args.model else "op",
+        "op": args.op,
+        "size": args.size,
+        "model": args.model,
+        "device": args.device,
+        "threads": args.threads,
+        "plan": plan.__dict__,
+    }
+    print(json.dumps(handle(request)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""bio_transformations: biologically inspired learning mechanisms for PyTorch networks.
+
+The same API as the published ``pytorch_bio_transformations`` package (``BioConverter``,
+``BioModule``, ``BioConfig``), with the per-element work in fused Triton kernels on GPUs and
+pure-PyTorch kernels elsewhere (``BIO_BACKEND=auto|triton|torch``).
+"""
+
+from . import kernels
+from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution
+from .bio_converter import BioConverter
+from .bio_module import BioModule
+from .kernels import BackendError, backend_for, get_backend, set_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_BIO_CONFIG",
+    "BackendError",
+    "BioConfig",
+    "BioConfigError",
+    "BioConverter",
+    "BioModule",
+    "Distribution",
+    "__version__",
+    "backend_for",
+    "get_backend",
+    "kernels",
+    "set_backend",
+    "use_backend",
+]

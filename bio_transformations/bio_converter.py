@@ -1,0 +1,158 @@
+"""``BioConverter``: attaches a ``BioModule`` to every ``Linear``/``Conv`` layer of a model."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Type, TypeVar, Union
+
+import torch.nn as nn
+
+from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, validate_config
+from .bio_module import CONVERTIBLE_LAYERS, BioModule, bio_forward_hook, check_splitting
+from .kernels import philox
+from .model_methods import MODEL_METHODS, ModelMethod
+
+__all__ = ["BioConverter"]
+
+M = TypeVar("M", bound=nn.Module)
+_HOOK_FLAG = "_bio_hook_installed"
+
+
+def _seed_from_rank0(seed: int) -> int:
+    """Under ``torch.distributed``, every rank uses rank 0's seed so replicas draw alike."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        backend = dist.get_backend()
+        device = "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
+        t = torch.tensor([seed], dtype=torch.int64, device=device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+    return seed
+
+
+class BioConverter:
+    """Converts models so their layers learn with the bio mechanisms.
+
+    Args:
+        config: base configuration (default :data:`DEFAULT_BIO_CONFIG`).
+        **kwargs: fields of :class:`BioConfig` overriding ``config``.
+
+    Raises:
+        BioConfigError: a config value is invalid (already here, not at the first layer).
+        TypeError: an unknown config field.
+    """
+
+    def __init__(self, config: BioConfig = DEFAULT_BIO_CONFIG, **kwargs: Any):
+        self.config = self._make_config(config, kwargs)
+
+    @staticmethod
+    def _make_config(config: BioConfig, overrides: Dict[str, Any]) -> BioConfig:
+        if not isinstance(config, BioConfig):
+            raise TypeError(f"config must be a BioConfig, got {type(config).__name__}")
+        unknown = sorted(set(overrides) - set(BioConfig._fields))
+        if unknown:
+            raise TypeError(
+                f"unknown BioConfig field(s): {', '.join(unknown)}; "
+                f"valid fields are: {', '.join(BioConfig._fields)}"
+            )
+        return validate_config(config._replace(**overrides))
+
+    @classmethod
+    def from_dict(cls, config_dict: Dict[str, Any]) -> "BioConverter":
+        """A converter from a dict of :class:`BioConfig` fields."""
+        return cls(DEFAULT_BIO_CONFIG, **dict(config_dict))
+
+    def get_config(self) -> BioConfig:
+        """The converter's current configuration."""
+        return self.config
+
+    def update_config(self, **kwargs: Any) -> None:
+        """Change config fields for later conversions."""
+        self.config = self._make_config(self.config, kwargs)
+
+    def convert(self, module_class_or_instance: Union[M, Type[M]]) -> Union[M, Type[M]]:
+        """Convert an ``nn.Module`` instance in place (returned), or wrap an ``nn.Module``
+        subclass so every instance is converted when built (the class is returned)."""
+        x = module_class_or_instance
+        if isinstance(x, nn.Module):
+            return self._convert_instance(x)
+        if isinstance(x, type) and issubclass(x, nn.Module):
+            return self._convert_class(x)
+        raise TypeError(f"Unsupported type for module_class_or_instance: {type(x)}")
+
+    __call__ = convert
+
+    def _convert_class(self, module_class: Type[M]) -> Type[M]:
+        if not isinstance(module_class, type):
+            raise TypeError(f"module_class must be a class; instead got: {type(module_class)}")
+        original_init = module_class.__init__
+        converter = self
+
+        @functools.wraps(original_init)
+        def __init__(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+            original_init(model, *args, **kwargs)
+            converter._convert_instance(model, attach_methods=False)
+
+        module_class.__init__ = __init__  # type: ignore[method-assign]
+        for name, func in MODEL_METHODS.items():
+            setattr(module_class, name, func)
+        return module_class
+
+    def _convert_instance(self, model: M, attach_methods: bool = True) -> M:
+        self.set_last_module_token_for_model(model)
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, CONVERTIBLE_LAYERS)]
+        total = len(layers)
+        # Validate splitting on every layer before changing any.
+        for name, layer in layers:
+            if not getattr(layer, "last_module_token", False):
+                try:
+                    check_splitting(layer, self.config.weight_splitting_Gamma)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{exc} Layer {name or type(layer).__name__!r} has "
+                        f"{layer.weight.shape[0]} outputs."
+                    ) from None
+        for index, (_, layer) in enumerate(layers):
+            cfg = self.config._replace(fuzzy_lr_layer_index=index, fuzzy_lr_total_layers=total)
+            bio = BioModule(functools.partial(_identity, layer), cfg)
+            layer.bio_mod = bio  # replaces an earlier bio_mod on re-conversion
+            if not getattr(layer, _HOOK_FLAG, False):
+                layer.register_forward_hook(bio_forward_hook)
+                object.__setattr__(layer, _HOOK_FLAG, True)
+        self._agree_seeds([layer.bio_mod for _, layer in layers])
+        object.__setattr__(model, "_bio_layers", layers)
+        if attach_methods:
+            for name in MODEL_METHODS:
+                object.__setattr__(model, name, ModelMethod(model, name))
+        return model
+
+    @staticmethod
+    def _agree_seeds(bios: list) -> None:
+        """Data-parallel: replace the layer seeds by rank 0's so every replica draws alike."""
+        if not bios:
+            return
+        base = _seed_from_rank0(bios[0].layer_seed)
+        if base != bios[0].layer_seed:
+            for i, bio in enumerate(bios):
+                bio.layer_seed = philox.stream_key(base, i, 0)
+
+    @staticmethod
+    def set_last_module_token_for_model(model: nn.Module) -> nn.Module:
+        """Mark the last convertible layer among ``model.children()`` (when there is more than
+        one) with ``last_module_token = True``: it gets no weight splitting and no Dale."""
+        candidates = [m for m in model.children() if isinstance(m, CONVERTIBLE_LAYERS)]
+        if len(candidates) > 1:
+            BioConverter.set_last_module_token_for_module(candidates[-1])
+        return model
+
+    @staticmethod
+    def set_last_module_token_for_module(module: nn.Module) -> nn.Module:
+        """Mark one layer as the last one; returns it."""
+        module.last_module_token = True
+        return module
+
+
+def _identity(layer: nn.Module) -> nn.Module:
+    return layer

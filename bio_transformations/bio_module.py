@@ -1,0 +1,437 @@
+"""``BioModule``: the bio mechanisms attached to one ``Linear``/``Conv`` layer as ``layer.bio_mod``.
+
+Every method here calls the backend op of ``bio_transformations.kernels`` with one-element
+lists, so there is one implementation of each formula per backend; the model-level methods
+(``bio_transformations.model_methods``) call the same ops once per (device, dtype) group.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from . import kernels
+from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution, validate_config
+from .kernels import philox
+
+__all__ = ["BioModule", "CONVERTIBLE_LAYERS", "OP_IDS", "split_output"]
+
+logger = logging.getLogger("bio_transformations")
+
+#: Layer types the converter attaches a ``BioModule`` to.
+CONVERTIBLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: Op ids mixed into each random stream's key, so ops never share draws.
+OP_IDS = {
+    "volume": 1,
+    "rejuvenate": 2,
+    "rejuvenate_legacy": 3,
+    "rates_init": 4,
+    "temporal": 5,
+    "weight_adaptive": 6,
+    "activity": 7,
+    "dale_init": 8,
+}
+
+# Which initial draw each distribution starts from (the dynamic ones start from these too).
+_INITIAL_RATES = {
+    Distribution.BASELINE: "baseline",
+    Distribution.UNIFORM: "uniform",
+    Distribution.NORMAL: "normal",
+    Distribution.LOGNORMAL: "lognormal",
+    Distribution.GAMMA: "gamma",
+    Distribution.BETA: "beta",
+    Distribution.LAYER_ADAPTIVE: "uniform",
+    Distribution.WEIGHT_ADAPTIVE: "baseline",
+    Distribution.TEMPORAL: "uniform",
+    Distribution.ACTIVITY: "baseline",
+}
+
+_SPLIT_ERROR = "weight_splitting_Gamma (G) must evenly divide the number of features (C)."
+
+
+def _out_units(layer: nn.Module) -> int:
+    """The size of the dimension weight splitting groups: out_features / out_channels."""
+    return layer.weight.shape[0]
+
+
+def check_splitting(layer: nn.Module, gamma: int) -> None:
+    """Raise ``ValueError`` if ``gamma > 1`` does not divide the layer's output units."""
+    if gamma > 1 and _out_units(layer) % gamma != 0:
+        raise ValueError(_SPLIT_ERROR)
+
+
+def split_output(
+    y: torch.Tensor, gamma: int, activation: Callable, channel_dim: int
+) -> torch.Tensor:
+    """Weight splitting: ``activation(y)``, sum groups of ``gamma`` neighbouring channels along
+    ``channel_dim`` and repeat each sum ``gamma`` times."""
+    y = activation(y)
+    c = y.shape[channel_dim]
+    if c % gamma != 0:
+        raise ValueError(_SPLIT_ERROR)
+    grouped = y.unflatten(channel_dim, (c // gamma, gamma)).sum(channel_dim + 1)
+    return torch.repeat_interleave(grouped, gamma, dim=channel_dim)
+
+
+def bio_forward_hook(
+    module: nn.Module, inputs: Any, output: torch.Tensor
+) -> Optional[torch.Tensor]:
+    """Forward hook of a converted layer: activity tracking (training only) and weight splitting.
+
+    It looks ``bio_mod`` up at call time, so re-conversion and ``add_weight_splitting_step``
+    change the behaviour without stacking hooks.
+    """
+    bio = module._modules.get("bio_mod")
+    if not isinstance(bio, BioModule):
+        return None
+    cfg = bio.config
+    if (
+        module.training
+        and cfg.fuzzy_lr_dynamic
+        and cfg.fuzzy_lr_distribution is Distribution.ACTIVITY
+        and torch.is_tensor(output)
+    ):
+        bio._activity_step(output.detach())
+    gamma = cfg.weight_splitting_Gamma
+    if gamma > 1 and not getattr(module, "last_module_token", False):
+        channel_dim = output.dim() - 1 if isinstance(module, nn.Linear) else 1
+        return split_output(output, gamma, cfg.weight_splitting_activation_function, channel_dim)
+    return None
+
+
+class BioModule(nn.Module):
+    """The bio mechanisms of one layer.
+
+    Args:
+        parent: a zero-argument callable returning the wrapped layer (``lambda: layer``).
+        config: the :class:`~bio_transformations.bio_config.BioConfig` to use.
+
+    Attributes:
+        fuzzy_learning_rate_parameters: buffer shaped like the weight, the per-synapse rates.
+        layer_seed: this layer's random seed (drawn from torch's default generator).
+        rng_step: how many random draws this layer has made; with ``layer_seed`` it keys the
+            next draw. Both are saved in the state dict, so a resumed run draws the same.
+    """
+
+    exposed_functions = (
+        "rejuvenate_weights",
+        "crystallize",
+        "fuzzy_learning_rates",
+        "volume_dependent_lr",
+        "update_fuzzy_learning_rates",
+        "rejuvenate_weights_old",
+        "enforce_dales_principle",
+        "add_weight_splitting_step",
+        "bio_step",
+    )
+
+    def __init__(self, parent: Callable[[], nn.Module], config: BioConfig = DEFAULT_BIO_CONFIG):
+        super().__init__()
+        if not callable(parent):
+            raise BioConfigError("parent must be a Callable returning an nn.Module instance")
+        layer = parent()
+        if not isinstance(layer, nn.Module):
+            raise BioConfigError("parent output must be an instance of nn.Module")
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"BioModule needs a layer with a weight tensor, got {type(layer)}")
+        self.config = validate_config(config)
+        # A plain attribute (not a submodule, which would make the module tree cyclic); deepcopy
+        # and pickling follow it to the copied layer, unlike a captured lambda.
+        object.__setattr__(self, "_parent_layer", layer)
+        self.layer_seed = philox.new_layer_seed()
+        self.rng_step = 0
+        self._update_count = 0
+        self._rates_filled = False
+        self._activity_calls = 0
+        rates = torch.ones_like(weight, requires_grad=False)
+        self.register_buffer("fuzzy_learning_rate_parameters", rates)
+        if self.config.fuzzy_lr_distribution is Distribution.ACTIVITY:
+            counts = torch.zeros(_out_units(layer), dtype=torch.int64, device=weight.device)
+            self.register_buffer("activation_count", counts)
+        self._init_rates()
+        if self.config.apply_dales_principle:
+            BioModule.dalian_network_initialization(self)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def get_parent(self) -> nn.Module:
+        """The wrapped layer."""
+        return self.__dict__["_parent_layer"]
+
+    def next_key(self, op: str) -> int:
+        """The key of this layer's next random stream for ``op``; advances ``rng_step``."""
+        key = philox.stream_key(self.layer_seed, self.rng_step, OP_IDS[op])
+        self.rng_step += 1
+        return key
+
+    def _ops(self, t: torch.Tensor):
+        return kernels.backend_module(t.device)
+
+    def _weight(self) -> torch.Tensor:
+        return self.get_parent().weight
+
+    def _grad(self) -> torch.Tensor:
+        grad = self._weight().grad
+        if grad is None:
+            raise RuntimeError("No gradients found for the weights")
+        return grad
+
+    @property
+    def is_last_module(self) -> bool:
+        """Whether the wrapped layer carries ``last_module_token`` (no splitting, no Dale)."""
+        return bool(getattr(self.get_parent(), "last_module_token", False))
+
+    def effective_nu(self) -> float:
+        """nu, scaled down with depth for ``LAYER_ADAPTIVE``: ``nu * (1 - 0.5 * index/total)``."""
+        c = self.config
+        nu = c.fuzzy_learning_rate_factor_nu
+        if (
+            c.fuzzy_lr_distribution is Distribution.LAYER_ADAPTIVE
+            and c.fuzzy_lr_layer_index >= 0
+            and c.fuzzy_lr_total_layers > 0
+        ):
+            nu = nu * (1.0 - 0.5 * c.fuzzy_lr_layer_index / c.fuzzy_lr_total_layers)
+        return nu
+
+    def get_extra_state(self) -> dict:
+        """Host-side state saved in the state dict: seed, counters and flags."""
+        return {
+            "version": 1,
+            "layer_seed": self.layer_seed,
+            "rng_step": self.rng_step,
+            "update_count": self._update_count,
+            "rates_filled": self._rates_filled,
+            "activity_calls": self._activity_calls,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` saved."""
+        if not isinstance(state, dict) or "layer_seed" not in state:
+            raise RuntimeError(f"unrecognised BioModule extra state: {state!r}")
+        self.layer_seed = int(state["layer_seed"])
+        self.rng_step = int(state["rng_step"])
+        self._update_count = int(state.get("update_count", 0))
+        self._rates_filled = bool(state.get("rates_filled", False))
+        self._activity_calls = int(state.get("activity_calls", 0))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"distribution={c.fuzzy_lr_distribution.value}, nu={c.fuzzy_learning_rate_factor_nu}, "
+            f"splitting_Gamma={c.weight_splitting_Gamma}, dales={c.apply_dales_principle}"
+        )
+
+    @torch.no_grad()
+    def _init_rates(self) -> None:
+        c = self.config
+        p = self.fuzzy_learning_rate_parameters
+        kind = _INITIAL_RATES[c.fuzzy_lr_distribution]
+        key = self.next_key("rates_init")
+        self._ops(p).rates_init_(
+            [p], [key], kind, self.effective_nu(), c.fuzzy_lr_min, c.fuzzy_lr_max
+        )
+
+    # -- the mechanisms ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fuzzy_learning_rates(self) -> None:
+        """Scale the gradient by the per-synapse rates: ``g *= p``."""
+        g = self._grad()
+        self._ops(g).fuzzy_scale_([g], [self.fuzzy_learning_rate_parameters])
+
+    @torch.no_grad()
+    def crystallize(self) -> None:
+        """Dampen the rates of synapses whose relative gradient is tiny or whose gradient is
+        large: ``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``, ``p[mask] *= d``."""
+        w = self._weight()
+        if not w.requires_grad:
+            raise RuntimeError("Weights do not require gradients")
+        g = self._grad()
+        c = self.config
+        self._ops(g).crystallize_(
+            [w], [g], [self.fuzzy_learning_rate_parameters], c.crystal_thresh, c.dampening_factor
+        )
+
+    @torch.no_grad()
+    def volume_dependent_lr(self) -> None:
+        """Scale the gradient by ``|N(m, lr_variability*m)|``, ``m = base_lr*exp(-s*|w|/(|w|+1))``:
+        large (voluminous) synapses learn less, with a fresh draw each call."""
+        w = self._weight()
+        g = self._grad()
+        c = self.config
+        key = self.next_key("volume")
+        self._ops(g).volume_scale_([w], [g], [key], c.base_lr, c.stability_factor, c.lr_variability)
+
+    @torch.no_grad()
+    def bio_step(self, volume: bool = True, fuzzy: bool = True, crystallize: bool = True) -> None:
+        """Volume scaling, fuzzy scaling and crystallization in one fused pass (each optional);
+        the same result as calling them one after another in that order."""
+        w = self._weight()
+        if crystallize and not w.requires_grad:
+            raise RuntimeError("Weights do not require gradients")
+        g = self._grad()
+        c = self.config
+        keys = [self.next_key("volume")] if volume else [0]
+        self._ops(g).bio_step_(
+            [w], [g], [self.fuzzy_learning_rate_parameters], keys, volume, fuzzy, crystallize,
+            c.base_lr, c.stability_factor, c.lr_variability, c.crystal_thresh, c.dampening_factor,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def rejuvenate_weights(self) -> None:
+        """Replace weights at random, most likely the weak ones, with values drawn from a
+        log-normal fitted to ``|w|`` and a random sign (``kernels.torch_backend.rejuvenate_``)."""
+        w = self._weight()
+        counts = self._ops(w).rejuvenate_(
+            [w], [self.next_key("rejuvenate")], self.config.rejuvenation_parameter_dre
+        )
+        _log_replaced(counts, [self])
+
+    @torch.no_grad()
+    def rejuvenate_weights_old(self) -> None:
+        """The original published rejuvenation rule (``torch_backend.rejuvenate_legacy_``)."""
+        w = self._weight()
+        counts = self._ops(w).rejuvenate_legacy_(
+            [w], [self.next_key("rejuvenate_legacy")], self.config.rejuvenation_parameter_dre
+        )
+        _log_replaced(counts, [self])
+
+    @torch.no_grad()
+    def update_fuzzy_learning_rates(self, x: Optional[torch.Tensor] = None) -> None:
+        """Advance the dynamic rate strategies by one update.
+
+        TEMPORAL (with ``fuzzy_lr_dynamic``): every ``fuzzy_lr_update_freq`` updates
+        ``p = 1 + (p-1)*fuzzy_lr_decay``, every ``10*fuzzy_lr_update_freq`` also add
+        ``0.1*(2U-1)*nu``. WEIGHT_ADAPTIVE: filled on the first update, refreshed every
+        ``fuzzy_lr_update_freq`` updates when dynamic. ACTIVITY (with ``fuzzy_lr_dynamic``): with
+        an input ``x``, count the active output units and redraw rows (converted layers do this
+        in their forward pass while training, so ``x`` is rarely needed).
+        """
+        c = self.config
+        dist = c.fuzzy_lr_distribution
+        p = self.fuzzy_learning_rate_parameters
+        if dist is Distribution.TEMPORAL and c.fuzzy_lr_dynamic:
+            self._update_count += 1
+            freq = c.fuzzy_lr_update_freq
+            if self._update_count % freq == 0:
+                noisy = self._update_count % (10 * freq) == 0
+                noise = 0.1 * c.fuzzy_learning_rate_factor_nu if noisy else 0.0
+                keys = [self.next_key("temporal")] if noisy else None
+                self._ops(p).temporal_update_(
+                    [p], keys, c.fuzzy_lr_decay, noise, c.fuzzy_lr_min, c.fuzzy_lr_max
+                )
+        elif dist is Distribution.WEIGHT_ADAPTIVE:
+            self._update_count += 1
+            due = c.fuzzy_lr_dynamic and self._update_count % c.fuzzy_lr_update_freq == 0
+            if not self._rates_filled or due:
+                self._rates_filled = True
+                w = self._weight()
+                self._ops(p).weight_adaptive_(
+                    [p], [w], [self.next_key("weight_adaptive")],
+                    c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min, c.fuzzy_lr_max,
+                )  # fmt: skip
+        elif dist is Distribution.ACTIVITY and c.fuzzy_lr_dynamic and x is not None:
+            layer = self.get_parent()
+            # The layer's own forward, without hooks (no splitting, no second activity count).
+            output = type(layer).forward(layer, x)
+            self._activity_step(output)
+
+    @torch.no_grad()
+    def _activity_step(self, output: torch.Tensor) -> None:
+        """Count active output units (``|y| > 0.01``) and redraw rows of the rates."""
+        counts = self.activation_count
+        channel_dim = output.dim() - 1 if isinstance(self.get_parent(), nn.Linear) else 1
+        if output.dim() == 1:  # an unbatched Linear input
+            channel_dim = 0
+        dims = [d for d in range(output.dim()) if d != channel_dim]
+        active = (output.abs() > 0.01).sum(dim=dims) if dims else (output.abs() > 0.01).long()
+        counts.add_(active.to(counts.dtype))
+        redraw_all = self._activity_calls == 0
+        self._activity_calls += 1
+        c = self.config
+        p = self.fuzzy_learning_rate_parameters
+        self._ops(p).activity_update_(
+            [p], [counts], [self.next_key("activity")],
+            c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min, c.fuzzy_lr_max, redraw_all,
+        )  # fmt: skip
+
+    def l1_reg(self) -> torch.Tensor:
+        """L1 norm of the module's own tensors that upstream keeps as parameters (the rates, and
+        the Dale signs when present), so the value matches the published package."""
+        tensors = [self.fuzzy_learning_rate_parameters, *self.parameters()]
+        if getattr(self, "sign", None) is not None:
+            tensors.append(self.sign)
+        return sum(t.abs().sum() for t in tensors)
+
+    @staticmethod
+    @torch.no_grad()
+    def dalian_network_initialization(module: nn.Module) -> None:
+        """Dale's principle at initialisation: every output unit gets one random sign, its
+        weights become ``|w| * sign``, and the sign is stored as buffer ``sign``."""
+        layer = module.get_parent() if isinstance(module, BioModule) else None
+        if not isinstance(layer, CONVERTIBLE_LAYERS):
+            target = type(layer) if layer is not None else type(module)
+            raise AttributeError(f"Can not use dalians network initialization on {target}")
+        w = layer.weight
+        units = w.shape[0]
+        u = kernels.torch_backend.uniform(module.next_key("dale_init"), units, w.device)
+        sign = torch.where(u < 0.5, 1.0, -1.0).to(w.dtype)
+        w.copy_(w.abs() * sign.reshape((-1,) + (1,) * (w.dim() - 1)))
+        if "sign" in module._buffers:
+            module.sign = sign
+        else:
+            module.register_buffer("sign", sign)
+
+    @torch.no_grad()
+    def enforce_dales_principle(self) -> None:
+        """``w = relu(w * sign) * sign``: weights that changed sign are set to 0.
+        Skipped on the layer marked as the last one."""
+        if not self.config.apply_dales_principle:
+            raise AttributeError(
+                "Can not enforce dales principle without apply_dales_principle set True."
+            )
+        if self.is_last_module:
+            return
+        w = self._weight()
+        self._ops(w).dale_enforce_([w], [self.sign])
+
+    def splitting_config(
+        self, Gamma: Optional[int] = None, activation: Optional[Callable] = None
+    ) -> BioConfig:
+        """This module's config with weight splitting set to ``Gamma``/``activation`` (current
+        values when None), validated against the layer (the marked last layer is not checked)."""
+        c = self.config
+        new = c._replace(
+            weight_splitting_Gamma=c.weight_splitting_Gamma if Gamma is None else Gamma,
+            weight_splitting_activation_function=(
+                c.weight_splitting_activation_function if activation is None else activation
+            ),
+        )
+        new = validate_config(new)
+        if not self.is_last_module:
+            check_splitting(self.get_parent(), new.weight_splitting_Gamma)
+        return new
+
+    def add_weight_splitting_step(
+        self, Gamma: Optional[int] = None, activation: Optional[Callable] = None
+    ) -> None:
+        """Apply weight splitting with ``Gamma`` and ``activation`` (config values when None),
+        replacing any splitting set before. The marked last layer is never split."""
+        self.config = self.splitting_config(Gamma, activation)
+
+
+def _log_replaced(counts: torch.Tensor, modules: list) -> None:
+    """Log the replaced-weight counts, only when the logger is on (reading them syncs)."""
+    if logger.isEnabledFor(logging.INFO):
+        for n, module in zip(counts.tolist(), modules):
+            logger.info(
+                "rejuvenation replaced %d of %d weights in %s",
+                n,
+                module._weight().numel(),
+                type(module.get_parent()).__name__,
+            )

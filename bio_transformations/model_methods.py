@@ -1,0 +1,224 @@
+"""The methods a converted model gains, each applying a ``BioModule`` method to every layer.
+
+The converter records the converted layers once (``model._bio_layers``, a list of
+``(name, layer)`` in module order). Each method groups those layers by device, dtype and the
+config values its op reads, and calls ONE backend op per group, lists in, in place.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import kernels
+from .bio_module import BioModule, _log_replaced
+
+__all__ = ["MODEL_METHODS", "ModelMethod", "bio_layers"]
+
+Entry = Tuple[str, nn.Module, BioModule]
+
+
+def bio_layers(model: nn.Module) -> List[Entry]:
+    """``(name, layer, bio_mod)`` for every converted layer of ``model``, in module order."""
+    recorded = model.__dict__.get("_bio_layers")
+    if recorded is None:  # e.g. a model whose class was converted before this attribute existed
+        recorded = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Module)]
+    out = []
+    for name, layer in recorded:
+        bio = layer._modules.get("bio_mod")
+        if isinstance(bio, BioModule):
+            out.append((name or type(layer).__name__, layer, bio))
+    return out
+
+
+def _trainable(model: nn.Module) -> List[Entry]:
+    """Converted layers whose weight requires grad (frozen layers are skipped)."""
+    return [e for e in bio_layers(model) if e[1].weight.requires_grad]
+
+
+def _grad_of(name: str, layer: nn.Module) -> torch.Tensor:
+    g = layer.weight.grad
+    if g is None:
+        raise RuntimeError(
+            f"No gradients found for the weights of layer {name!r} ({type(layer).__name__}); "
+            "call loss.backward() first, or freeze the layer (requires_grad=False) to skip it"
+        )
+    return g
+
+
+def _groups(entries: Iterable[Entry], *fields: str) -> Dict[Any, List[Entry]]:
+    """Group layers by (device, dtype, the named config values)."""
+    groups: Dict[Any, List[Entry]] = defaultdict(list)
+    for entry in entries:
+        w = entry[1].weight
+        cfg = entry[2].config
+        groups[(w.device, w.dtype) + tuple(getattr(cfg, f) for f in fields)].append(entry)
+    return groups
+
+
+def _ops(entries: List[Entry]):
+    return kernels.backend_module(entries[0][1].weight.device)
+
+
+@torch.no_grad()
+def fuzzy_learning_rates(self: nn.Module) -> None:
+    """``g *= p`` on every converted, trainable layer."""
+    for entries in _groups(_trainable(self)).values():
+        grads = [_grad_of(n, layer) for n, layer, _ in entries]
+        _ops(entries).fuzzy_scale_(grads, [b.fuzzy_learning_rate_parameters for *_, b in entries])
+
+
+@torch.no_grad()
+def crystallize(self: nn.Module) -> None:
+    """Crystallize every converted, trainable layer (``BioModule.crystallize``)."""
+    for entries in _groups(_trainable(self), "crystal_thresh", "dampening_factor").values():
+        cfg = entries[0][2].config
+        _ops(entries).crystallize_(
+            [layer.weight for _, layer, _ in entries],
+            [_grad_of(n, layer) for n, layer, _ in entries],
+            [b.fuzzy_learning_rate_parameters for *_, b in entries],
+            cfg.crystal_thresh,
+            cfg.dampening_factor,
+        )
+
+
+_VOLUME_FIELDS = ("base_lr", "stability_factor", "lr_variability")
+
+
+@torch.no_grad()
+def volume_dependent_lr(self: nn.Module) -> None:
+    """Volume-dependent gradient scaling on every converted, trainable layer."""
+    for entries in _groups(_trainable(self), *_VOLUME_FIELDS).values():
+        cfg = entries[0][2].config
+        grads = [_grad_of(n, layer) for n, layer, _ in entries]
+        _ops(entries).volume_scale_(
+            [layer.weight for _, layer, _ in entries],
+            grads,
+            [b.next_key("volume") for *_, b in entries],
+            cfg.base_lr,
+            cfg.stability_factor,
+            cfg.lr_variability,
+        )
+
+
+@torch.no_grad()
+def bio_step(
+    self: nn.Module, volume: bool = True, fuzzy: bool = True, crystallize: bool = True
+) -> None:
+    """Volume scaling, fuzzy scaling and crystallization fused in one pass per layer group;
+    equal to ``volume_dependent_lr(); fuzzy_learning_rates(); crystallize()``."""
+    fields = _VOLUME_FIELDS + ("crystal_thresh", "dampening_factor")
+    for entries in _groups(_trainable(self), *fields).values():
+        cfg = entries[0][2].config
+        grads = [_grad_of(n, layer) for n, layer, _ in entries]
+        keys = [b.next_key("volume") if volume else 0 for *_, b in entries]
+        _ops(entries).bio_step_(
+            [layer.weight for _, layer, _ in entries], grads,
+            [b.fuzzy_learning_rate_parameters for *_, b in entries], keys,
+            volume, fuzzy, crystallize,
+            cfg.base_lr, cfg.stability_factor, cfg.lr_variability,
+            cfg.crystal_thresh, cfg.dampening_factor,
+        )  # fmt: skip
+
+
+def _rejuvenate(self: nn.Module, op_name: str, key_name: str) -> None:
+    for entries in _groups(bio_layers(self), "rejuvenation_parameter_dre").values():
+        op: Callable = getattr(_ops(entries), op_name)
+        counts = op(
+            [layer.weight for _, layer, _ in entries],
+            [b.next_key(key_name) for *_, b in entries],
+            entries[0][2].config.rejuvenation_parameter_dre,
+        )
+        _log_replaced(counts, [b for *_, b in entries])
+
+
+@torch.no_grad()
+def rejuvenate_weights(self: nn.Module) -> None:
+    """Rejuvenate the weights of every converted layer (``BioModule.rejuvenate_weights``)."""
+    _rejuvenate(self, "rejuvenate_", "rejuvenate")
+
+
+@torch.no_grad()
+def rejuvenate_weights_old(self: nn.Module) -> None:
+    """The legacy rejuvenation rule on every converted layer."""
+    _rejuvenate(self, "rejuvenate_legacy_", "rejuvenate_legacy")
+
+
+@torch.no_grad()
+def update_fuzzy_learning_rates(self: nn.Module, x: Optional[torch.Tensor] = None) -> None:
+    """Advance the dynamic rate strategies of every converted layer by one update.
+
+    Activity tracking happens in each layer's forward pass while training, so call this without
+    ``x``; an ``x`` is passed to every layer, as upstream does.
+    """
+    for _, _, bio in bio_layers(self):
+        bio.update_fuzzy_learning_rates(x)
+
+
+@torch.no_grad()
+def enforce_dales_principle(self: nn.Module) -> None:
+    """``w = relu(w * sign) * sign`` on every converted layer but the marked last one."""
+    entries = bio_layers(self)
+    for _, _, bio in entries:
+        if not bio.config.apply_dales_principle:
+            raise AttributeError(
+                "Can not enforce dales principle without apply_dales_principle set True."
+            )
+    active = [e for e in entries if not e[2].is_last_module]
+    for group in _groups(active).values():
+        _ops(group).dale_enforce_(
+            [layer.weight for _, layer, _ in group], [b.sign for *_, b in group]
+        )
+
+
+def add_weight_splitting_step(
+    self: nn.Module, Gamma: Optional[int] = None, activation: Optional[Callable] = None
+) -> None:
+    """Apply weight splitting to the converted layers (config values unless given); calling it
+    again replaces the splitting instead of stacking a second one."""
+    entries = bio_layers(self)
+    # Validate every layer before changing any, so a bad Gamma leaves the model as it was.
+    new_configs = []
+    for name, layer, bio in entries:
+        try:
+            new_configs.append(bio.splitting_config(Gamma, activation))
+        except ValueError as exc:
+            raise ValueError(f"{exc} Layer {name!r} has {layer.weight.shape[0]} outputs.") from None
+    for (_, _, bio), cfg in zip(entries, new_configs):
+        bio.config = cfg
+
+
+#: name -> function of every method a converted model gains.
+MODEL_METHODS: Dict[str, Callable] = {
+    "rejuvenate_weights": rejuvenate_weights,
+    "crystallize": crystallize,
+    "fuzzy_learning_rates": fuzzy_learning_rates,
+    "volume_dependent_lr": volume_dependent_lr,
+    "update_fuzzy_learning_rates": update_fuzzy_learning_rates,
+    "rejuvenate_weights_old": rejuvenate_weights_old,
+    "enforce_dales_principle": enforce_dales_principle,
+    "add_weight_splitting_step": add_weight_splitting_step,
+    "bio_step": bio_step,
+}
+
+
+class ModelMethod:
+    """A model-level method stored on a converted model instance.
+
+    Unlike a bound method in the instance ``__dict__``, it survives ``pickle``/``torch.save``
+    and ``copy.deepcopy`` (the copy calls the copied model).
+    """
+
+    def __init__(self, model: nn.Module, name: str):
+        self.model = model
+        self.name = name
+        self.__doc__ = MODEL_METHODS[name].__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return MODEL_METHODS[self.name](self.model, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<bio method {self.name} of {type(self.model).__name__}>"

@@ -1,0 +1,427 @@
+"""Pure-PyTorch kernels: the CPU fallback and the reference every other backend must match.
+
+Each op takes lists of tensors (one entry per layer, one device and dtype per call) and works in
+place. Math runs in float32 for float16/bfloat16 tensors (float64 stays float64) and the result
+is rounded back once, as the Triton kernels do. No op reads a tensor value on the host, except
+the CPU-only sparse path of :func:`rejuvenate_`, which never runs on CUDA tensors.
+
+Random numbers: element ``i`` of a layer draws from Philox at counter ``i`` with the layer's
+``key`` when ``BIO_RNG=philox`` (bit-identical to the Triton backend), and otherwise from a
+``torch.Generator`` seeded with ``key`` (faster on CPU). Each op's docstring says which of the
+four Philox outputs ``r0..r3`` (:func:`~bio_transformations.kernels.philox.randint4x`) it uses.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from . import philox
+
+Tensor = torch.Tensor
+Tensors = Sequence[Tensor]
+
+RNG_MODES = ("torch", "philox")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers (the Triton backend uses the same statistics so both agree bit for bit)
+# ---------------------------------------------------------------------------------------------
+
+
+def rng_mode() -> str:
+    """``BIO_RNG``: ``torch`` (default, torch's samplers) or ``philox`` (Triton's stream)."""
+    mode = os.environ.get("BIO_RNG", "torch").strip().lower()
+    if mode not in RNG_MODES:
+        raise ValueError(f"unknown BIO_RNG {mode!r}; valid values are: {', '.join(RNG_MODES)}")
+    return mode
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the math runs in: float32 for half types, the tensor's own dtype otherwise."""
+    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
+
+
+def _upcast(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in _LOW_PRECISION else t
+
+
+_generators: dict = {}
+
+
+def _generator(key: int, device: torch.device) -> torch.Generator:
+    """A generator for ``device`` seeded with ``key`` (one cached generator per device)."""
+    gen = _generators.get(device)
+    if gen is None:
+        gen = torch.Generator(device=device)
+        _generators[device] = gen
+    gen.manual_seed(int(key))
+    return gen
+
+
+def _counters(n: int, device: torch.device) -> Tensor:
+    return torch.arange(n, device=device, dtype=torch.int64)
+
+
+def uniform(key: int, n: int, device: torch.device) -> Tensor:
+    """``n`` float32 uniforms on [0, 1); Philox output ``r0`` (``tl.rand``) in philox mode."""
+    if rng_mode() == "philox":
+        return philox.rand(key, _counters(n, device))
+    return torch.rand(n, generator=_generator(key, device), device=device)
+
+
+def normal(key: int, n: int, device: torch.device) -> Tensor:
+    """``n`` float32 standard normals; ``tl.randn`` (from ``r0, r1``) in philox mode."""
+    if rng_mode() == "philox":
+        return philox.randn(key, _counters(n, device))
+    return torch.randn(n, generator=_generator(key, device), device=device)
+
+
+def uniform4(key: int, n: int, device: torch.device) -> tuple:
+    """Four independent rows of ``n`` uniforms; ``tl.rand4x`` (``r0..r3``) in philox mode."""
+    if rng_mode() == "philox":
+        return philox.rand4x(key, _counters(n, device))
+    return tuple(torch.rand(4, n, generator=_generator(key, device), device=device).unbind(0))
+
+
+def box_muller(u1: Tensor, u2: Tensor) -> Tensor:
+    """The first normal of Triton's ``pair_uniform_to_normal(u1, u2)``."""
+    return philox.pair_uniform_to_normal(u1, u2)[0]
+
+
+def abs_means(tensors: Tensors) -> list:
+    """``mean(|t|)`` of each tensor as a 0-d tensor on its device, in the compute dtype."""
+    return [torch.mean(t.abs(), dtype=compute_dtype(t)) for t in tensors]
+
+
+def clean_weights_(weights: Tensors) -> None:
+    """Rejuvenation's view of a weight: NaN counts as 0, values clamped to [-1, 1] (in place)."""
+    for w in weights:
+        w.nan_to_num_(nan=0.0).clamp_(-1.0, 1.0)
+
+
+def rejuvenation_stats(w: Tensor) -> tuple:
+    """``(std(w), log-normal mu, log-normal sigma)`` of a cleaned weight, all 0-d, on device.
+
+    The log-normal is fitted to the mean ``m`` and std ``s`` of ``|w|``: ``sigma^2 =
+    log(1 + s^2/m^2)``, ``mu = log(m) - sigma^2/2``; the returned sigma is halved (upstream's
+    "log_std / 2"). Zero or undefined statistics are clamped so nothing becomes NaN.
+    """
+    wf = _upcast(w).reshape(-1)
+    tiny = 1e-12
+    std = torch.nan_to_num(torch.std(wf), nan=0.0).clamp_min(tiny)
+    aw = wf.abs()
+    m = aw.mean().clamp_min(tiny)
+    s = torch.nan_to_num(torch.std(aw), nan=0.0)
+    sigma2 = torch.log1p((s / m) ** 2)
+    mu = torch.log(m) - 0.5 * sigma2
+    return std, mu, 0.5 * torch.sqrt(sigma2)
+
+
+def _rows_view(sign: Tensor, like: Tensor) -> Tensor:
+    """Shape a per-output-unit vector so it broadcasts over a weight's other dims."""
+    return sign.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops, in the order of the table in kernels/__init__.py
+# ---------------------------------------------------------------------------------------------
+
+
+def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
+    """``g *= p`` for every (grad, rates) pair."""
+    grads, rates = list(grads), list(rates)
+    if not grads:
+        return
+    if grads[0].dtype in _LOW_PRECISION:
+        for g, p in zip(grads, rates):
+            g.copy_(g.float() * p.float())
+    else:
+        torch._foreach_mul_(grads, rates)
+
+
+def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
+    aw, ag = _upcast(w).abs(), _upcast(g).abs()
+    mean_aw = torch.mean(aw)
+    # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
+    mask = (ag < thresh * aw) | (ag > mean_aw)
+    p.copy_(torch.where(mask, _upcast(p) * damp, _upcast(p)))
+
+
+def crystallize_(
+    weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
+) -> None:
+    """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
+    for w, g, p in zip(weights, grads, rates):
+        if w.numel():
+            _crystallize_one(w, g, p, crystal_thresh, dampening)
+
+
+def _volume_one(
+    w: Tensor, g: Tensor, key: int, base_lr: float, stability: float, variability: float
+) -> None:
+    aw = _upcast(w).abs()
+    m = base_lr * torch.exp(-stability * (aw / (aw + 1.0)))
+    z = normal(key, w.numel(), w.device).view(w.shape).to(aw.dtype)
+    # |N(m, variability*m)| = m * |1 + variability*z| because m > 0.
+    g.copy_(_upcast(g) * (m * torch.abs(1.0 + variability * z)))
+
+
+def volume_scale_(
+    weights: Tensors,
+    grads: Tensors,
+    keys: Sequence[int],
+    base_lr: float,
+    stability_factor: float,
+    lr_variability: float,
+) -> None:
+    """``v = |w|/(|w|+1)``, ``m = base_lr*exp(-stability_factor*v)``,
+    ``g *= |N(m, lr_variability*m)|``.
+
+    Philox: ``z = tl.randn(key, i)``.
+    """
+    for w, g, key in zip(weights, grads, keys):
+        if w.numel():
+            _volume_one(w, g, key, base_lr, stability_factor, lr_variability)
+
+
+def bio_step_(
+    weights: Tensors,
+    grads: Tensors,
+    rates: Tensors,
+    keys: Sequence[int],
+    volume: bool,
+    fuzzy: bool,
+    crystallize: bool,
+    base_lr: float,
+    stability_factor: float,
+    lr_variability: float,
+    crystal_thresh: float,
+    dampening: float,
+) -> None:
+    """Volume scaling, fuzzy scaling and crystallization in that order (each optional).
+
+    Equal to the separate ops called in the same order with the same key.
+    """
+    if volume:
+        volume_scale_(weights, grads, keys, base_lr, stability_factor, lr_variability)
+    if fuzzy:
+        fuzzy_scale_(grads, rates)
+    if crystallize:
+        crystallize_(weights, grads, rates, crystal_thresh, dampening)
+
+
+def _rejuvenate_dense(w: Tensor, key: int, dre: float) -> Tensor:
+    std, mu, sigma = rejuvenation_stats(w)
+    wf = _upcast(w)
+    u_replace, u_sign, u1, u2 = (u.view(w.shape) for u in uniform4(key, w.numel(), w.device))
+    replace = u_replace < torch.exp(-dre * wf.abs() / std)
+    magnitude = torch.exp(mu + sigma * box_muller(u1, u2))
+    new = torch.where(u_sign < 0.5, magnitude, -magnitude).clamp(-1.0, 1.0)
+    w.copy_(torch.where(replace, new.to(wf.dtype), wf))
+    return replace.sum()
+
+
+def _rejuvenate_sparse(w: Tensor, key: int, dre: float) -> Tensor:
+    """CPU path: draw replacement values only for the weights actually replaced."""
+    std, mu, sigma = rejuvenation_stats(w)
+    gen = _generator(key, w.device)
+    flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)
+    wf = _upcast(flat)
+    u = torch.rand(flat.numel(), generator=gen, device=w.device)
+    idx = torch.nonzero(u < torch.exp(-dre * wf.abs() / std)).squeeze(1)  # CPU: no device sync
+    k = idx.numel()
+    magnitude = torch.exp(mu + sigma * torch.randn(k, generator=gen, device=w.device))
+    sign = torch.where(torch.rand(k, generator=gen, device=w.device) < 0.5, 1.0, -1.0)
+    flat.index_copy_(0, idx, (sign * magnitude).clamp_(-1.0, 1.0).to(flat.dtype))
+    if flat.data_ptr() != w.data_ptr() or not w.is_contiguous():
+        w.copy_(flat.view(w.shape))
+    return torch.tensor(k, dtype=torch.int64)
+
+
+def rejuvenate_(weights: Tensors, keys: Sequence[int], dre: float) -> Tensor:
+    """Replace weights at random, most likely where ``|w|`` is small relative to ``std(w)``.
+
+    NaN counts as 0 and ``w`` is clamped to [-1, 1]; weight ``i`` is replaced with probability
+    ``exp(-dre*|w_i|/std(w))`` by ``sign * exp(mu + sigma*n)`` (log-normal fitted to ``|w|``,
+    ``sigma`` halved), clamped to [-1, 1]. Philox: ``r0`` decides, ``r1 < 0.5`` is a positive
+    sign, ``n`` is the first Box-Muller normal of ``(r2, r3)``. Returns the number of replaced
+    weights per tensor (int64, on the device; reading it syncs, so callers only read it when
+    asked to).
+    """
+    weights = list(weights)
+    clean_weights_(weights)
+    counts = []
+    for w, key in zip(weights, keys):
+        if w.numel() == 0:
+            counts.append(torch.zeros((), dtype=torch.int64, device=w.device))
+        elif w.device.type == "cpu" and rng_mode() == "torch":
+            counts.append(_rejuvenate_sparse(w, key, dre))
+        else:
+            counts.append(_rejuvenate_dense(w, key, dre))
+    if not counts:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.stack(counts)
+
+
+def rejuvenate_legacy_(weights: Tensors, keys: Sequence[int], dre: float) -> Tensor:
+    """The original published rule: threshold ``|N(0, max|w|/dre)|`` per weight; weights with
+    ``|w|`` below it are redrawn from ``U(-max|w|, max|w|)``. NaN counts as 0.
+
+    Philox: the threshold's normal is the first Box-Muller normal of ``(r0, r1)``, the new value
+    uses ``r2``. Returns the number of replaced weights per tensor (int64, on device).
+    """
+    counts = []
+    for w, key in zip(weights, keys):
+        w.nan_to_num_(nan=0.0)
+        if w.numel() == 0:
+            counts.append(torch.zeros((), dtype=torch.int64, device=w.device))
+            continue
+        wf = _upcast(w)
+        max_aw = wf.abs().amax()
+        u0, u1, u2, _ = (u.view(w.shape) for u in uniform4(key, w.numel(), w.device))
+        threshold = torch.abs(box_muller(u0, u1) * (max_aw / dre))
+        replace = wf.abs() < threshold
+        w.copy_(torch.where(replace, (2.0 * u2 - 1.0) * max_aw, wf))
+        counts.append(replace.sum())
+    if not counts:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.stack(counts)
+
+
+RATE_DISTRIBUTIONS = ("baseline", "uniform", "normal", "lognormal", "gamma", "beta")
+
+
+def _torch_sampled(key: int, p: Tensor, sample, *args) -> Tensor:
+    """Draw with torch's global samplers (gamma/beta), seeded by ``key``, leaving the user's
+    global RNG state exactly as it was."""
+    devices = [p.device] if p.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(key) & 0x7FFF_FFFF_FFFF_FFFF)
+        return sample(*args)
+
+
+def _beta_sample(concentration: Tensor) -> Tensor:
+    return torch.distributions.Beta(concentration, concentration).sample()
+
+
+def rates_init_(
+    rates: Tensors, keys: Sequence[int], distribution: str, nu: float, lo: float, hi: float
+) -> None:
+    """Draw the initial fuzzy learning rates, then clamp them to ``[lo, hi]``.
+
+    baseline: 1. uniform: ``1 + (2U-1)*nu`` (Philox ``tl.rand``). normal: ``1 + N(0, nu)``.
+    lognormal: ``exp(N(-nu^2/2, nu))`` (mean 1; both normal forms use ``tl.randn``).
+    gamma: ``Gamma(1/nu, rate=1/nu)`` (mean 1). beta: ``1 + (2*Beta(1/nu, 1/nu) - 1)*nu``.
+    Gamma and beta use torch's samplers in every mode (one-time draws).
+    """
+    if distribution not in RATE_DISTRIBUTIONS:
+        raise ValueError(
+            f"unknown rate distribution {distribution!r}; valid: {', '.join(RATE_DISTRIBUTIONS)}"
+        )
+    for p, key in zip(rates, keys):
+        n, dev = p.numel(), p.device
+        if distribution == "baseline" or n == 0:
+            p.fill_(1.0)
+            continue
+        if distribution == "uniform":
+            value = 1.0 + (2.0 * uniform(key, n, dev) - 1.0) * nu
+        elif distribution == "normal":
+            value = 1.0 + nu * normal(key, n, dev)
+        elif distribution == "lognormal":
+            value = torch.exp(-0.5 * nu * nu + nu * normal(key, n, dev))
+        elif distribution == "gamma":
+            shape = torch.full((n,), 1.0 / nu, device=dev)
+            value = _torch_sampled(key, p, torch._standard_gamma, shape) * nu
+        else:  # beta
+            shape = torch.full((n,), 1.0 / nu, device=dev)
+            beta = _torch_sampled(key, p, _beta_sample, shape)
+            value = 1.0 + (2.0 * beta - 1.0) * nu
+        p.copy_(value.clamp(lo, hi).view(p.shape))
+
+
+def temporal_update_(
+    rates: Tensors,
+    keys: Optional[Sequence[int]],
+    decay: float,
+    noise: float,
+    lo: float,
+    hi: float,
+) -> None:
+    """``p = clamp(1 + (p-1)*decay + noise*(2U-1), lo, hi)``; no draw when ``noise == 0``.
+
+    Philox: ``U = tl.rand(key, i)``.
+    """
+    for i, p in enumerate(rates):
+        if p.numel() == 0:
+            continue
+        value = 1.0 + (_upcast(p) - 1.0) * decay
+        if noise != 0.0:
+            assert keys is not None, "temporal_update_ needs keys when noise is drawn"
+            u = uniform(keys[i], p.numel(), p.device).view(p.shape)
+            value = value + noise * (2.0 * u - 1.0)
+        p.copy_(value.clamp(lo, hi))
+
+
+def weight_adaptive_(
+    rates: Tensors, weights: Tensors, keys: Sequence[int], nu: float, lo: float, hi: float
+) -> None:
+    """``p = clamp(1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), 0.5, 1.5), lo, hi)``.
+
+    Philox: ``U = tl.rand(key, i)``.
+    """
+    for p, w, key in zip(rates, weights, keys):
+        if p.numel() == 0:
+            continue
+        aw = _upcast(w).abs()
+        scale = torch.clamp(2.0 - aw / (torch.mean(aw) + 1e-8), 0.5, 1.5)
+        u = uniform(key, p.numel(), p.device).view(p.shape).to(aw.dtype)
+        p.copy_((1.0 + (2.0 * u - 1.0) * nu * scale).clamp(lo, hi))
+
+
+def activity_update_(
+    rates: Tensors,
+    counts: Tensors,
+    keys: Sequence[int],
+    nu: float,
+    lo: float,
+    hi: float,
+    redraw_all: bool,
+) -> None:
+    """Redraw rows of the rates from the activity of their output units.
+
+    ``ratio_i = c_i / mean(c)`` (1 when no unit was active), ``f_i = 2 - clamp(1 + (ratio_i -
+    1)*0.1, 0.8, 1.2)``, row ``i`` becomes ``clamp(1 + (2U-1)*nu*f_i, lo, hi)``. Every row when
+    ``redraw_all``, otherwise each row with probability 0.1. Philox: element ``i`` uses
+    ``tl.rand(key, i)``; row ``j``'s decision uses output ``r1`` at counter ``j``.
+    """
+    for p, c, key in zip(rates, counts, keys):
+        if p.numel() == 0:
+            continue
+        rows = p.shape[0]
+        cf = c.to(torch.float32)
+        mean_c = cf.mean()
+        ratio = torch.where(mean_c > 0, cf / mean_c.clamp_min(1e-30), torch.ones_like(cf))
+        factor = 2.0 - torch.clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
+        if rng_mode() == "philox":
+            u = philox.rand(key, _counters(p.numel(), p.device))
+            row_u = philox.uint32_to_uniform(philox.randint4x(key, _counters(rows, p.device))[1])
+        else:
+            gen = _generator(key, p.device)
+            u = torch.rand(p.numel(), generator=gen, device=p.device)
+            row_u = torch.rand(rows, generator=gen, device=p.device)
+        u = u.view(p.shape)
+        new = (1.0 + (2.0 * u - 1.0) * nu * _rows_view(factor, p)).clamp(lo, hi)
+        chosen = torch.ones_like(row_u, dtype=torch.bool) if redraw_all else row_u < 0.1
+        p.copy_(torch.where(_rows_view(chosen, p), new, _upcast(p)))
+
+
+def dale_enforce_(weights: Tensors, signs: Tensors) -> None:
+    """``w = relu(w * sign) * sign`` with one sign (+1 or -1) per output unit (weight row)."""
+    for w, s in zip(weights, signs):
+        if w.numel():
+            sv = _rows_view(s, w).to(w.dtype)
+            w.copy_(torch.relu(w * sv) * sv)
