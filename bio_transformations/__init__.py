@@ -7,7 +7,7 @@ pure-PyTorch kernels elsewhere (``BIO_BACKEND=auto|triton|torch``).
 
 from . import kernels
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution
-from .bio_converter import BioConverter
+from .bio_converter import BioConverter, sync_layer_seeds
 from .bio_module import BioModule
 from .kernels import BackendError, backend_for, get_backend, set_backend, use_backend
 
@@ -26,5 +26,6 @@ __all__ = [
     "get_backend",
     "kernels",
     "set_backend",
+    "sync_layer_seeds",
     "use_backend",
 ]

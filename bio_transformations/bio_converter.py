@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Dict, Type, TypeVar, Union
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, validate_config
@@ -12,24 +14,38 @@ from .bio_module import CONVERTIBLE_LAYERS, BioModule, bio_forward_hook, check_s
 from .kernels import philox
 from .model_methods import MODEL_METHODS, ModelMethod
 
-__all__ = ["BioConverter"]
+__all__ = ["BioConverter", "agreed_seed", "sync_layer_seeds"]
 
 M = TypeVar("M", bound=nn.Module)
 _HOOK_FLAG = "_bio_hook_installed"
 
 
-def _seed_from_rank0(seed: int) -> int:
-    """Under ``torch.distributed``, every rank uses rank 0's seed so replicas draw alike."""
-    import torch
-    import torch.distributed as dist
+def agreed_seed(seed: int, src: int = 0) -> int:
+    """``seed`` from rank ``src`` when ``torch.distributed`` is initialised, else ``seed``.
 
+    Data-parallel replicas that convert alike then draw alike, even if each rank seeded torch
+    differently. Costs one tiny broadcast at conversion time, never during training.
+    """
     if dist.is_available() and dist.is_initialized():
-        backend = dist.get_backend()
-        device = "cuda" if backend == "nccl" and torch.cuda.is_available() else "cpu"
+        use_cuda = dist.get_backend() == "nccl" and torch.cuda.is_available()
+        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else "cpu"
         t = torch.tensor([seed], dtype=torch.int64, device=device)
-        dist.broadcast(t, src=0)
+        dist.broadcast(t, src=src)
         return int(t.item())
     return seed
+
+
+def sync_layer_seeds(model: nn.Module, src: int = 0) -> None:
+    """Give every converted layer of ``model`` the layer seeds of rank ``src``.
+
+    Needed only when a model was converted before ``torch.distributed`` was initialised (the
+    converter agrees on seeds itself otherwise). Rates drawn at conversion are not redrawn:
+    ``DistributedDataParallel`` broadcasts them from rank 0 like any buffer.
+    """
+    bios = [layer._modules["bio_mod"] for _, layer in getattr(model, "_bio_layers", [])]
+    base = agreed_seed(bios[0].layer_seed if bios else 0, src)
+    for index, bio in enumerate(bios):
+        bio.layer_seed = philox.stream_key(base, index, 0)
 
 
 class BioConverter:
@@ -114,29 +130,22 @@ class BioConverter:
                         f"{exc} Layer {name or type(layer).__name__!r} has "
                         f"{layer.weight.shape[0]} outputs."
                     ) from None
+        # One draw from torch's default generator (agreed across data-parallel ranks) keys
+        # every layer's stream, so the rates drawn below already agree between replicas.
+        base_seed = agreed_seed(philox.new_layer_seed())
         for index, (_, layer) in enumerate(layers):
             cfg = self.config._replace(fuzzy_lr_layer_index=index, fuzzy_lr_total_layers=total)
-            bio = BioModule(functools.partial(_identity, layer), cfg)
+            seed = philox.stream_key(base_seed, index, 0)
+            bio = BioModule(functools.partial(_identity, layer), cfg, layer_seed=seed)
             layer.bio_mod = bio  # replaces an earlier bio_mod on re-conversion
             if not getattr(layer, _HOOK_FLAG, False):
                 layer.register_forward_hook(bio_forward_hook)
                 object.__setattr__(layer, _HOOK_FLAG, True)
-        self._agree_seeds([layer.bio_mod for _, layer in layers])
         object.__setattr__(model, "_bio_layers", layers)
         if attach_methods:
             for name in MODEL_METHODS:
                 object.__setattr__(model, name, ModelMethod(model, name))
         return model
-
-    @staticmethod
-    def _agree_seeds(bios: list) -> None:
-        """Data-parallel: replace the layer seeds by rank 0's so every replica draws alike."""
-        if not bios:
-            return
-        base = _seed_from_rank0(bios[0].layer_seed)
-        if base != bios[0].layer_seed:
-            for i, bio in enumerate(bios):
-                bio.layer_seed = philox.stream_key(base, i, 0)
 
     @staticmethod
     def set_last_module_token_for_model(model: nn.Module) -> nn.Module:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import kernels
+from . import kernels, ops
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution, validate_config
 from .kernels import philox
 
@@ -109,6 +109,8 @@ class BioModule(nn.Module):
     Args:
         parent: a zero-argument callable returning the wrapped layer (``lambda: layer``).
         config: the :class:`~bio_transformations.bio_config.BioConfig` to use.
+        layer_seed: this layer's random seed (keyword only; drawn from torch's default
+            generator when omitted).
 
     Attributes:
         fuzzy_learning_rate_parameters: buffer shaped like the weight, the per-synapse rates.
@@ -129,7 +131,13 @@ class BioModule(nn.Module):
         "bio_step",
     )
 
-    def __init__(self, parent: Callable[[], nn.Module], config: BioConfig = DEFAULT_BIO_CONFIG):
+    def __init__(
+        self,
+        parent: Callable[[], nn.Module],
+        config: BioConfig = DEFAULT_BIO_CONFIG,
+        *,
+        layer_seed: Optional[int] = None,
+    ):
         super().__init__()
         if not callable(parent):
             raise BioConfigError("parent must be a Callable returning an nn.Module instance")
@@ -143,8 +151,12 @@ class BioModule(nn.Module):
         # A plain attribute (not a submodule, which would make the module tree cyclic); deepcopy
         # and pickling follow it to the copied layer, unlike a captured lambda.
         object.__setattr__(self, "_parent_layer", layer)
-        self.layer_seed = philox.new_layer_seed()
-        self.rng_step = 0
+        # The converter passes seeds agreed across data-parallel ranks; alone, draw one from
+        # torch's default generator so torch.manual_seed makes runs repeatable.
+        self.layer_seed = philox.new_layer_seed() if layer_seed is None else int(layer_seed)
+        # The step counter is a CPU int64 scalar (not a buffer: it stays on the CPU when the
+        # model moves) so compiled code can pass it to the ops, which advance it.
+        self._rng_step = torch.zeros((), dtype=torch.int64)
         self._update_count = 0
         self._rates_filled = False
         self._activity_calls = 0
@@ -163,11 +175,18 @@ class BioModule(nn.Module):
         """The wrapped layer."""
         return self.__dict__["_parent_layer"]
 
+    @property
+    def rng_step(self) -> int:
+        """How many random streams this layer has used (keys its next draw with the seed)."""
+        return int(self._rng_step)
+
+    @rng_step.setter
+    def rng_step(self, value: int) -> None:
+        self._rng_step.fill_(int(value))
+
     def next_key(self, op: str) -> int:
         """The key of this layer's next random stream for ``op``; advances ``rng_step``."""
-        key = philox.stream_key(self.layer_seed, self.rng_step, OP_IDS[op])
-        self.rng_step += 1
-        return key
+        return ops.draw_keys([self._rng_step], [self.layer_seed], OP_IDS[op])[0]
 
     def _ops(self, t: torch.Tensor):
         return kernels.backend_module(t.device)
@@ -219,6 +238,36 @@ class BioModule(nn.Module):
         self._rates_filled = bool(state.get("rates_filled", False))
         self._activity_calls = int(state.get("activity_calls", 0))
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        """Also accept checkpoints of the published package: no seed/step state, and Dale signs
+        shaped ``(out, 1)`` or ``(out, in, 1, 1)``."""
+        sign_key = prefix + "sign"
+        own_sign = self._buffers.get("sign")
+        theirs = state_dict.get(sign_key)
+        if own_sign is not None and torch.is_tensor(theirs) and theirs.shape != own_sign.shape:
+            state_dict[sign_key] = _upstream_sign(theirs, own_sign, sign_key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        extra_key = prefix + "_extra_state"
+        if extra_key in missing_keys:
+            # An upstream checkpoint: keep this layer's seed and step counters.
+            missing_keys.remove(extra_key)
+            logger.warning(
+                "%s: checkpoint has no layer seed/step state (saved by the published package?); "
+                "this layer keeps its own random stream",
+                prefix.rstrip(".") or "BioModule",
+            )
+
     def extra_repr(self) -> str:
         c = self.config
         return (
@@ -242,7 +291,7 @@ class BioModule(nn.Module):
     def fuzzy_learning_rates(self) -> None:
         """Scale the gradient by the per-synapse rates: ``g *= p``."""
         g = self._grad()
-        self._ops(g).fuzzy_scale_([g], [self.fuzzy_learning_rate_parameters])
+        ops.fuzzy_scale_([g], [self.fuzzy_learning_rate_parameters])
 
     @torch.no_grad()
     def crystallize(self) -> None:
@@ -253,7 +302,7 @@ class BioModule(nn.Module):
             raise RuntimeError("Weights do not require gradients")
         g = self._grad()
         c = self.config
-        self._ops(g).crystallize_(
+        ops.crystallize_(
             [w], [g], [self.fuzzy_learning_rate_parameters], c.crystal_thresh, c.dampening_factor
         )
 
@@ -264,8 +313,10 @@ class BioModule(nn.Module):
         w = self._weight()
         g = self._grad()
         c = self.config
-        key = self.next_key("volume")
-        self._ops(g).volume_scale_([w], [g], [key], c.base_lr, c.stability_factor, c.lr_variability)
+        ops.volume_scale_(
+            [w], [g], [self._rng_step], [self.layer_seed], OP_IDS["volume"],
+            c.base_lr, c.stability_factor, c.lr_variability,
+        )  # fmt: skip
 
     @torch.no_grad()
     def bio_step(self, volume: bool = True, fuzzy: bool = True, crystallize: bool = True) -> None:
@@ -276,9 +327,9 @@ class BioModule(nn.Module):
             raise RuntimeError("Weights do not require gradients")
         g = self._grad()
         c = self.config
-        keys = [self.next_key("volume")] if volume else [0]
-        self._ops(g).bio_step_(
-            [w], [g], [self.fuzzy_learning_rate_parameters], keys, volume, fuzzy, crystallize,
+        ops.bio_step_(
+            [w], [g], [self.fuzzy_learning_rate_parameters], [self._rng_step], [self.layer_seed],
+            OP_IDS["volume"], volume, fuzzy, crystallize,
             c.base_lr, c.stability_factor, c.lr_variability, c.crystal_thresh, c.dampening_factor,
         )  # fmt: skip
 
@@ -287,18 +338,20 @@ class BioModule(nn.Module):
         """Replace weights at random, most likely the weak ones, with values drawn from a
         log-normal fitted to ``|w|`` and a random sign (``kernels.torch_backend.rejuvenate_``)."""
         w = self._weight()
-        counts = self._ops(w).rejuvenate_(
-            [w], [self.next_key("rejuvenate")], self.config.rejuvenation_parameter_dre
-        )
+        counts = ops.rejuvenate_(
+            [w], [self._rng_step], [self.layer_seed], OP_IDS["rejuvenate"],
+            self.config.rejuvenation_parameter_dre,
+        )  # fmt: skip
         _log_replaced(counts, [self])
 
     @torch.no_grad()
     def rejuvenate_weights_old(self) -> None:
         """The original published rejuvenation rule (``torch_backend.rejuvenate_legacy_``)."""
         w = self._weight()
-        counts = self._ops(w).rejuvenate_legacy_(
-            [w], [self.next_key("rejuvenate_legacy")], self.config.rejuvenation_parameter_dre
-        )
+        counts = ops.rejuvenate_legacy_(
+            [w], [self._rng_step], [self.layer_seed], OP_IDS["rejuvenate_legacy"],
+            self.config.rejuvenation_parameter_dre,
+        )  # fmt: skip
         _log_replaced(counts, [self])
 
     @torch.no_grad()
@@ -351,14 +404,18 @@ class BioModule(nn.Module):
         dims = [d for d in range(output.dim()) if d != channel_dim]
         active = (output.abs() > 0.01).sum(dim=dims) if dims else (output.abs() > 0.01).long()
         counts.add_(active.to(counts.dtype))
-        redraw_all = self._activity_calls == 0
+        # Redraw on the first call, then with probability 0.1 per call (as upstream), decided
+        # from this layer's own stream on the host: no device sync, no global RNG.
+        key = self.next_key("activity")
+        redraw = self._activity_calls == 0 or _host_uniform(key) < 0.1
         self._activity_calls += 1
-        c = self.config
-        p = self.fuzzy_learning_rate_parameters
-        self._ops(p).activity_update_(
-            [p], [counts], [self.next_key("activity")],
-            c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min, c.fuzzy_lr_max, redraw_all,
-        )  # fmt: skip
+        if redraw:
+            c = self.config
+            p = self.fuzzy_learning_rate_parameters
+            self._ops(p).activity_update_(
+                [p], [counts], [key],
+                c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min, c.fuzzy_lr_max,
+            )  # fmt: skip
 
     def l1_reg(self) -> torch.Tensor:
         """L1 norm of the module's own tensors that upstream keeps as parameters (the rates, and
@@ -398,7 +455,7 @@ class BioModule(nn.Module):
         if self.is_last_module:
             return
         w = self._weight()
-        self._ops(w).dale_enforce_([w], [self.sign])
+        ops.dale_enforce_([w], [self.sign])
 
     def splitting_config(
         self, Gamma: Optional[int] = None, activation: Optional[Callable] = None
@@ -425,8 +482,34 @@ class BioModule(nn.Module):
         self.config = self.splitting_config(Gamma, activation)
 
 
+def _upstream_sign(theirs: torch.Tensor, own: torch.Tensor, key: str) -> torch.Tensor:
+    """One sign per output unit from upstream's ``(out, 1)`` / ``(out, in, 1, 1)`` signs."""
+    if theirs.dim() == 0 or theirs.shape[0] != own.shape[0]:
+        raise RuntimeError(
+            f"size mismatch for {key}: checkpoint has shape {tuple(theirs.shape)}, this model "
+            f"expects one sign per output unit, shape {tuple(own.shape)}"
+        )
+    rows = theirs.reshape(theirs.shape[0], -1)
+    majority = torch.where(rows.sum(1) >= 0, 1.0, -1.0).to(own.dtype)
+    if not bool((rows == majority[:, None]).all()):
+        logger.warning(
+            "%s: the checkpoint's Dale signs differ within an output unit (upstream drew one "
+            "per (out, in) pair for convolutions); using each unit's majority sign",
+            key,
+        )
+    return majority
+
+
+def _host_uniform(key: int) -> float:
+    """A uniform number in [0, 1) derived on the host from a stream key."""
+    return (philox.stream_key(key, 0, 0) >> 10) / float(1 << 53)
+
+
 def _log_replaced(counts: torch.Tensor, modules: list) -> None:
-    """Log the replaced-weight counts, only when the logger is on (reading them syncs)."""
+    """Log the replaced-weight counts, only when the logger is on (reading them syncs) and not
+    inside ``torch.compile`` (which cannot trace logging)."""
+    if torch.compiler.is_compiling():
+        return
     if logger.isEnabledFor(logging.INFO):
         for n, module in zip(counts.tolist(), modules):
             logger.info(

@@ -1,5 +1,8 @@
 """The methods a converted model gains, each applying a ``BioModule`` method to every layer.
 
+Frozen layers (``weight.requires_grad`` False) are skipped by the gradient methods; a missing
+gradient is an error naming the layer unless ``skip_missing_grads=True`` is passed.
+
 The converter records the converted layers once (``model._bio_layers``, a list of
 ``(name, layer)`` in module order). Each method groups those layers by device, dtype and the
 config values its op reads, and calls ONE backend op per group, lists in, in place.
@@ -13,8 +16,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import kernels
-from .bio_module import BioModule, _log_replaced
+from . import ops
+from .bio_module import OP_IDS, BioModule, _log_replaced
 
 __all__ = ["MODEL_METHODS", "ModelMethod", "bio_layers"]
 
@@ -34,9 +37,13 @@ def bio_layers(model: nn.Module) -> List[Entry]:
     return out
 
 
-def _trainable(model: nn.Module) -> List[Entry]:
-    """Converted layers whose weight requires grad (frozen layers are skipped)."""
-    return [e for e in bio_layers(model) if e[1].weight.requires_grad]
+def _trainable(model: nn.Module, skip_missing_grads: bool = False) -> List[Entry]:
+    """Converted layers whose weight requires grad (frozen layers are skipped); with
+    ``skip_missing_grads`` also those whose gradient is ``None`` (e.g. unused this step)."""
+    entries = [e for e in bio_layers(model) if e[1].weight.requires_grad]
+    if skip_missing_grads:
+        entries = [e for e in entries if e[1].weight.grad is not None]
+    return entries
 
 
 def _grad_of(name: str, layer: nn.Module) -> torch.Tensor:
@@ -44,7 +51,8 @@ def _grad_of(name: str, layer: nn.Module) -> torch.Tensor:
     if g is None:
         raise RuntimeError(
             f"No gradients found for the weights of layer {name!r} ({type(layer).__name__}); "
-            "call loss.backward() first, or freeze the layer (requires_grad=False) to skip it"
+            "call loss.backward() first, freeze the layer (requires_grad=False), or pass "
+            "skip_missing_grads=True to skip layers without gradients"
         )
     return g
 
@@ -59,24 +67,27 @@ def _groups(entries: Iterable[Entry], *fields: str) -> Dict[Any, List[Entry]]:
     return groups
 
 
-def _ops(entries: List[Entry]):
-    return kernels.backend_module(entries[0][1].weight.device)
+def _streams(entries: List[Entry]) -> Tuple[list, list]:
+    """Each layer's step counter and seed, which the stochastic ops turn into keys."""
+    return [b._rng_step for *_, b in entries], [b.layer_seed for *_, b in entries]
 
 
 @torch.no_grad()
-def fuzzy_learning_rates(self: nn.Module) -> None:
+def fuzzy_learning_rates(self: nn.Module, skip_missing_grads: bool = False) -> None:
     """``g *= p`` on every converted, trainable layer."""
-    for entries in _groups(_trainable(self)).values():
+    for entries in _groups(_trainable(self, skip_missing_grads)).values():
         grads = [_grad_of(n, layer) for n, layer, _ in entries]
-        _ops(entries).fuzzy_scale_(grads, [b.fuzzy_learning_rate_parameters for *_, b in entries])
+        ops.fuzzy_scale_(grads, [b.fuzzy_learning_rate_parameters for *_, b in entries])
 
 
 @torch.no_grad()
-def crystallize(self: nn.Module) -> None:
+def crystallize(self: nn.Module, skip_missing_grads: bool = False) -> None:
     """Crystallize every converted, trainable layer (``BioModule.crystallize``)."""
-    for entries in _groups(_trainable(self), "crystal_thresh", "dampening_factor").values():
+    for entries in _groups(
+        _trainable(self, skip_missing_grads), "crystal_thresh", "dampening_factor"
+    ).values():
         cfg = entries[0][2].config
-        _ops(entries).crystallize_(
+        ops.crystallize_(
             [layer.weight for _, layer, _ in entries],
             [_grad_of(n, layer) for n, layer, _ in entries],
             [b.fuzzy_learning_rate_parameters for *_, b in entries],
@@ -89,15 +100,16 @@ _VOLUME_FIELDS = ("base_lr", "stability_factor", "lr_variability")
 
 
 @torch.no_grad()
-def volume_dependent_lr(self: nn.Module) -> None:
+def volume_dependent_lr(self: nn.Module, skip_missing_grads: bool = False) -> None:
     """Volume-dependent gradient scaling on every converted, trainable layer."""
-    for entries in _groups(_trainable(self), *_VOLUME_FIELDS).values():
+    for entries in _groups(_trainable(self, skip_missing_grads), *_VOLUME_FIELDS).values():
         cfg = entries[0][2].config
         grads = [_grad_of(n, layer) for n, layer, _ in entries]
-        _ops(entries).volume_scale_(
+        ops.volume_scale_(
             [layer.weight for _, layer, _ in entries],
             grads,
-            [b.next_key("volume") for *_, b in entries],
+            *_streams(entries),
+            OP_IDS["volume"],
             cfg.base_lr,
             cfg.stability_factor,
             cfg.lr_variability,
@@ -106,30 +118,33 @@ def volume_dependent_lr(self: nn.Module) -> None:
 
 @torch.no_grad()
 def bio_step(
-    self: nn.Module, volume: bool = True, fuzzy: bool = True, crystallize: bool = True
+    self: nn.Module,
+    volume: bool = True,
+    fuzzy: bool = True,
+    crystallize: bool = True,
+    skip_missing_grads: bool = False,
 ) -> None:
     """Volume scaling, fuzzy scaling and crystallization fused in one pass per layer group;
     equal to ``volume_dependent_lr(); fuzzy_learning_rates(); crystallize()``."""
     fields = _VOLUME_FIELDS + ("crystal_thresh", "dampening_factor")
-    for entries in _groups(_trainable(self), *fields).values():
+    for entries in _groups(_trainable(self, skip_missing_grads), *fields).values():
         cfg = entries[0][2].config
         grads = [_grad_of(n, layer) for n, layer, _ in entries]
-        keys = [b.next_key("volume") if volume else 0 for *_, b in entries]
-        _ops(entries).bio_step_(
+        ops.bio_step_(
             [layer.weight for _, layer, _ in entries], grads,
-            [b.fuzzy_learning_rate_parameters for *_, b in entries], keys,
-            volume, fuzzy, crystallize,
+            [b.fuzzy_learning_rate_parameters for *_, b in entries], *_streams(entries),
+            OP_IDS["volume"], volume, fuzzy, crystallize,
             cfg.base_lr, cfg.stability_factor, cfg.lr_variability,
             cfg.crystal_thresh, cfg.dampening_factor,
         )  # fmt: skip
 
 
-def _rejuvenate(self: nn.Module, op_name: str, key_name: str) -> None:
+def _rejuvenate(self: nn.Module, op: Callable, op_name: str) -> None:
     for entries in _groups(bio_layers(self), "rejuvenation_parameter_dre").values():
-        op: Callable = getattr(_ops(entries), op_name)
         counts = op(
             [layer.weight for _, layer, _ in entries],
-            [b.next_key(key_name) for *_, b in entries],
+            *_streams(entries),
+            OP_IDS[op_name],
             entries[0][2].config.rejuvenation_parameter_dre,
         )
         _log_replaced(counts, [b for *_, b in entries])
@@ -138,13 +153,13 @@ def _rejuvenate(self: nn.Module, op_name: str, key_name: str) -> None:
 @torch.no_grad()
 def rejuvenate_weights(self: nn.Module) -> None:
     """Rejuvenate the weights of every converted layer (``BioModule.rejuvenate_weights``)."""
-    _rejuvenate(self, "rejuvenate_", "rejuvenate")
+    _rejuvenate(self, ops.rejuvenate_, "rejuvenate")
 
 
 @torch.no_grad()
 def rejuvenate_weights_old(self: nn.Module) -> None:
     """The legacy rejuvenation rule on every converted layer."""
-    _rejuvenate(self, "rejuvenate_legacy_", "rejuvenate_legacy")
+    _rejuvenate(self, ops.rejuvenate_legacy_, "rejuvenate_legacy")
 
 
 @torch.no_grad()
@@ -169,9 +184,7 @@ def enforce_dales_principle(self: nn.Module) -> None:
             )
     active = [e for e in entries if not e[2].is_last_module]
     for group in _groups(active).values():
-        _ops(group).dale_enforce_(
-            [layer.weight for _, layer, _ in group], [b.sign for *_, b in group]
-        )
+        ops.dale_enforce_([layer.weight for _, layer, _ in group], [b.sign for *_, b in group])
 
 
 def add_weight_splitting_step(

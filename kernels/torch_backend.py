@@ -112,10 +112,11 @@ def rejuvenation_stats(w: Tensor) -> tuple:
     """
     wf = _upcast(w).reshape(-1)
     tiny = 1e-12
-    std = torch.nan_to_num(torch.std(wf), nan=0.0).clamp_min(tiny)
+    correction = 1 if wf.numel() > 1 else 0  # one weight: std 0, not NaN
+    std = torch.nan_to_num(torch.std(wf, correction=correction), nan=0.0).clamp_min(tiny)
     aw = wf.abs()
     m = aw.mean().clamp_min(tiny)
-    s = torch.nan_to_num(torch.std(aw), nan=0.0)
+    s = torch.nan_to_num(torch.std(aw, correction=correction), nan=0.0)
     sigma2 = torch.log1p((s / m) ** 2)
     mu = torch.log(m) - 0.5 * sigma2
     return std, mu, 0.5 * torch.sqrt(sigma2)
@@ -145,7 +146,7 @@ def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
 
 def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
     aw, ag = _upcast(w).abs(), _upcast(g).abs()
-    mean_aw = torch.mean(aw)
+    mean_aw = abs_means([w])[0]  # the shared helper: the Triton backend reads the same number
     # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
     mask = (ag < thresh * aw) | (ag > mean_aw)
     p.copy_(torch.where(mask, _upcast(p) * damp, _upcast(p)))
@@ -325,7 +326,7 @@ def rates_init_(
     for p, key in zip(rates, keys):
         n, dev = p.numel(), p.device
         if distribution == "baseline" or n == 0:
-            p.fill_(1.0)
+            p.fill_(1.0).clamp_(lo, hi)
             continue
         if distribution == "uniform":
             value = 1.0 + (2.0 * uniform(key, n, dev) - 1.0) * nu
@@ -377,46 +378,30 @@ def weight_adaptive_(
         if p.numel() == 0:
             continue
         aw = _upcast(w).abs()
-        scale = torch.clamp(2.0 - aw / (torch.mean(aw) + 1e-8), 0.5, 1.5)
+        scale = torch.clamp(2.0 - aw / (abs_means([w])[0] + 1e-8), 0.5, 1.5)
         u = uniform(key, p.numel(), p.device).view(p.shape).to(aw.dtype)
         p.copy_((1.0 + (2.0 * u - 1.0) * nu * scale).clamp(lo, hi))
 
 
 def activity_update_(
-    rates: Tensors,
-    counts: Tensors,
-    keys: Sequence[int],
-    nu: float,
-    lo: float,
-    hi: float,
-    redraw_all: bool,
+    rates: Tensors, counts: Tensors, keys: Sequence[int], nu: float, lo: float, hi: float
 ) -> None:
-    """Redraw rows of the rates from the activity of their output units.
+    """Redraw the rates from the activity of their output units (rows).
 
-    ``ratio_i = c_i / mean(c)`` (1 when no unit was active), ``f_i = 2 - clamp(1 + (ratio_i -
-    1)*0.1, 0.8, 1.2)``, row ``i`` becomes ``clamp(1 + (2U-1)*nu*f_i, lo, hi)``. Every row when
-    ``redraw_all``, otherwise each row with probability 0.1. Philox: element ``i`` uses
-    ``tl.rand(key, i)``; row ``j``'s decision uses output ``r1`` at counter ``j``.
+    ``ratio_i = c_i / mean(c)`` (1 when no unit was active yet), ``f_i = 2 - clamp(1 +
+    (ratio_i - 1)*0.1, 0.8, 1.2)``, row ``i`` becomes ``clamp(1 + (2U-1)*nu*f_i, lo, hi)``.
+    Whether an update redraws at all is decided on the host (``BioModule``). Philox:
+    ``U = tl.rand(key, i)``.
     """
     for p, c, key in zip(rates, counts, keys):
         if p.numel() == 0:
             continue
-        rows = p.shape[0]
         cf = c.to(torch.float32)
         mean_c = cf.mean()
         ratio = torch.where(mean_c > 0, cf / mean_c.clamp_min(1e-30), torch.ones_like(cf))
         factor = 2.0 - torch.clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
-        if rng_mode() == "philox":
-            u = philox.rand(key, _counters(p.numel(), p.device))
-            row_u = philox.uint32_to_uniform(philox.randint4x(key, _counters(rows, p.device))[1])
-        else:
-            gen = _generator(key, p.device)
-            u = torch.rand(p.numel(), generator=gen, device=p.device)
-            row_u = torch.rand(rows, generator=gen, device=p.device)
-        u = u.view(p.shape)
-        new = (1.0 + (2.0 * u - 1.0) * nu * _rows_view(factor, p)).clamp(lo, hi)
-        chosen = torch.ones_like(row_u, dtype=torch.bool) if redraw_all else row_u < 0.1
-        p.copy_(torch.where(_rows_view(chosen, p), new, _upcast(p)))
+        u = uniform(key, p.numel(), p.device).view(p.shape)
+        p.copy_((1.0 + (2.0 * u - 1.0) * nu * _rows_view(factor, p)).clamp(lo, hi))
 
 
 def dale_enforce_(weights: Tensors, signs: Tensors) -> None:

@@ -71,7 +71,7 @@ def test_every_op_keeps_dtype_and_finiteness(dtype):
         assert ((p >= 0.5) & (p <= 2.0)).all(), dist
     tb.temporal_update_([p], [5], 0.9, 0.016, 0.5, 2.0)
     tb.weight_adaptive_([p], [w], [6], 0.16, 0.5, 2.0)
-    tb.activity_update_([p], [counts], [7], 0.16, 0.5, 2.0, False)
+    tb.activity_update_([p], [counts], [7], 0.16, 0.5, 2.0)
     tb.dale_enforce_([w], [sign])
     for t in (w, g, p):
         assert t.dtype == dtype and torch.isfinite(t).all()
@@ -97,7 +97,7 @@ def test_constant_and_zero_layers_stay_finite():
         tb.volume_scale_([w], [g], [1], 0.1, 2.0, 0.2)
         tb.weight_adaptive_([p], [w], [2], 0.16, 0.5, 2.0)
         tb.rejuvenate_([w], [3], 8.0)
-        tb.activity_update_([p], [torch.zeros(30, dtype=torch.int64)], [4], 0.16, 0.5, 2.0, True)
+        tb.activity_update_([p], [torch.zeros(30, dtype=torch.int64)], [4], 0.16, 0.5, 2.0)
         for t in (w, g, p):
             assert torch.isfinite(t).all(), fill
 

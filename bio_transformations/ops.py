@@ -1,0 +1,175 @@
+"""The hot ops as PyTorch custom ops (``torch.library``), so ``torch.compile`` sees them whole.
+
+Each op dispatches at run time to the backend chosen for its tensors' device
+(``kernels.backend_module``) and has a fake implementation for tracing, so a function calling
+the model-level methods compiles with ``fullgraph=True``. The stochastic ops take each layer's
+step counter (a CPU int64 scalar tensor, advanced here) and seed instead of a ready key: the
+key is derived inside the op, so compiled code neither bakes it in nor recompiles per step.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .kernels import philox
+
+__all__ = [
+    "bio_step_",
+    "crystallize_",
+    "dale_enforce_",
+    "fuzzy_scale_",
+    "rejuvenate_",
+    "rejuvenate_legacy_",
+    "volume_scale_",
+]
+
+_NS = "bio_transformations"
+
+
+def _backend(t: Tensor):
+    return kernels.backend_module(t.device)
+
+
+def draw_keys(steps: List[Tensor], seeds: List[int], op_id: int) -> List[int]:
+    """One stream key per layer from (seed, step, op id); advances each CPU step counter."""
+    keys = []
+    for step, seed in zip(steps, seeds):
+        n = int(step)  # a CPU scalar: no device sync
+        keys.append(philox.stream_key(seed, n, op_id))
+        step.fill_(n + 1)
+    return keys
+
+
+@torch.library.custom_op(f"{_NS}::fuzzy_scale_", mutates_args=("grads",))
+def fuzzy_scale_(grads: List[Tensor], rates: List[Tensor]) -> None:
+    """``g *= p``."""
+    if grads:
+        _backend(grads[0]).fuzzy_scale_(grads, rates)
+
+
+@fuzzy_scale_.register_fake
+def _(grads, rates):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::crystallize_", mutates_args=("rates",))
+def crystallize_(
+    weights: List[Tensor],
+    grads: List[Tensor],
+    rates: List[Tensor],
+    crystal_thresh: float,
+    dampening: float,
+) -> None:
+    """``p[(|g|/|w| < crystal_thresh) | (|g| > mean|w|)] *= dampening``."""
+    if weights:
+        _backend(weights[0]).crystallize_(weights, grads, rates, crystal_thresh, dampening)
+
+
+@crystallize_.register_fake
+def _(weights, grads, rates, crystal_thresh, dampening):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::volume_scale_", mutates_args=("grads", "steps"))
+def volume_scale_(
+    weights: List[Tensor],
+    grads: List[Tensor],
+    steps: List[Tensor],
+    seeds: List[int],
+    op_id: int,
+    base_lr: float,
+    stability_factor: float,
+    lr_variability: float,
+) -> None:
+    """``g *= |N(m, lr_variability*m)|`` with ``m = base_lr*exp(-stability_factor*|w|/(|w|+1))``."""
+    if weights:
+        keys = draw_keys(steps, seeds, op_id)
+        _backend(weights[0]).volume_scale_(
+            weights, grads, keys, base_lr, stability_factor, lr_variability
+        )
+
+
+@volume_scale_.register_fake
+def _(weights, grads, steps, seeds, op_id, base_lr, stability_factor, lr_variability):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::bio_step_", mutates_args=("grads", "rates", "steps"))
+def bio_step_(
+    weights: List[Tensor],
+    grads: List[Tensor],
+    rates: List[Tensor],
+    steps: List[Tensor],
+    seeds: List[int],
+    op_id: int,
+    volume: bool,
+    fuzzy: bool,
+    crystallize: bool,
+    base_lr: float,
+    stability_factor: float,
+    lr_variability: float,
+    crystal_thresh: float,
+    dampening: float,
+) -> None:
+    """Volume scaling, fuzzy scaling and crystallization in one pass (each optional)."""
+    if weights:
+        keys = draw_keys(steps, seeds, op_id) if volume else [0] * len(weights)
+        _backend(weights[0]).bio_step_(
+            weights, grads, rates, keys, volume, fuzzy, crystallize,
+            base_lr, stability_factor, lr_variability, crystal_thresh, dampening,
+        )  # fmt: skip
+
+
+@bio_step_.register_fake
+def _(weights, grads, rates, steps, seeds, op_id, volume, fuzzy, crystallize, *scalars):
+    return None
+
+
+@torch.library.custom_op(f"{_NS}::rejuvenate_", mutates_args=("weights", "steps"))
+def rejuvenate_(
+    weights: List[Tensor], steps: List[Tensor], seeds: List[int], op_id: int, dre: float
+) -> Tensor:
+    """Rejuvenation; returns the replaced count per layer (int64, on the device)."""
+    if not weights:
+        return torch.zeros(0, dtype=torch.int64)
+    keys = draw_keys(steps, seeds, op_id)
+    return _backend(weights[0]).rejuvenate_(weights, keys, dre).clone()
+
+
+@rejuvenate_.register_fake
+def _(weights, steps, seeds, op_id, dre):
+    device = weights[0].device if weights else torch.device("cpu")
+    return torch.empty(len(weights), dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op(f"{_NS}::rejuvenate_legacy_", mutates_args=("weights", "steps"))
+def rejuvenate_legacy_(
+    weights: List[Tensor], steps: List[Tensor], seeds: List[int], op_id: int, dre: float
+) -> Tensor:
+    """The original published rejuvenation rule; returns the replaced count per layer."""
+    if not weights:
+        return torch.zeros(0, dtype=torch.int64)
+    keys = draw_keys(steps, seeds, op_id)
+    return _backend(weights[0]).rejuvenate_legacy_(weights, keys, dre).clone()
+
+
+@rejuvenate_legacy_.register_fake
+def _(weights, steps, seeds, op_id, dre):
+    device = weights[0].device if weights else torch.device("cpu")
+    return torch.empty(len(weights), dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op(f"{_NS}::dale_enforce_", mutates_args=("weights",))
+def dale_enforce_(weights: List[Tensor], signs: List[Tensor]) -> None:
+    """``w = relu(w * sign) * sign``."""
+    if weights:
+        _backend(weights[0]).dale_enforce_(weights, signs)
+
+
+@dale_enforce_.register_fake
+def _(weights, signs):
+    return None
