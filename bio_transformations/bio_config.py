@@ -67,6 +67,11 @@ def _check(ok: bool, message: str) -> None:
         raise BioConfigError(message)
 
 
+def _msg(upstream_message: str, value: Any) -> str:
+    """Upstream's exact message (so ``match=`` patterns keep working), then the bad value."""
+    return f"{upstream_message} (got {value!r})"
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -95,23 +100,38 @@ def validate_config(config: BioConfig) -> BioConfig:
     ):
         value = getattr(c, name)
         _check(_is_number(value), f"{name} must be a number, got {value!r}")
-    _check(c.fuzzy_learning_rate_factor_nu > 0, "fuzzy_learning_rate_factor_nu must be positive")
-    _check(0 <= c.dampening_factor <= 1, "dampening_factor must be between 0 and 1")
-    _check(c.crystal_thresh > 0, "crystal_thresh must be positive")
-    _check(c.rejuvenation_parameter_dre > 0, "rejuvenation_parameter_dre must be positive")
+    _check(
+        c.fuzzy_learning_rate_factor_nu > 0,
+        _msg("fuzzy_learning_rate_factor_nu must be positive", c.fuzzy_learning_rate_factor_nu),
+    )
+    _check(
+        0 <= c.dampening_factor <= 1,
+        _msg("dampening_factor must be between 0 and 1", c.dampening_factor),
+    )
+    _check(c.crystal_thresh > 0, _msg("crystal_thresh must be positive", c.crystal_thresh))
+    _check(
+        c.rejuvenation_parameter_dre > 0,
+        _msg("rejuvenation_parameter_dre must be positive", c.rejuvenation_parameter_dre),
+    )
     _check(
         isinstance(c.weight_splitting_Gamma, int)
         and not isinstance(c.weight_splitting_Gamma, bool),
         f"weight_splitting_Gamma must be an int, got {c.weight_splitting_Gamma!r}",
     )
-    _check(c.weight_splitting_Gamma >= 0, "weight_splitting_Gamma cannot be negative")
+    _check(
+        c.weight_splitting_Gamma >= 0,
+        _msg("weight_splitting_Gamma cannot be negative", c.weight_splitting_Gamma),
+    )
     _check(
         callable(c.weight_splitting_activation_function),
-        "weight_splitting_activation_function must be Callable",
+        _msg(
+            "weight_splitting_activation_function must be Callable",
+            c.weight_splitting_activation_function,
+        ),
     )
-    _check(0 <= c.base_lr <= 1, "base_lr must be between 0 and 1")
-    _check(c.stability_factor > 0, "stability_factor must be positive")
-    _check(c.lr_variability > 0, "lr_variability must be positive")
+    _check(0 <= c.base_lr <= 1, _msg("base_lr must be between 0 and 1", c.base_lr))
+    _check(c.stability_factor > 0, _msg("stability_factor must be positive", c.stability_factor))
+    _check(c.lr_variability > 0, _msg("lr_variability must be positive", c.lr_variability))
     try:
         distribution = Distribution(c.fuzzy_lr_distribution)
     except ValueError:

@@ -135,4 +135,4 @@ def test_validation_survives_python_O():
     )
     out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "raised base_lr must be between 0 and 1" in out.stdout
+    assert "raised base_lr must be between 0 and 1 (got 5.0)" in out.stdout

@@ -1,0 +1,31 @@
+"""The built wheel (not only the editable install) ships the kernels package and py.typed."""
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+
+def test_wheel_contains_kernels(tmp_path):
+    pytest.importorskip("setuptools")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), "."],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in (
+        "bio_transformations/__init__.py",
+        "bio_transformations/py.typed",
+        "bio_transformations/ops.py",
+        "bio_transformations/kernels/__init__.py",
+        "bio_transformations/kernels/torch_backend.py",
+        "bio_transformations/kernels/triton_backend.py",
+        "bio_transformations/kernels/philox.py",
+    ):
+        assert expected in names, expected
+    assert not any(n.startswith("kernels/") for n in names)  # no top-level 'kernels' package
