@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, validate_config
+from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, validate_config
 from .bio_module import CONVERTIBLE_LAYERS, BioModule, bio_forward_hook, check_splitting
 from .kernels import philox
 from .model_methods import MODEL_METHODS, ModelMethod
@@ -57,7 +57,8 @@ class BioConverter:
 
     Raises:
         BioConfigError: a config value is invalid (already here, not at the first layer).
-        TypeError: an unknown config field.
+        BioConfigError: also for an unknown config field (a ``ValueError``, as upstream's
+            ``config._replace`` raised).
     """
 
     def __init__(self, config: BioConfig = DEFAULT_BIO_CONFIG, **kwargs: Any):
@@ -69,7 +70,7 @@ class BioConverter:
             raise TypeError(f"config must be a BioConfig, got {type(config).__name__}")
         unknown = sorted(set(overrides) - set(BioConfig._fields))
         if unknown:
-            raise TypeError(
+            raise BioConfigError(
                 f"unknown BioConfig field(s): {', '.join(unknown)}; "
                 f"valid fields are: {', '.join(BioConfig._fields)}"
             )

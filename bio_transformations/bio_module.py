@@ -115,8 +115,6 @@ class BioModule(nn.Module):
     Attributes:
         fuzzy_learning_rate_parameters: buffer shaped like the weight, the per-synapse rates.
         layer_seed: this layer's random seed (drawn from torch's default generator).
-        rng_step: how many random draws this layer has made; with ``layer_seed`` it keys the
-            next draw. Both are saved in the state dict, so a resumed run draws the same.
     """
 
     exposed_functions = (
@@ -177,7 +175,8 @@ class BioModule(nn.Module):
 
     @property
     def rng_step(self) -> int:
-        """How many random streams this layer has used (keys its next draw with the seed)."""
+        """How many random streams this layer has used; with ``layer_seed`` it keys the next
+        draw. Both are saved in the state dict, so a resumed run draws the same numbers."""
         return int(self._rng_step)
 
     @rng_step.setter

@@ -205,8 +205,10 @@ def write_markdown(path: Path, table: str, config: dict[str, Any]) -> None:
         "Accuracy is the test accuracy after the last epoch, mean ± sample std over seeds "
         "(every seed counts; no best-epoch picking). The epochs column is the mean first epoch "
         "at which test accuracy reached 90% of the baseline's final mean accuracy. "
-        "`s / epoch` is training time per epoch (evaluation excluded); `bio ops s / run` is "
-        "the time spent inside the bio calls over a whole run.",
+        "`s / epoch` is training time per epoch (evaluation excluded; for converted models it "
+        "includes the per-layer forward hooks); `bio ops s / run` is the time spent inside the "
+        "explicit bio calls (volume_dependent_lr, fuzzy_learning_rates, crystallize, "
+        "rejuvenate_weights) over a whole run. Timings depend on the machine and its load.",
         "",
     ]
     path.write_text("\n".join(lines))

@@ -166,11 +166,12 @@ def rejuvenate_weights_old(self: nn.Module) -> None:
 def update_fuzzy_learning_rates(self: nn.Module, x: Optional[torch.Tensor] = None) -> None:
     """Advance the dynamic rate strategies of every converted layer by one update.
 
-    Activity tracking happens in each layer's forward pass while training, so call this without
-    ``x``; an ``x`` is passed to every layer, as upstream does.
+    ``x`` is accepted for compatibility and not used: activity is tracked in each layer's
+    forward pass while training, with that layer's own input (upstream passed one ``x`` to
+    every layer, which fails for any layer after the first).
     """
     for _, _, bio in bio_layers(self):
-        bio.update_fuzzy_learning_rates(x)
+        bio.update_fuzzy_learning_rates()
 
 
 @torch.no_grad()

@@ -13,7 +13,6 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
-import re
 import sys
 
 DOCS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -97,10 +96,17 @@ autoclass_content = "both"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = True
 napoleon_use_rtype = False
+# "Attributes:" sections become an ":ivar:" field list instead of attribute
+# directives, so an attribute that is also a documented property is not described
+# twice (which Sphinx reports as a duplicate object description).
+napoleon_use_ivar = True
 
 # doctest: every example runs on the CPU in a few seconds.
+# The examples are tiny: one intra-op thread is much faster for them than several
+# (and is unaffected by a busy machine).
 doctest_global_setup = """
 import torch
+torch.set_num_threads(1)
 torch.manual_seed(0)
 """
 doctest_test_doctest_blocks = "default"
@@ -156,22 +162,5 @@ def _write_benchmark_include() -> None:
 _write_benchmark_include()
 
 
-# -- Docstring fix-ups -------------------------------------------------------------
-# Docstrings are written for ``help()`` as much as for Sphinx.  In reST a bare word
-# that ends in "_" (the in-place op names such as ``fuzzy_scale_``) is a hyperlink
-# reference; where such a name starts a line (the op table in the module docstring
-# of ``bio_transformations.kernels``), escape its trailing underscore so it renders
-# as the plain name.  This changes nothing else in any docstring.
-_OP_AT_LINE_START = re.compile(r"^([A-Za-z][A-Za-z0-9_]*[A-Za-z0-9])_(?=\s|$)")
-
-
-def _escape_op_names(app, what, name, obj, options, lines):
-    if what != "module":
-        return
-    for i, line in enumerate(lines):
-        lines[i] = _OP_AT_LINE_START.sub(r"\1\\_", line)
-
-
 def setup(app):
-    app.connect("autodoc-process-docstring", _escape_op_names)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

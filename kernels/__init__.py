@@ -5,21 +5,21 @@ dtype) so a model-level call is one op call per (device, dtype) group. Both back
 ``torch_backend`` (pure PyTorch: the CPU fallback and the reference) and ``triton_backend``
 (fused Triton kernels), define the same ops with the same names and arguments:
 
-=====================  ======================  ===========================================
-op                     writes                  formula (w weight, g grad, p rates)
-=====================  ======================  ===========================================
-fuzzy_scale_           g                       ``g *= p``
-crystallize_           p                       ``p[|g|/|w| < t or |g| > mean|w|] *= d``
-volume_scale_          g                       ``g *= |N(m,var*m)|``,``m = lr*exp(-s*|w|/(|w|+1))``
-bio_step_              g, p                    volume, fuzzy, crystallize in that order
-rejuvenate_            w                       see :func:`rejuvenate_`
-rejuvenate_legacy_     w                       see :func:`rejuvenate_legacy_`
-rates_init_            p                       uniform / normal / lognormal / gamma / beta
-temporal_update_       p                       ``p = 1 + (p-1)*decay + noise*(2U-1)``
-weight_adaptive_       p                       ``1 + (2U-1)*nu*clamp(2-|w|/(mean|w|+1e-8),.5,1.5)``
-activity_update_       p                       row-wise redraw scaled by unit activity
-dale_enforce_          w                       ``w = relu(w*sign)*sign``
-=====================  ======================  ===========================================
+========================  ======  ==========================================================
+op                        writes  formula (w weight, g grad, p rates)
+========================  ======  ==========================================================
+``fuzzy_scale_``          g       ``g *= p``
+``crystallize_``          p       ``p[|g|/|w| < t or |g| > mean|w|] *= d``
+``volume_scale_``         g       ``g *= |N(m, var*m)|``, ``m = lr*exp(-s*|w|/(|w|+1))``
+``bio_step_``             g, p    volume, fuzzy, crystallize in that order, one pass
+``rejuvenate_``           w       replace weak weights (see ``torch_backend.rejuvenate_``)
+``rejuvenate_legacy_``    w       the original published rule
+``rates_init_``           p       uniform / normal / lognormal / gamma / beta
+``temporal_update_``      p       ``p = 1 + (p-1)*decay + noise*(2U-1)``
+``weight_adaptive_``      p       ``1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), .5, 1.5)``
+``activity_update_``      p       row-wise redraw scaled by unit activity
+``dale_enforce_``         w       ``w = relu(w*sign)*sign``
+========================  ======  ==========================================================
 
 Randomness: a stochastic op takes one integer ``key`` per tensor (made on the host by
 :func:`~bio_transformations.kernels.philox.stream_key` from the layer seed, its step counter
@@ -132,6 +132,11 @@ def triton_available() -> bool:
 
 
 def _interpreting() -> bool:
+    """Whether the Triton kernels run in Triton's CPU interpreter. Triton decides that when it
+    decorates them (at import), so ask the imported backend; the environment only before."""
+    module = _load_triton()
+    if module is not None:
+        return bool(getattr(module, "INTERPRETED", False))
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

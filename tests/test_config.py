@@ -112,7 +112,7 @@ def test_update_config_and_from_dict_validate():
     assert converter.get_config().base_lr == 0.1  # unchanged after the failed update
     with pytest.raises(BioConfigError, match="crystal_thresh must be positive"):
         BioConverter.from_dict({"crystal_thresh": -1.0})
-    with pytest.raises(TypeError, match="unknown BioConfig field.*not_a_field"):
+    with pytest.raises(ValueError, match="unknown BioConfig field.*not_a_field"):
         BioConverter(not_a_field=1)
 
 
