@@ -403,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"smoke test: 1 epoch, 1 seed, variants {','.join(QUICK_VARIANTS)} "
         "(explicit --epochs/--seeds/--variants still win)",
     )
-    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH)
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=DEFAULT_BATCH, help=f"default {DEFAULT_BATCH}"
+    )
     p.add_argument("--lr", type=_positive_float, default=DEFAULT_LR, help="SGD learning rate")
     p.add_argument(
         "--threads",

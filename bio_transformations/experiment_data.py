@@ -179,7 +179,9 @@ def check_idx_dir(data_dir: str | os.PathLike[str]) -> dict[str, Path]:
     if not folder.exists():
         raise DataError(f"data directory {folder} does not exist; expected the files {expected}")
     if not folder.is_dir():
-        raise DataError(f"data directory {folder} is not a directory")
+        raise DataError(
+            f"data directory {folder} is not a directory; expected the files {expected}"
+        )
     if not any(folder.iterdir()):
         raise DataError(f"data directory {folder} is empty; expected the files {expected}")
     found: dict[str, Path] = {}
