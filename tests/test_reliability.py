@@ -73,7 +73,7 @@ def _ddp_worker(rank, world_size, init_file, out_file):
         )
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-        for step in range(4):
+        for _ in range(4):
             x = torch.randn(8, 1, 6, 6)  # different data per rank
             opt.zero_grad()
             ddp(x).pow(2).mean().backward()
