@@ -20,9 +20,9 @@ are identical; the only textual difference is that 3.8 folds negative int32 draw
 * Normals: Box-Muller on a pair of uniforms, the first clamped below at float32(1e-7); angle
   float32(2*pi) * u2; ``r = sqrt(-2 log u1)``; outputs ``r cos`` and ``r sin``.
 
-Unsigned 32-bit words are carried in int64 tensors (values in ``[0, 2**32)``). Transcendentals
-(log/sin/cos) may differ from Triton's by an ulp or so depending on the math library; integers and
-uniforms are exact.
+Unsigned 32-bit words are carried in int64 tensors (values in ``[0, 2**32)``). Integers and
+uniforms are exact; normals go through log/sqrt/cos/sin, whose float32 results differ between math
+libraries (torch vs numpy in Triton's interpreter, or a GPU's libdevice) by a few ulp.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ def _split_offset(offset: Tensor) -> tuple[Tensor, Tensor | None]:
 
 
 _CPU_CHUNK = 1 << 15  # elements per CPU block: keeps the ~10 live int64 temporaries in cache
+_DEVICE_CHUNK = 1 << 22  # elements per block elsewhere: bounds temporary memory (~0.4 GB)
 _wraps: dict[str, bool] = {}
 
 
@@ -197,7 +198,7 @@ def _generate(
 
     ``fill(words, dsts)`` gets the four counter words of a block (int64, valid in bits 0..31, junk
     above) and writes the block's results into the 1-D slices ``dsts``. On CPU the blocks are small
-    enough for all temporaries to stay in cache; on other devices one block covers everything.
+    enough for all temporaries to stay in cache (and below torch's intra-op threading grain).
     """
     if n_rounds < 1:
         raise ValueError(f"n_rounds must be >= 1, got {n_rounds}")
@@ -214,7 +215,7 @@ def _generate(
     flat_off = offset.expand(shape).reshape(-1)
     flat_outs = [o.view(-1) for o in outs]
     wraps = _int64_mul_wraps(device)
-    chunk = _CPU_CHUNK if device.type == "cpu" else max(n, 1)
+    chunk = _CPU_CHUNK if device.type == "cpu" else _DEVICE_CHUNK
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         lo, hi = _split_offset(flat_off[start:end])

@@ -1,13 +1,22 @@
-"""The torch Philox port against Triton's own generator (run in Triton's CPU interpreter)."""
+"""The torch Philox port against Triton's own generator.
+
+Without CUDA the reference kernels run in Triton's CPU interpreter on CPU tensors; with CUDA (and
+TRITON_INTERPRET unset, as tests/conftest.py arranges) they run compiled on the GPU.
+"""
 
 import os
 
-# The Triton comparisons run in the interpreter on CPU tensors; it must be on before triton loads.
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+# Triton picks interpreter or compiler when a kernel is decorated: decide before it is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
 from bio_transformations.kernels import philox  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 M32 = 0xFFFFFFFF
 SEEDS = [0, 1, 12345, 2**31 + 7, 2**62 + 12345, philox.stream_key(2024, 3, 1)]
@@ -27,6 +36,15 @@ def _offsets(dtype: torch.dtype) -> torch.Tensor:
 def _words(x: torch.Tensor) -> torch.Tensor:
     """uint32 bit patterns stored in an int32 tensor, as int64 values in [0, 2**32)."""
     return x.to(torch.int64) & M32
+
+
+def _triton_device() -> str:
+    """Where the reference kernels run: CPU in the interpreter, else the GPU."""
+    if INTERPRET:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
 def _ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -97,8 +115,19 @@ _triton_cache = {}
 
 
 def _block(n: int) -> int:
-    """One program covers everything: the interpreter's cost is per program, not per element."""
-    return 1 << max(n - 1, 1).bit_length()
+    """Interpreter: one program covers everything (its cost is per program, not per element)."""
+    return 1 << max(n - 1, 1).bit_length() if INTERPRET else 1024
+
+
+def _check_normals(ours: torch.Tensor, theirs: torch.Tensor) -> int:
+    """Assert Triton's and our normals agree; return the max ulp difference."""
+    ulp = _ulp_diff(ours, theirs)
+    if INTERPRET:
+        assert ulp <= MAX_NORMAL_ULP, f"max ulp difference {ulp}"
+        torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-6)
+    else:  # compiled GPU code may use approximate log/sin/cos: compare absolutely
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-5)
+    return ulp
 
 
 def _triton_streams(seed: int, offsets: torch.Tensor, n_rounds: int = philox.N_ROUNDS):
@@ -107,10 +136,13 @@ def _triton_streams(seed: int, offsets: torch.Tensor, n_rounds: int = philox.N_R
     if key not in _triton_cache:
         kernel = _triton_kernels()["all_streams"]
         n = offsets.numel()
-        ints = torch.zeros(5 * n, dtype=torch.int32)
-        floats = torch.zeros(10 * n, dtype=torch.float32)
-        kernel[(1,)](seed, offsets, ints, floats, n, n_rounds, _block(n))
-        _triton_cache[key] = (_words(ints).view(5, n), floats.view(10, n))
+        dev = _triton_device()
+        ints = torch.zeros(5 * n, dtype=torch.int32, device=dev)
+        floats = torch.zeros(10 * n, dtype=torch.float32, device=dev)
+        block = _block(n)
+        grid = ((n + block - 1) // block,)
+        kernel[grid](seed, offsets.to(dev), ints, floats, n, n_rounds, block)
+        _triton_cache[key] = (_words(ints.cpu()).view(5, n), floats.cpu().view(10, n))
     return _triton_cache[key]
 
 
@@ -145,10 +177,8 @@ def test_normals_match_triton(seed, dtype):
     )
     theirs = torch.cat([floats[1:2], floats[6:10]])
     assert ours.dtype == torch.float32
-    ulp = _ulp_diff(ours, theirs)
+    ulp = _check_normals(ours, theirs)
     print(f"seed={seed} dtype={dtype}: max normal ulp difference {ulp}")
-    assert ulp <= MAX_NORMAL_ULP, f"max ulp difference {ulp}"
-    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-6)
 
 
 def test_fewer_rounds_match_triton():
@@ -176,8 +206,12 @@ def test_uint32_to_uniform_matches_triton():
     words += torch.randint(0, 2**32, (4000,), generator=gen, dtype=torch.int64).tolist()
     x = torch.tensor(words, dtype=torch.int64)
     x32 = torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
-    theirs = torch.zeros(len(words), dtype=torch.float32)
-    _triton_kernels()["word_to_float"][(1,)](x32, theirs, len(words), _block(len(words)))
+    dev = _triton_device()
+    theirs = torch.zeros(len(words), dtype=torch.float32, device=dev)
+    block = _block(len(words))
+    grid = ((len(words) + block - 1) // block,)
+    _triton_kernels()["word_to_float"][grid](x32.to(dev), theirs, len(words), block)
+    theirs = theirs.cpu()
     ours = philox.uint32_to_uniform(x)
     assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
     assert torch.equal(philox.uint32_to_uniform(x32), ours)  # int32 bit patterns accepted too
@@ -198,12 +232,12 @@ def test_pair_uniform_to_normal_matches_randn():
 
 
 def test_per_element_seeds_match_separate_launches():
-    offsets = torch.arange(2048, dtype=torch.int64)
-    s_even, s_odd = 2**62 + 12345, 12345
-    seeds = torch.where(offsets % 2 == 0, s_even, s_odd)
+    offsets = _offsets(torch.int64)
+    s_even, s_odd = 2**62 + 12345, 12345  # both in SEEDS: the two launches are cached
+    is_even = torch.arange(offsets.numel()) % 2 == 0
+    seeds = torch.where(is_even, s_even, s_odd)
     even_ints, even_f = _triton_streams(s_even, offsets)
     odd_ints, odd_f = _triton_streams(s_odd, offsets)
-    is_even = (offsets % 2 == 0)[None]
     want_ints = torch.where(is_even, even_ints[:4], odd_ints[:4])
     assert torch.equal(torch.stack(philox.randint4x(seeds, offsets)), want_ints)
     want_u = torch.where(is_even, even_f[2:6], odd_f[2:6])
@@ -211,7 +245,22 @@ def test_per_element_seeds_match_separate_launches():
     assert torch.equal(got_u.view(torch.int32), want_u.view(torch.int32))
     want_n = torch.where(is_even, even_f[6:10], odd_f[6:10])
     got_n = torch.stack(philox.randn4x(seeds, offsets))
-    assert _ulp_diff(got_n, want_n) <= MAX_NORMAL_ULP
+    _check_normals(got_n, want_n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_match_cpu():
+    offsets = _offsets(torch.int64)
+    seeds = torch.where(torch.arange(offsets.numel()) % 3 == 0, 7, 2**62 + 12345)
+    for seed in (12345, seeds):
+        cuda_seed = seed.cuda() if isinstance(seed, torch.Tensor) else seed
+        cpu_ints = torch.stack(philox.randint4x(seed, offsets))
+        assert torch.equal(torch.stack(philox.randint4x(cuda_seed, offsets.cuda())).cpu(), cpu_ints)
+        cpu_u = torch.stack(philox.rand4x(seed, offsets))
+        assert torch.equal(torch.stack(philox.rand4x(cuda_seed, offsets.cuda())).cpu(), cpu_u)
+        cpu_n = torch.stack(philox.randn4x(seed, offsets))
+        cuda_n = torch.stack(philox.randn4x(cuda_seed, offsets.cuda())).cpu()
+        assert _ulp_diff(cuda_n, cpu_n) <= MAX_NORMAL_ULP
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,570 @@
+"""Every op on both backends: ``torch_backend`` in Philox mode against ``triton_backend``.
+
+Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``
+is set in ``conftest.py`` before triton loads); on a CUDA machine with the variable unset they
+run compiled on ``cuda`` tensors. Kept small: the interpreter runs one program at a time.
+
+What "agree" means (DESIGN.md, "Agreement, stated as tests"):
+
+* pure arithmetic and uniform draws (fuzzy, crystallize, Dale, temporal with and without noise,
+  weight-adaptive, activity, baseline/uniform/gamma init): bit for bit;
+* through exp/log/sqrt/cos/sin: within ``MAX_ULP`` units in the last place of the dtype;
+* random decisions (rejuvenation, bio step's crystallization after the volume draw): identical
+  except where the deciding quantity lies within ~1e-6 (relative) of its threshold; such
+  elements are counted and must be rare.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bio_transformations import BioConverter, Distribution, set_backend
+from bio_transformations.kernels import philox
+from bio_transformations.kernels import torch_backend as tb
+
+trb = pytest.importorskip("bio_transformations.kernels.triton_backend")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not trb.INTERPRETED else "cpu")
+if DEVICE.type == "cpu" and not trb.INTERPRETED:
+    pytest.skip("no CUDA and TRITON_INTERPRET is off: Triton cannot run", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+#: Largest allowed distance in the dtype's ulps where a transcendental function is involved.
+MAX_ULP = {torch.float32: 16, torch.float16: 1, torch.bfloat16: 1}
+#: One call with all of these (a multi-tensor launch): empty, single, block +- 1, ~3000.
+SIZES = [("c", (0,)), ("c", (1,)), ("c", (1023,)), ("c", (1025,)), ("c", (60, 50))]
+#: One call with all of these: a transposed matrix, a channels_last conv weight, a view with
+#: gaps (runs on a copy), and a conv weight whose grad is contiguous while w and p are not.
+LAYOUTS = [("t", (30, 40)), ("cl", (6, 4, 3, 3)), ("gappy", (20, 16)), ("mixed", (5, 3, 2, 3))]
+CASES = {"sizes": SIZES, "layouts": LAYOUTS}
+
+
+@pytest.fixture(autouse=True)
+def _philox(monkeypatch):
+    monkeypatch.setenv("BIO_RNG", "philox")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: the same logical values in any layout, rebuilt for each backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "t":
+        return x.t().contiguous().t()
+    if kind == "cl":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "gappy":
+        base = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=x.device)
+        base[:, ::2] = x
+        return base[:, ::2]
+    return x
+
+
+def _tensors(cases, dtype, seed=0, nan=False):
+    """Per case a dict of w, g, p (shaped alike), s (+-1 per row) and c (counts per row);
+    ``nan`` puts a NaN into each weight of more than 5 elements."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for kind, shape in cases:
+        w = torch.randn(shape, generator=gen) * 0.1
+        w.view(-1)[::97] *= 12.0  # a few weights beyond [-1, 1] for rejuvenation's clamp
+        if nan and w.numel() > 5:
+            w.view(-1)[5] = float("nan")
+        g = torch.randn(shape, generator=gen) * 0.05
+        p = 1.0 + 0.2 * (torch.rand(shape, generator=gen) - 0.5)
+        rows = shape[0]
+        s = torch.where(torch.rand(rows, generator=gen) < 0.5, 1.0, -1.0)
+        c = torch.randint(0, 20, (rows,), generator=gen)
+        t = {k: v.to(DEVICE, dtype) for k, v in (("w", w), ("g", g), ("p", p), ("s", s))}
+        t["c"] = c.to(DEVICE)
+        for k in ("w", "g", "p"):
+            lay = "cl" if kind == "mixed" and k != "g" else kind
+            t[k] = _layout(t[k], lay)
+        out.append(t)
+    return out
+
+
+def _keys(n, op):
+    return [philox.stream_key(1234, i, op) for i in range(n)]
+
+
+def _both(run, case, dtype, nan=False):
+    """``run(backend, tensors)`` on fresh identical inputs for each backend; its results."""
+    cases = CASES[case]
+    return run(tb, _tensors(cases, dtype, nan=nan)), run(trb, _tensors(cases, dtype, nan=nan))
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons
+# ---------------------------------------------------------------------------------------------
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """Float bit patterns on a monotone integer line (int64), so differences count ulps."""
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    i = x.contiguous().view(bits[x.dtype]).to(torch.int64)
+    low = -(2 ** (8 * x.element_size() - 1))
+    return torch.where(i < 0, low - i, i)
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise distance in ulps of the dtype (0 where both are NaN)."""
+    d = (_ordered(a) - _ordered(b)).abs()
+    return torch.where(a.isnan() & b.isnan(), 0, d).view(a.shape)
+
+
+def assert_bitwise(ref, got):
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+
+
+def assert_ulp(ref, got):
+    worst = 0
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if a.numel():
+            worst = max(worst, int(ulps(a, b).max()))
+    assert worst <= MAX_ULP[ref[0].dtype], f"{worst} ulp apart"
+    return worst
+
+
+def assert_flips_rare(flips: torch.Tensor, near: torch.Tensor, what: str) -> int:
+    """Elements whose decision differs must sit near the threshold, and be rare."""
+    assert not (flips & ~near).any(), f"{what}: decisions differ away from the threshold"
+    count = int(flips.sum())
+    assert count <= 1 + 1e-3 * flips.numel(), f"{what}: {count} decisions differ"
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure arithmetic and uniform draws: bit for bit
+# ---------------------------------------------------------------------------------------------
+
+
+def _fuzzy(B, ts):
+    B.fuzzy_scale_([t["g"] for t in ts], [t["p"] for t in ts])
+    return [t["g"] for t in ts]
+
+
+def _crystallize(B, ts):
+    B.crystallize_([t["w"] for t in ts], [t["g"] for t in ts], [t["p"] for t in ts], 0.05, 0.6)
+    return [t["p"] for t in ts]
+
+
+def _dale(B, ts):
+    B.dale_enforce_([t["w"] for t in ts], [t["s"] for t in ts])
+    return [t["w"] for t in ts]
+
+
+def _temporal(B, ts):
+    B.temporal_update_([t["p"] for t in ts], None, 0.9995, 0.0, 0.5, 2.0)
+    return [t["p"] for t in ts]
+
+
+def _temporal_noise(B, ts):
+    B.temporal_update_([t["p"] for t in ts], _keys(len(ts), 5), 0.9, 0.016, 0.5, 2.0)
+    return [t["p"] for t in ts]
+
+
+def _adaptive(B, ts):
+    B.weight_adaptive_([t["p"] for t in ts], [t["w"] for t in ts], _keys(len(ts), 6), 0.16, 0.5, 2)
+    return [t["p"] for t in ts]
+
+
+def _activity(B, ts):
+    B.activity_update_([t["p"] for t in ts], [t["c"] for t in ts], _keys(len(ts), 7), 0.16, 0.5, 2)
+    return [t["p"] for t in ts]
+
+
+def _init(distribution):
+    def run(B, ts):
+        B.rates_init_([t["p"] for t in ts], _keys(len(ts), 4), distribution, 0.16, 0.5, 2.0)
+        return [t["p"] for t in ts]
+
+    return run
+
+
+EXACT = {
+    "fuzzy": _fuzzy,
+    "crystallize": _crystallize,
+    "dale": _dale,
+    "temporal": _temporal,
+    "temporal_noise": _temporal_noise,
+    "weight_adaptive": _adaptive,
+    "activity": _activity,
+    "init_baseline": _init("baseline"),
+    "init_uniform": _init("uniform"),
+    "init_gamma": _init("gamma"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", sorted(EXACT))
+def test_bitwise_ops(op, dtype, case):
+    ref, got = _both(EXACT[op], case, dtype)
+    assert_bitwise(ref, got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through transcendental functions: within a few ulp
+# ---------------------------------------------------------------------------------------------
+
+
+def _volume(B, ts):
+    w, g = [t["w"] for t in ts], [t["g"] for t in ts]
+    B.volume_scale_(w, g, _keys(len(ts), 1), 0.1, 2.0, 0.2)
+    return g
+
+
+ULP = {"volume": _volume, "init_normal": _init("normal"), "init_lognormal": _init("lognormal")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", sorted(ULP))
+def test_ulp_ops(op, dtype, case):
+    ref, got = _both(ULP[op], case, dtype)
+    assert_ulp(ref, got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random decisions: identical except at the threshold
+# ---------------------------------------------------------------------------------------------
+
+
+def _rejuvenate(B, ts):
+    w = [t["w"] for t in ts]
+    counts = B.rejuvenate_(w, _keys(len(ts), 2), 8.0)
+    return w, counts
+
+
+def _rejuvenation_near(ts, dre=8.0):
+    """Where the replacement draw lies within 1e-6 of its probability (cleaned inputs)."""
+    near = []
+    for t, key in zip(ts, _keys(len(ts), 2)):
+        w = t["w"]
+        tb.clean_weights_([w])
+        if not w.numel():
+            near.append(torch.zeros(w.shape, dtype=torch.bool, device=DEVICE))
+            continue
+        std = tb.rejuvenation_stats(w)[0]
+        u = philox.rand(key, torch.arange(w.numel(), device=DEVICE)).view(w.shape)
+        near.append((u - torch.exp(-dre * w.float().abs() / std)).abs() <= 1e-6)
+    return near
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rejuvenate(dtype, case):
+    (ref_w, ref_n), (got_w, got_n) = _both(_rejuvenate, case, dtype, nan=True)
+    assert got_n.dtype == torch.int64 and got_n.shape == (len(ref_w),)
+    assert got_n.device == ref_w[0].device
+    near = _rejuvenation_near(_tensors(CASES[case], dtype, nan=True))
+    flips = 0
+    for a, b, nr in zip(ref_w, got_w, near):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
+        flips += assert_flips_rare(ulps(a, b) > MAX_ULP[dtype], nr, "rejuvenation")
+        assert torch.isfinite(b).all() and (b.abs() <= 1.0).all()
+    assert int((ref_n - got_n).abs().sum()) <= flips
+    assert int(got_n.sum()) > len(ref_w)  # replacements happen (NaNs always, plus small |w|)
+
+
+def _legacy(B, ts):
+    w = [t["w"] for t in ts]
+    counts = B.rejuvenate_legacy_(w, _keys(len(ts), 3), 8.0)
+    return w, counts
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rejuvenate_legacy(dtype, case):
+    (ref_w, ref_n), (got_w, got_n) = _both(_legacy, case, dtype)
+    flips = 0
+    inputs = _tensors(CASES[case], dtype)
+    for t, a, b, key in zip(inputs, ref_w, got_w, _keys(len(ref_w), 3)):
+        if not a.numel():
+            continue
+        w = t["w"].float()
+        u0, u1, _, _ = philox.rand4x(key, torch.arange(w.numel(), device=DEVICE))
+        threshold = (tb.box_muller(u0, u1).view(w.shape) * (w.abs().amax() / 8.0)).abs()
+        near = (w.abs() - threshold).abs() <= 1e-5 * threshold
+        flips += assert_flips_rare(ulps(a, b) > MAX_ULP[dtype], near, "legacy rejuvenation")
+    assert (ref_n - got_n).abs().sum() <= flips
+    assert int(ref_n.sum()) > 0
+
+
+def _step(volume, fuzzy, crystallize):
+    def run(B, ts):
+        w, g, p = ([t[k] for t in ts] for k in "wgp")
+        keys = _keys(len(ts), 1)
+        B.bio_step_(w, g, p, keys, volume, fuzzy, crystallize, 0.1, 2.0, 0.2, 0.05, 0.6)
+        return g, p, w
+
+    return run
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bio_step(dtype, case):
+    (ref_g, ref_p, ref_w), (got_g, got_p, _) = _both(_step(True, True, True), case, dtype)
+    assert_ulp(ref_g, got_g)
+    rel = max(1e-5, 2 * torch.finfo(dtype).eps)  # |g| may differ by an ulp of its dtype
+    for w, g, a, b in zip(ref_w, ref_g, ref_p, got_p):
+        if not a.numel():
+            continue
+        aw, ag = w.float().abs(), g.float().abs()
+        mean = tb.abs_means([w])[0]
+        near = ((ag - 0.05 * aw).abs() <= rel * 0.05 * aw) | ((ag - mean).abs() <= rel * mean)
+        assert_flips_rare(a != b, near, "crystallization after the volume draw")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_step_equals_separate_ops_on_triton(dtype):
+    """One pass (volume + fuzzy + crystallize) gives what the three separate kernels give."""
+    fused = _step(True, True, True)(trb, _tensors(SIZES + LAYOUTS, dtype))
+    ts = _tensors(SIZES + LAYOUTS, dtype)
+    w, g, p = ([t[k] for t in ts] for k in "wgp")
+    trb.volume_scale_(w, g, _keys(len(ts), 1), 0.1, 2.0, 0.2)
+    trb.fuzzy_scale_(g, p)
+    trb.crystallize_(w, g, p, 0.05, 0.6)
+    assert_bitwise(fused[0] + fused[1], g + p)
+
+
+@pytest.mark.parametrize("flags", [(False, True, False), (False, False, True), (True, False, True)])
+def test_bio_step_flags(flags):
+    ref, got = _both(_step(*flags), "sizes", torch.float16)
+    assert_bitwise(ref[2], got[2])  # w is never written
+    if flags[0]:
+        assert_ulp(ref[0], got[0])
+    else:
+        assert_bitwise(ref[0] + ref[1], got[0] + got[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Mechanics: one launch per call, cached tables, empty lists, float64
+# ---------------------------------------------------------------------------------------------
+
+
+class _CountingKernel:
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_one_launch_per_call_and_cached_tables(monkeypatch):
+    counter = _CountingKernel(trb._step_kernel)
+    monkeypatch.setattr(trb, "_step_kernel", counter)
+    built = []
+    monkeypatch.setattr(trb, "_Plan", lambda *a: built.append(1) or _RealPlan(*a))
+    ts = _tensors(SIZES + LAYOUTS[:2], torch.float32)
+    w, g, p = ([t[k] for t in ts] for k in "wgp")
+    for _ in range(3):
+        trb.bio_step_(w, g, p, _keys(len(ts), 1), True, True, True, 0.1, 2.0, 0.2, 0.05, 0.6)
+    assert counter.launches == 3  # 7 tensors (one empty, two permuted), one launch per call
+    assert len(built) == 1  # the second and third calls reuse the device tables
+
+
+_RealPlan = trb._Plan
+
+
+def test_empty_lists_and_empty_tensors():
+    for op in (trb.fuzzy_scale_, trb.dale_enforce_):
+        op([], [])
+    trb.crystallize_([], [], [], 0.1, 0.5)
+    trb.volume_scale_([], [], [], 0.1, 2.0, 0.2)
+    trb.bio_step_([], [], [], [], True, True, True, 0.1, 2.0, 0.2, 0.05, 0.6)
+    trb.temporal_update_([], None, 0.9, 0.0, 0.5, 2.0)
+    trb.weight_adaptive_([], [], [], 0.16, 0.5, 2.0)
+    trb.activity_update_([], [], [], 0.16, 0.5, 2.0)
+    trb.rates_init_([], [], "uniform", 0.16, 0.5, 2.0)
+    for op in (trb.rejuvenate_, trb.rejuvenate_legacy_):
+        counts = op([], [], 8.0)
+        assert counts.dtype == torch.int64 and counts.shape == (0,)
+    empty = torch.empty(0, 3, device=DEVICE)
+    assert trb.rejuvenate_([empty], [1], 8.0).tolist() == [0]
+
+
+def test_float64_falls_back_to_torch_backend():
+    ref, got = _both(_volume, "sizes", torch.float64)
+    assert ref[-1].dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole model through the public API, on both backends
+# ---------------------------------------------------------------------------------------------
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc1 = nn.Linear(4 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _model():
+    torch.manual_seed(0)
+    converter = BioConverter(
+        fuzzy_lr_distribution=Distribution.TEMPORAL,
+        fuzzy_lr_dynamic=True,
+        fuzzy_lr_update_freq=1,
+        apply_dales_principle=True,
+        crystal_thresh=0.05,
+    )
+    model = converter(_Net()).to(DEVICE)
+    model.conv.to(memory_format=torch.channels_last)  # a permuted layout at model level
+    return model
+
+
+def _train(backend: str, steps: int = 3):
+    set_backend(backend)
+    try:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(8, 3, 6, 6, generator=gen).to(DEVICE)
+        y = torch.randint(0, 10, (8,), generator=gen).to(DEVICE)
+        grads = []
+        for step in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if step % 2 == 0:
+                model.volume_dependent_lr()
+                model.fuzzy_learning_rates()
+                model.crystallize()
+            else:
+                model.bio_step()
+            model.update_fuzzy_learning_rates()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            opt.step()
+            model.rejuvenate_weights()
+            model.enforce_dales_principle()
+        rates = [b.fuzzy_learning_rate_parameters for b in model.modules() if hasattr(b, "sign")]
+        assert len(rates) == 3
+        return [p.detach() for p in model.parameters()], grads, rates
+    finally:
+        set_backend("auto")
+
+
+def _close_or_rare(ref, got, what):
+    """Agree to ~1e-5 relative everywhere but a rare element (a decision at its threshold)."""
+    for a, b in zip(ref, got):
+        off = ~torch.isclose(a, b, rtol=2e-5, atol=1e-7)
+        assert int(off.sum()) <= 1 + 1e-3 * a.numel(), f"{what}: {int(off.sum())} elements differ"
+
+
+def test_whole_model_agrees():
+    logging.getLogger("bio_transformations").setLevel(logging.WARNING)
+    ref_p, ref_g, ref_r = _train("torch")
+    got_p, got_g, got_r = _train("triton")
+    _close_or_rare(ref_p, got_p, "weights")
+    for a, b in zip(ref_g, got_g):
+        _close_or_rare(a, b, "grads")
+    _close_or_rare(ref_r, got_r, "rates")
+
+
+def test_model_ops_never_read_device_values(monkeypatch):
+    logging.getLogger("bio_transformations").setLevel(logging.WARNING)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a model-level op read a tensor value on the host")
+
+    for backend in ("torch", "triton"):
+        set_backend(backend)
+        try:
+            model = _model()
+            x = torch.randn(4, 3, 6, 6, device=DEVICE)
+            model(x).sum().backward()
+            model.bio_step()  # warm-up: one-time host checks (e.g. philox's) happen here
+            with monkeypatch.context() as m:
+                for name in ("item", "tolist", "cpu"):
+                    m.setattr(torch.Tensor, name, refuse)
+                model.volume_dependent_lr()
+                model.fuzzy_learning_rates()
+                model.crystallize()
+                model.bio_step()
+                model.update_fuzzy_learning_rates()
+                model.rejuvenate_weights()
+                model.rejuvenate_weights_old()
+                model.enforce_dales_principle()
+        finally:
+            set_backend("auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled mode without a GPU: the kernels must also pass Triton's compiler, not just its
+# interpreter (the interpreter accepts Python the compiler rejects)
+# ---------------------------------------------------------------------------------------------
+
+_AOT = r"""
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bio_transformations.kernels import triton_backend as trb
+
+assert not trb.INTERPRETED
+F = "fp32"
+jobs = [  # (kernel, operand pointer types, scalar types, constexprs)
+    (trb._fuzzy_kernel, ["*fp32", "*fp32"], {}, {"NDIM": 0}),
+    (trb._step_kernel, ["*bf16"] * 3, dict.fromkeys(
+        ["base_lr", "neg_stability", "variability", "thresh", "damp"], F),
+     {"NDIM": 4, "VOLUME": True, "FUZZY": True, "CRYSTALLIZE": True}),
+    (trb._rejuvenate_kernel, ["*fp16"], {"neg_dre": F}, {"NDIM": 0}),
+    (trb._activity_kernel, ["*fp32", "*i64"], dict.fromkeys(["nu", "lo", "hi"], F), {"NDIM": 2}),
+]
+fixed = {"tab": "*i64", "blocks": "*i32", "keys": "*i64", "stats": "*fp32", "counts": "*i64"}
+out = {}
+for fn, ptrs, scalars, consts in jobs:
+    consts = {"W": 10 + 3 * consts["NDIM"], "BLOCK": 1024, "ALIGNED": True, **consts}
+    ptrs = iter(ptrs)
+    sig = {n: "constexpr" if n in consts else fixed.get(n) or scalars.get(n) or next(ptrs)
+           for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "enable_fp_fusion": False})
+    ptx = kernel.asm["ptx"]
+    out[fn.__name__] = ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for real on this machine")
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    """A sample of kernel variants through Triton's compiler for sm_90 (PTX and cubin), in a
+    subprocess (this one interprets); aligned full blocks must get 128-bit loads."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("this triton install has no ptxas")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vector_loads = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert vector_loads["_fuzzy_kernel"] > 0, vector_loads
+    assert vector_loads["_step_kernel"] > 0, vector_loads
