@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.8.0
 
-.PHONY: install run test lint docs bench clean
+.PHONY: install run test lint docs bench soak clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: lint
 docs: $(STAMP)
 	$(VENV)/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html
 	$(VENV)/bin/sphinx-build -q -W --keep-going -b doctest docs docs/_build/doctest
+
+# Long-run reliability check (not part of make test): 10,000 steps, checked every 1,000.
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) docs/_build .pytest_cache .benchmarks
