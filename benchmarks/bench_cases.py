@@ -7,7 +7,8 @@ data and time it the same way.
 
 Timing protocol, identical for every contender: before each round the tensors the op writes are
 restored from pristine copies (not timed), then one call is timed with ``time.perf_counter``
-(CUDA is synchronised inside the timed region). Without the restore, repeated calls would drive
+(CUDA is synchronised inside the timed region). The contenders of one group are timed in
+interleaved blocks of rounds (see :class:`Plan`). Without the restore, repeated calls would drive
 gradients and rates into subnormal numbers (volume scaling multiplies by ~0.1 per call,
 crystallization by 0.6) and time something no training loop does.
 """
@@ -316,20 +317,26 @@ MODEL_FORMULAS: Dict[str, Callable] = {"step": bio_step_formula, "rejuvenate": r
 
 @dataclass(frozen=True)
 class Plan:
-    """How long to time one case: rounds fill ``budget_s`` seconds, within the given bounds."""
+    """How long to time one contender: rounds fill ``budget_s`` seconds within the bounds, run
+    in ``blocks`` blocks interleaved with the other contenders of the group (round-robin), so a
+    burst of load from other processes hits every contender alike."""
 
     budget_s: float = 1.0
     min_rounds: int = 7
     max_rounds: int = 200
     warmup: int = 2
+    blocks: int = 7
 
     def rounds(self, seconds_per_call: float) -> int:
         wanted = math.ceil(self.budget_s / max(seconds_per_call, 1e-7))
         return max(self.min_rounds, min(self.max_rounds, wanted))
 
+    def per_block(self, rounds: int) -> int:
+        return max(1, math.ceil(rounds / self.blocks))
+
 
 FULL_PLAN = Plan()
-QUICK_PLAN = Plan(budget_s=0.2, min_rounds=5, max_rounds=60, warmup=1)
+QUICK_PLAN = Plan(budget_s=0.2, min_rounds=5, max_rounds=60, warmup=1, blocks=5)
 
 
 def synchronizer(device: str) -> Callable[[], None]:

@@ -5,12 +5,15 @@ Its import name, ``bio_transformations``, is this project's too, so it runs in i
     PYTHONPATH=benchmarks/.upstream python benchmarks/upstream_runner.py --op crystallize --size 4M
     PYTHONPATH=benchmarks/.upstream python benchmarks/upstream_runner.py --serve
 
-The first form times one case and prints one JSON object. ``--serve`` (what the pytest side
-uses) reads one JSON request per line on stdin and answers each with one JSON line, so each
-upstream case is timed right next to the contenders of its group, in the same minute of the
-same run. Requests: ``{"kind": "op", "op": ..., "size": ..., "device": "cpu"|"gpu",
-"threads": 2, "plan": {...}}`` or ``{"kind": "model", "model": ..., "op": ...}``. Answers:
-``{"ok": true, "samples": [seconds, ...], ...}`` or ``{"ok": false, "error": traceback}``.
+The first form times one case and prints one JSON object with its samples (seconds per call).
+``--serve`` (what the pytest side uses) reads one JSON request per line on stdin and answers
+each with one JSON line: ``{"cmd": "prepare", "kind": "op", "op": ..., "size": ..., "device":
+"cpu"|"gpu", "threads": 2, "plan": {...}}`` (or ``"kind": "model", "model": ...``) builds and
+warms up a case and answers the rounds its plan asks for; ``{"cmd": "time", "n": k}`` times k
+rounds and answers ``{"samples": [...]}``; ``{"cmd": "release"}`` drops the case. Every answer
+has ``"ok"``; a failure answers ``{"ok": false, "error": traceback}``. The pytest side sends
+``time`` requests in blocks, interleaved with the other contenders of the group, so upstream is
+timed in the same seconds as the contenders it is compared with.
 
 Data, config and the timing protocol come from ``bench_cases`` (torch only), the same module
 the pytest side uses. The published package is called through its documented API only:
@@ -27,9 +30,8 @@ import sys
 import traceback
 from typing import Callable, Dict, Tuple
 
-import torch
-
 import bench_cases as bc
+import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -132,37 +134,73 @@ def model_case(model_name: str, op: str, device: str) -> Tuple[Callable, Callabl
     return calls[op], restore
 
 
-def handle(request: dict) -> dict:
-    torch.set_num_threads(int(request.get("threads", 2)))
-    plan = bc.Plan(**request.get("plan", {}))
-    device = request.get("device", "cpu")
-    with torch.no_grad():
-        if request["kind"] == "op":
-            call, restore = op_case(request["op"], request["size"], device)
-        else:
-            call, restore = model_case(request["model"], request["op"], device)
-        sync = bc.synchronizer(device)
-        rounds = bc.probe(call, restore, sync, plan)
-        samples = bc.time_rounds(call, restore, sync, rounds)
-    bt, _, _ = _import_upstream()
-    return {
-        "ok": True,
-        "samples": samples,
-        "rounds": rounds,
-        "upstream_version": upstream_version(),
-        "upstream_file": os.path.relpath(bt.__file__, _HERE),
-        "threads": torch.get_num_threads(),
-    }
+class Session:
+    """The prepared case of the serving process (one at a time)."""
+
+    def __init__(self) -> None:
+        self.call = self.restore = self.sync = None
+
+    def prepare(self, request: dict) -> dict:
+        """Build the case, warm it up, and return the rounds its plan asks for."""
+        self.release()
+        torch.set_num_threads(int(request.get("threads", 2)))
+        plan = bc.Plan(**request.get("plan", {}))
+        device = request.get("device", "cpu")
+        with torch.no_grad():
+            if request["kind"] == "op":
+                self.call, self.restore = op_case(request["op"], request["size"], device)
+            else:
+                self.call, self.restore = model_case(request["model"], request["op"], device)
+            self.sync = bc.synchronizer(device)
+            rounds = bc.probe(self.call, self.restore, self.sync, plan)
+        bt, _, _ = _import_upstream()
+        return {
+            "rounds": rounds,
+            "upstream_version": upstream_version(),
+            "upstream_file": os.path.relpath(bt.__file__, _HERE),
+            "threads": torch.get_num_threads(),
+        }
+
+    def time(self, n: int) -> dict:
+        if self.call is None:
+            raise RuntimeError("no prepared case: send a prepare request first")
+        with torch.no_grad():
+            return {"samples": bc.time_rounds(self.call, self.restore, self.sync, int(n))}
+
+    def release(self) -> dict:
+        self.call = self.restore = self.sync = None
+        return {}
+
+
+def handle_once(request: dict) -> dict:
+    """Prepare one case and time all its planned rounds (the command-line mode)."""
+    session = Session()
+    answer = session.prepare(request)
+    answer.update(session.time(answer["rounds"]))
+    return answer
 
 
 def serve() -> None:
+    """Answer requests on stdin: ``{"cmd": "prepare", ...case}``, ``{"cmd": "time", "n": k}``,
+    ``{"cmd": "release"}``; each answer is one JSON line with ``"ok"``."""
     out = sys.stdout
     sys.stdout = sys.stderr  # anything upstream prints must not corrupt the protocol
+    session = Session()
     for line in sys.stdin:
         if not line.strip():
             continue
         try:
-            answer = handle(json.loads(line))
+            request = json.loads(line)
+            cmd = request.get("cmd")
+            if cmd == "prepare":
+                answer = session.prepare(request)
+            elif cmd == "time":
+                answer = session.time(request["n"])
+            elif cmd == "release":
+                answer = session.release()
+            else:
+                raise ValueError(f"unknown cmd {cmd!r}; valid: prepare, time, release")
+            answer["ok"] = True
         except Exception:
             answer = {"ok": False, "error": traceback.format_exc()}
         out.write(json.dumps(answer) + "\n")
@@ -192,7 +230,7 @@ def main(argv=None) -> None:
         "threads": args.threads,
         "plan": plan.__dict__,
     }
-    print(json.dumps(handle(request)))
+    print(json.dumps(handle_once(request)))
 
 
 if __name__ == "__main__":

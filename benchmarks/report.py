@@ -1,0 +1,359 @@
+"""Regenerate the results table and plots from a pytest-benchmark JSON of the suite.
+
+    python benchmarks/report.py RESULTS.json OUTDIR
+
+Writes ``OUTDIR/results.md`` (date, machine, the speed targets, one row per op, size and
+contender: median, IQR, min, ratio to upstream, fraction of copy bandwidth) and PNG plots
+``OUTDIR/<device>_<op>.png`` (time against size, log-log, one line per contender) and
+``OUTDIR/<device>_models.png`` (model-level steps, one bar per contender), and prints the table.
+Needs only the standard library and matplotlib (Agg backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+OP_ORDER = [
+    "fuzzy",
+    "crystallize",
+    "volume",
+    "rejuvenate",
+    "temporal",
+    "weight_adaptive",
+    "dale",
+    "bio_step",
+]
+MODEL_ORDER = ["mlp64", "resnet"]
+CONTENDER_ORDER = [
+    "upstream",
+    "ours_torch",
+    "ours_torch_fused",
+    "ours_triton",
+    "ours_triton_fused",
+    "compile",
+    "copy",
+]
+CONTENDER_LABELS = {
+    "upstream": "upstream 0.0.5",
+    "ours_torch": "ours (torch)",
+    "ours_torch_fused": "ours (torch, fused bio_step)",
+    "ours_triton": "ours (triton)",
+    "ours_triton_fused": "ours (triton, fused bio_step)",
+    "compile": "torch.compile",
+    "copy": "copy_ (limit)",
+}
+CONTENDER_STYLE = {
+    "upstream": ("tab:red", "o", "-"),
+    "ours_torch": ("tab:blue", "s", "-"),
+    "ours_torch_fused": ("tab:cyan", "s", "--"),
+    "ours_triton": ("tab:green", "^", "-"),
+    "ours_triton_fused": ("tab:olive", "^", "--"),
+    "compile": ("tab:purple", "D", "-"),
+    "copy": ("black", "", ":"),
+}
+#: (kind, op, size, required upstream/ours ratio, which of ours): the CPU speed targets.
+TARGETS: List[Tuple[str, str, str, float, Tuple[str, ...]]] = [
+    ("op", "fuzzy", "4M", 0.9, ("ours_torch",)),
+    ("op", "crystallize", "4M", 5.0, ("ours_torch",)),
+    ("op", "rejuvenate", "4M", 2.5, ("ours_torch",)),
+    ("op", "volume", "4M", 1.5, ("ours_torch",)),
+    ("model", "step", "mlp64", 3.0, ("ours_torch", "ours_torch_fused")),
+]
+
+
+def fmt_time(s: Optional[float]) -> str:
+    if s is None or not math.isfinite(s):
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def fmt_ratio(r: Optional[float], digits: int = 2) -> str:
+    return "-" if r is None else f"{r:.{digits}f}x"
+
+
+class Row:
+    def __init__(self, bench: dict):
+        info = bench["extra_info"]
+        stats = bench["stats"]
+        self.kind: str = info["kind"]
+        self.op: str = info["op"]
+        self.title: str = info.get("title", self.op)
+        self.size: str = info["size"]
+        self.numel: int = int(info["numel"])
+        self.device: str = info["device"]
+        self.contender: str = info["contender"]
+        self.bytes_moved: int = int(info.get("bytes_moved", 0))
+        self.median: float = stats["median"]
+        self.iqr: float = stats["iqr"]
+        self.min: float = stats["min"]
+        self.rounds: int = stats["rounds"]
+        prefix = "model " if self.kind == "model" else ""
+        self.group: str = f"{prefix}{self.op} {self.size} {self.device}"  # as Case.group
+
+    def sort_key(self):
+        ops = OP_ORDER if self.kind == "op" else ["step", "rejuvenate"]
+        return (
+            self.device,
+            self.kind != "op",
+            ops.index(self.op) if self.op in ops else 99,
+            self.numel if self.kind == "op" else MODEL_ORDER.index(self.size),
+            CONTENDER_ORDER.index(self.contender) if self.contender in CONTENDER_ORDER else 99,
+        )
+
+
+def load(path: str) -> Tuple[dict, List[Row]]:
+    with open(path) as f:
+        data = json.load(f)
+    rows = [Row(b) for b in data.get("benchmarks", []) if "contender" in b.get("extra_info", {})]
+    rows.sort(key=Row.sort_key)
+    return data, rows
+
+
+def by_group(rows: List[Row]) -> Dict[str, Dict[str, Row]]:
+    groups: Dict[str, Dict[str, Row]] = defaultdict(dict)
+    for r in rows:
+        groups[r.group][r.contender] = r
+    return groups
+
+
+def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def machine_lines(data: dict) -> List[str]:
+    bio = data.get("bio", {})
+    date = bio.get("started") or data.get("datetime", "?")
+    load_start, load_end = bio.get("loadavg_start"), bio.get("loadavg_end")
+    load = ""
+    if load_start and load_end:
+        load = f"; 1-minute load average {load_start[0]:.1f} at the start"
+        load += f", {load_end[0]:.1f} at the end"
+    lines = [
+        f"- Date: {date} (UTC), finished {bio.get('finished', '?')}",
+        f"- Machine: {bio.get('cpu_model', '?')}, {bio.get('cpu_count', '?')} CPUs{load}",
+        f"- torch {bio.get('torch', '?')} with {bio.get('torch_threads', '?')} CPU threads "
+        f"(OMP_WAIT_POLICY={bio.get('omp_wait_policy')}), Python {bio.get('python', '?')}, "
+        f"triton {bio.get('triton')}",
+        f"- bio-transformations {bio.get('bio_transformations', '?')} against "
+        f"`{bio.get('upstream', 'pytorch-bio-transformations==0.0.5')}`",
+        f"- Mode: {'quick' if bio.get('quick') else 'full'}"
+        + (f"; command: `{bio['command']}`" if bio.get("command") else ""),
+    ]
+    if bio.get("gpu"):
+        lines.insert(2, f"- GPU: {bio['gpu']} (Triton backend: {bio.get('triton_backend')})")
+    return lines
+
+
+def target_table(rows: List[Row]) -> List[str]:
+    groups = by_group(rows)
+    out = [
+        "| target | required | ours | upstream median | ours median | ratio (medians) "
+        "| ratio (minima) | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    found = False
+    for kind, op, size, required, ours in TARGETS:
+        group = f"model {op} {size} cpu" if kind == "model" else f"{op} {size} cpu"
+        found_group = groups.get(group, {})
+        up = found_group.get("upstream")
+        for name in ours:
+            mine = found_group.get(name)
+            if up is None or mine is None:
+                continue
+            found = True
+            r_med = ratio(up.median, mine.median)
+            r_min = ratio(up.min, mine.min)
+            met = "yes" if r_med is not None and r_med >= required else "**no**"
+            label = f"{mine.title} at {size}" if kind == "op" else f"{mine.title}, {size}"
+            out.append(
+                f"| {label} | >= {required:g}x | {CONTENDER_LABELS.get(name, name)} "
+                f"| {fmt_time(up.median)} | {fmt_time(mine.median)} | {fmt_ratio(r_med)} "
+                f"| {fmt_ratio(r_min)} | {met} |"
+            )
+    return out if found else []
+
+
+def results_table(rows: List[Row]) -> List[str]:
+    groups = by_group(rows)
+    out = [
+        "| op | size | contender | median | IQR | min | rounds | vs upstream | of copy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        group = groups[r.group]
+        up = group.get("upstream")
+        copy = group.get("copy")
+        vs_up = ratio(up.median, r.median) if up is not None else None
+        of_copy = ratio(copy.median, r.median) if copy is not None else None
+        op = r.op if r.kind == "op" else f"model {r.op}"
+        size = r.size if r.kind == "op" else f"{r.size} ({r.numel / 1e6:.2f}M)"
+        out.append(
+            f"| {op} | {size} | {CONTENDER_LABELS.get(r.contender, r.contender)} "
+            f"| {fmt_time(r.median)} | {fmt_time(r.iqr)} | {fmt_time(r.min)} | {r.rounds} "
+            f"| {fmt_ratio(vs_up)} | {fmt_ratio(of_copy)} |"
+        )
+    return out
+
+
+def markdown(data: dict, rows: List[Row]) -> str:
+    devices = sorted({r.device for r in rows})
+    lines = [f"# Benchmark results ({', '.join(devices) or 'none'})", ""]
+    lines += machine_lines(data)
+    lines += [
+        "",
+        "Each round restores the tensors the op writes (untimed) and times one call; CUDA is "
+        "synchronised inside the timed region. The contenders of a group are timed together in "
+        "interleaved blocks of rounds (round-robin, the order rotating per block), so load from "
+        "other processes falls on all of them alike. The upstream package runs in its own "
+        "process (its import name is ours) on the same data with the same protocol. On a shared "
+        "machine compare the ratios within one run, not absolute times across runs.",
+        "",
+        "- **vs upstream**: upstream median / this median (above 1: faster than "
+        "`pytorch-bio-transformations==0.0.5`).",
+        "- **of copy**: copy median / this median, the fraction of `Tensor.copy_` bandwidth "
+        "reached on the bytes the op must move (each input read once, each output written once, "
+        "plus one read of w where a per-layer statistic of it is needed). `copy_` into another "
+        "buffer also reads the destination's cache lines (write-allocate), so an in-place op "
+        "can exceed 1.",
+        "- **torch.compile**: the same formulas as plain torch on one tensor, "
+        "`torch.compile(dynamic=True)`; model-level: that function once per layer.",
+        "",
+    ]
+    targets = target_table(rows)
+    if targets:
+        lines += [
+            "## Speed targets (CPU: ops at 4M weights, model step on the 64-layer MLP; "
+            "upstream / ours in this run)",
+            "",
+        ]
+        lines += targets + [""]
+    lines += ["## All results", ""]
+    lines += results_table(rows)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: List[Row], outdir: str) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for device in sorted({r.device for r in rows}):
+        op_rows = [r for r in rows if r.device == device and r.kind == "op"]
+        for op in [o for o in OP_ORDER if any(r.op == o for r in op_rows)]:
+            fig, ax = plt.subplots(figsize=(6.4, 4.4))
+            title = next(r.title for r in op_rows if r.op == op)
+            lines_by: Dict[str, List[Row]] = defaultdict(list)
+            for r in op_rows:
+                if r.op == op:
+                    lines_by[r.contender].append(r)
+            for contender in sorted(lines_by, key=_contender_index):
+                pts = sorted(lines_by[contender], key=lambda r: r.numel)
+                color, marker, style = CONTENDER_STYLE.get(contender, ("gray", "x", "-"))
+                ax.plot(
+                    [r.numel for r in pts],
+                    [r.median for r in pts],
+                    marker=marker,
+                    linestyle=style,
+                    color=color,
+                    label=CONTENDER_LABELS.get(contender, contender),
+                )
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("weights")
+            ax.set_ylabel("median time per call (s)")
+            ax.set_title(f"{title} ({device})")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize="small")
+            fig.tight_layout()
+            path = os.path.join(outdir, f"{device}_{op}.png")
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
+        model_rows = [r for r in rows if r.device == device and r.kind == "model"]
+        if model_rows:
+            groups = sorted({(r.size, r.op) for r in model_rows}, key=_model_group_index)
+            present = sorted({r.contender for r in model_rows}, key=_contender_index)
+            fig, ax = plt.subplots(figsize=(8.0, 5.2))
+            width = 0.8 / max(1, len(present))
+            for i, contender in enumerate(present):
+                xs, ys = [], []
+                for j, (model, op) in enumerate(groups):
+                    match = [
+                        r
+                        for r in model_rows
+                        if (r.size, r.op, r.contender) == (model, op, contender)
+                    ]
+                    if match:
+                        xs.append(j + (i - (len(present) - 1) / 2) * width)
+                        ys.append(match[0].median)
+                color = CONTENDER_STYLE.get(contender, ("gray",))[0]
+                label = CONTENDER_LABELS.get(contender, contender)
+                ax.bar(xs, ys, width=width, color=color, label=label)
+            ax.set_xticks(range(len(groups)))
+            ax.set_xticklabels([f"{model}\n{op}" for model, op in groups])
+            ax.set_yscale("log")
+            ax.set_ylabel("median time per call (s)")
+            ax.set_title(f"model-level steps ({device})")
+            ax.grid(True, axis="y", which="both", alpha=0.3)
+            ax.legend(fontsize="small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+            fig.tight_layout()
+            path = os.path.join(outdir, f"{device}_models.png")
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def _contender_index(name: str) -> int:
+    return CONTENDER_ORDER.index(name) if name in CONTENDER_ORDER else 99
+
+
+def _model_group_index(group: Tuple[str, str]) -> Tuple[int, int]:
+    model, op = group
+    return (
+        MODEL_ORDER.index(model) if model in MODEL_ORDER else 99,
+        ["step", "rejuvenate"].index(op) if op in ("step", "rejuvenate") else 99,
+    )
+
+
+def write_report(results_json: str, outdir: str, plots: bool = True) -> str:
+    """Write ``results.md`` (and the plots) into ``outdir``; return the markdown."""
+    data, rows = load(results_json)
+    os.makedirs(outdir, exist_ok=True)
+    text = markdown(data, rows)
+    with open(os.path.join(outdir, "results.md"), "w") as f:
+        f.write(text)
+    if plots and rows:
+        plot(rows, outdir)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results_json", help="a --benchmark-json file of this suite")
+    parser.add_argument("outdir", help="where results.md and the PNG plots go")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    args = parser.parse_args(argv)
+    text = write_report(args.results_json, args.outdir, plots=not args.no_plots)
+    if not args.quiet:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
