@@ -31,6 +31,11 @@ docs: $(STAMP)
 	$(VENV)/bin/sphinx-build -q -W --keep-going -b html docs docs/_build/html
 	$(VENV)/bin/sphinx-build -q -W --keep-going -b doctest docs docs/_build/doctest
 
+# Benchmarks against the published package (installed into benchmarks/.upstream on first use).
+# QUICK=1: short rounds into build/bench-quick (keeps the recorded results untouched).
+bench: $(STAMP)
+	$(PY) benchmarks/run.py $(if $(QUICK),--quick --out build/bench-quick,) $(ARGS)
+
 # Long-run reliability check (not part of make test): 10,000 steps, checked every 1,000.
 soak: $(STAMP)
 	$(PY) benchmarks/soak.py $(ARGS)
