@@ -5,6 +5,9 @@ Each op dispatches at run time to the backend chosen for its tensors' device
 the model-level methods compiles with ``fullgraph=True``. The stochastic ops take each layer's
 step counter (a CPU int64 scalar tensor, advanced here) and seed instead of a ready key: the
 key is derived inside the op, so compiled code neither bakes it in nor recompiles per step.
+
+Outside ``torch.compile`` the same implementation is called directly: the custom-op dispatch
+costs more than a memory-bound op like ``g *= p`` on a large CPU tensor.
 """
 
 from __future__ import annotations
@@ -44,20 +47,23 @@ def draw_keys(steps: List[Tensor], seeds: List[int], op_id: int) -> List[int]:
     return keys
 
 
-@torch.library.custom_op(f"{_NS}::fuzzy_scale_", mutates_args=("grads",))
-def fuzzy_scale_(grads: List[Tensor], rates: List[Tensor]) -> None:
+def _fuzzy_scale_impl(grads: List[Tensor], rates: List[Tensor]) -> None:
     """``g *= p``."""
     if grads:
         _backend(grads[0]).fuzzy_scale_(grads, rates)
 
 
-@fuzzy_scale_.register_fake
+_fuzzy_scale_op = torch.library.custom_op(
+    f"{_NS}::fuzzy_scale_", _fuzzy_scale_impl, mutates_args=("grads",)
+)
+
+
+@_fuzzy_scale_op.register_fake
 def _(grads, rates):
     return None
 
 
-@torch.library.custom_op(f"{_NS}::crystallize_", mutates_args=("rates",))
-def crystallize_(
+def _crystallize_impl(
     weights: List[Tensor],
     grads: List[Tensor],
     rates: List[Tensor],
@@ -69,13 +75,17 @@ def crystallize_(
         _backend(weights[0]).crystallize_(weights, grads, rates, crystal_thresh, dampening)
 
 
-@crystallize_.register_fake
+_crystallize_op = torch.library.custom_op(
+    f"{_NS}::crystallize_", _crystallize_impl, mutates_args=("rates",)
+)
+
+
+@_crystallize_op.register_fake
 def _(weights, grads, rates, crystal_thresh, dampening):
     return None
 
 
-@torch.library.custom_op(f"{_NS}::volume_scale_", mutates_args=("grads", "steps"))
-def volume_scale_(
+def _volume_scale_impl(
     weights: List[Tensor],
     grads: List[Tensor],
     steps: List[Tensor],
@@ -93,13 +103,17 @@ def volume_scale_(
         )
 
 
-@volume_scale_.register_fake
+_volume_scale_op = torch.library.custom_op(
+    f"{_NS}::volume_scale_", _volume_scale_impl, mutates_args=("grads", "steps")
+)
+
+
+@_volume_scale_op.register_fake
 def _(weights, grads, steps, seeds, op_id, base_lr, stability_factor, lr_variability):
     return None
 
 
-@torch.library.custom_op(f"{_NS}::bio_step_", mutates_args=("grads", "rates", "steps"))
-def bio_step_(
+def _bio_step_impl(
     weights: List[Tensor],
     grads: List[Tensor],
     rates: List[Tensor],
@@ -124,13 +138,17 @@ def bio_step_(
         )  # fmt: skip
 
 
-@bio_step_.register_fake
+_bio_step_op = torch.library.custom_op(
+    f"{_NS}::bio_step_", _bio_step_impl, mutates_args=("grads", "rates", "steps")
+)
+
+
+@_bio_step_op.register_fake
 def _(weights, grads, rates, steps, seeds, op_id, volume, fuzzy, crystallize, *scalars):
     return None
 
 
-@torch.library.custom_op(f"{_NS}::rejuvenate_", mutates_args=("weights", "steps"))
-def rejuvenate_(
+def _rejuvenate_impl(
     weights: List[Tensor], steps: List[Tensor], seeds: List[int], op_id: int, dre: float
 ) -> Tensor:
     """Rejuvenation; returns the replaced count per layer (int64, on the device)."""
@@ -140,14 +158,18 @@ def rejuvenate_(
     return _backend(weights[0]).rejuvenate_(weights, keys, dre).clone()
 
 
-@rejuvenate_.register_fake
+_rejuvenate_op = torch.library.custom_op(
+    f"{_NS}::rejuvenate_", _rejuvenate_impl, mutates_args=("weights", "steps")
+)
+
+
+@_rejuvenate_op.register_fake
 def _(weights, steps, seeds, op_id, dre):
     device = weights[0].device if weights else torch.device("cpu")
     return torch.empty(len(weights), dtype=torch.int64, device=device)
 
 
-@torch.library.custom_op(f"{_NS}::rejuvenate_legacy_", mutates_args=("weights", "steps"))
-def rejuvenate_legacy_(
+def _rejuvenate_legacy_impl(
     weights: List[Tensor], steps: List[Tensor], seeds: List[int], op_id: int, dre: float
 ) -> Tensor:
     """The original published rejuvenation rule; returns the replaced count per layer."""
@@ -157,19 +179,50 @@ def rejuvenate_legacy_(
     return _backend(weights[0]).rejuvenate_legacy_(weights, keys, dre).clone()
 
 
-@rejuvenate_legacy_.register_fake
+_rejuvenate_legacy_op = torch.library.custom_op(
+    f"{_NS}::rejuvenate_legacy_", _rejuvenate_legacy_impl, mutates_args=("weights", "steps")
+)
+
+
+@_rejuvenate_legacy_op.register_fake
 def _(weights, steps, seeds, op_id, dre):
     device = weights[0].device if weights else torch.device("cpu")
     return torch.empty(len(weights), dtype=torch.int64, device=device)
 
 
-@torch.library.custom_op(f"{_NS}::dale_enforce_", mutates_args=("weights",))
-def dale_enforce_(weights: List[Tensor], signs: List[Tensor]) -> None:
+def _dale_enforce_impl(weights: List[Tensor], signs: List[Tensor]) -> None:
     """``w = relu(w * sign) * sign``."""
     if weights:
         _backend(weights[0]).dale_enforce_(weights, signs)
 
 
-@dale_enforce_.register_fake
+_dale_enforce_op = torch.library.custom_op(
+    f"{_NS}::dale_enforce_", _dale_enforce_impl, mutates_args=("weights",)
+)
+
+
+@_dale_enforce_op.register_fake
 def _(weights, signs):
     return None
+
+
+def _eager_or_traced(op, impl):
+    """The custom op when ``torch.compile`` traces, its plain implementation otherwise."""
+
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return op(*args, **kwargs)
+        return impl(*args, **kwargs)
+
+    call.__doc__ = impl.__doc__
+    call.__name__ = impl.__name__.replace("_impl", "").lstrip("_")
+    return call
+
+
+fuzzy_scale_ = _eager_or_traced(_fuzzy_scale_op, _fuzzy_scale_impl)
+crystallize_ = _eager_or_traced(_crystallize_op, _crystallize_impl)
+volume_scale_ = _eager_or_traced(_volume_scale_op, _volume_scale_impl)
+bio_step_ = _eager_or_traced(_bio_step_op, _bio_step_impl)
+rejuvenate_ = _eager_or_traced(_rejuvenate_op, _rejuvenate_impl)
+rejuvenate_legacy_ = _eager_or_traced(_rejuvenate_legacy_op, _rejuvenate_legacy_impl)
+dale_enforce_ = _eager_or_traced(_dale_enforce_op, _dale_enforce_impl)

@@ -93,8 +93,13 @@ def box_muller(u1: Tensor, u2: Tensor) -> Tensor:
 
 
 def abs_means(tensors: Tensors) -> list:
-    """``mean(|t|)`` of each tensor as a 0-d tensor on its device, in the compute dtype."""
-    return [torch.mean(t.abs(), dtype=compute_dtype(t)) for t in tensors]
+    """``mean(|t|)`` of each tensor as a 0-d tensor on its device, in the compute dtype.
+
+    One pass, no temporary: the L1 norm divided by the element count.
+    """
+    return [
+        torch.linalg.vector_norm(t, 1, dtype=compute_dtype(t)) / max(t.numel(), 1) for t in tensors
+    ]
 
 
 def clean_weights_(weights: Tensors) -> None:
@@ -111,15 +116,24 @@ def rejuvenation_stats(w: Tensor) -> tuple:
     "log_std / 2"). Zero or undefined statistics are clamped so nothing becomes NaN.
     """
     wf = _upcast(w).reshape(-1)
+    n = wf.numel()
     tiny = 1e-12
-    correction = 1 if wf.numel() > 1 else 0  # one weight: std 0, not NaN
-    std = torch.nan_to_num(torch.std(wf, correction=correction), nan=0.0).clamp_min(tiny)
-    aw = wf.abs()
-    m = aw.mean().clamp_min(tiny)
-    s = torch.nan_to_num(torch.std(aw, correction=correction), nan=0.0)
+    # Three fast one-pass sums (sum w, sum w^2, sum |w|) instead of two-pass variances; the
+    # cancellation in E[x^2] - E[x]^2 is done in float64 on the 0-d results.
+    s1 = torch.sum(wf).double()
+    s2 = torch.dot(wf, wf).double()
+    a1 = torch.linalg.vector_norm(wf, 1).double()
+    dof = max(n - 1, 1)  # unbiased, as torch.std; one weight: std 0, not NaN
+    std = ((s2 - s1 * s1 / n) / dof).clamp_min(0.0).sqrt()
+    m = a1 / n
+    s = ((s2 - a1 * a1 / n) / dof).clamp_min(0.0).sqrt()
+    std = torch.nan_to_num(std, nan=0.0).clamp_min(tiny)
+    m = torch.nan_to_num(m, nan=0.0).clamp_min(tiny)
+    s = torch.nan_to_num(s, nan=0.0)
     sigma2 = torch.log1p((s / m) ** 2)
     mu = torch.log(m) - 0.5 * sigma2
-    return std, mu, 0.5 * torch.sqrt(sigma2)
+    out = wf.dtype
+    return std.to(out), mu.to(out), (0.5 * torch.sqrt(sigma2)).to(out)
 
 
 def _rows_view(sign: Tensor, like: Tensor) -> Tensor:
@@ -144,12 +158,30 @@ def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
         torch._foreach_mul_(grads, rates)
 
 
+# CPU: elementwise chains run over chunks of this many elements, so their temporaries are
+# reused from the allocator and stay in cache instead of page-faulting in fresh each call.
+CPU_CHUNK = 1 << 19
+
+
+def _chunks(*tensors: Tensor):
+    """Matching flat chunks of same-shaped tensors: CPU and contiguous, else one whole piece."""
+    if tensors[0].device.type != "cpu" or not all(t.is_contiguous() for t in tensors):
+        yield tensors
+        return
+    flat = [t.view(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), CPU_CHUNK):
+        yield tuple(f[start : start + CPU_CHUNK] for f in flat)
+
+
 def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
-    aw, ag = _upcast(w).abs(), _upcast(g).abs()
     mean_aw = abs_means([w])[0]  # the shared helper: the Triton backend reads the same number
-    # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
-    mask = (ag < thresh * aw) | (ag > mean_aw)
-    p.copy_(torch.where(mask, _upcast(p) * damp, _upcast(p)))
+    for wc, gc, pc in _chunks(w, g, p):
+        ag = _upcast(gc).abs()
+        # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
+        mask = torch.lt(ag, _upcast(wc).abs().mul_(thresh))
+        mask.logical_or_(ag > mean_aw)
+        # p * where(mask, d, 1) equals where(mask, p*d, p), with one temporary fewer.
+        pc.mul_(torch.where(mask, damp, 1.0))
 
 
 def crystallize_(
@@ -164,11 +196,18 @@ def crystallize_(
 def _volume_one(
     w: Tensor, g: Tensor, key: int, base_lr: float, stability: float, variability: float
 ) -> None:
-    aw = _upcast(w).abs()
-    m = base_lr * torch.exp(-stability * (aw / (aw + 1.0)))
-    z = normal(key, w.numel(), w.device).view(w.shape).to(aw.dtype)
-    # |N(m, variability*m)| = m * |1 + variability*z| because m > 0.
-    g.copy_(_upcast(g) * (m * torch.abs(1.0 + variability * z)))
+    # One draw for the whole tensor, so the stream does not depend on the chunking.
+    z = normal(key, w.numel(), w.device).view(w.shape)
+    for wc, gc, zc in _chunks(w, g, z):
+        # m = base_lr * exp(-stability * |w|/(|w|+1)), built in place in one temporary.
+        m = _upcast(wc).abs()
+        m.div_(m + 1.0).mul_(-stability).exp_().mul_(base_lr)
+        # |N(m, variability*m)| = m * |1 + variability*z| because m > 0.
+        factor = zc.to(m.dtype).mul_(variability).add_(1.0).abs_().mul_(m)
+        if gc.dtype in _LOW_PRECISION:
+            gc.copy_(gc.float() * factor)
+        else:
+            gc.mul_(factor)
 
 
 def volume_scale_(
@@ -219,7 +258,7 @@ def _rejuvenate_dense(w: Tensor, key: int, dre: float) -> Tensor:
     std, mu, sigma = rejuvenation_stats(w)
     wf = _upcast(w)
     u_replace, u_sign, u1, u2 = (u.view(w.shape) for u in uniform4(key, w.numel(), w.device))
-    replace = u_replace < torch.exp(-dre * wf.abs() / std)
+    replace = torch.lt(u_replace, wf.abs().mul_(-dre).div_(std).exp_())
     magnitude = torch.exp(mu + sigma * box_muller(u1, u2))
     new = torch.where(u_sign < 0.5, magnitude, -magnitude).clamp(-1.0, 1.0)
     w.copy_(torch.where(replace, new.to(wf.dtype), wf))
@@ -233,7 +272,8 @@ def _rejuvenate_sparse(w: Tensor, key: int, dre: float) -> Tensor:
     flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)
     wf = _upcast(flat)
     u = torch.rand(flat.numel(), generator=gen, device=w.device)
-    idx = torch.nonzero(u < torch.exp(-dre * wf.abs() / std)).squeeze(1)  # CPU: no device sync
+    prob = wf.abs().mul_(-dre).div_(std).exp_()  # exp(-dre*|w|/std), in one temporary
+    idx = torch.nonzero(torch.lt(u, prob)).squeeze(1)  # CPU: reading the count is no sync
     k = idx.numel()
     magnitude = torch.exp(mu + sigma * torch.randn(k, generator=gen, device=w.device))
     sign = torch.where(torch.rand(k, generator=gen, device=w.device) < 0.5, 1.0, -1.0)
