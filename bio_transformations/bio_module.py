@@ -157,7 +157,7 @@ class BioModule(nn.Module):
         self._rng_step = torch.zeros((), dtype=torch.int64)
         self._update_count = 0
         self._rates_filled = False
-        self._activity_calls = 0
+        self._activity_calls_t = torch.zeros((), dtype=torch.int64)  # CPU, like _rng_step
         rates = torch.ones_like(weight, requires_grad=False)
         self.register_buffer("fuzzy_learning_rate_parameters", rates)
         if self.config.fuzzy_lr_distribution is Distribution.ACTIVITY:
@@ -395,26 +395,25 @@ class BioModule(nn.Module):
 
     @torch.no_grad()
     def _activity_step(self, output: torch.Tensor) -> None:
-        """Count active output units (``|y| > 0.01``) and redraw rows of the rates."""
-        counts = self.activation_count
+        """Count active output units (``|y| > 0.01``) and redraw rows of the rates.
+
+        One custom op (``ops.activity_step_``), so a compiled forward pass neither breaks its
+        graph nor recompiles as the host-side counters advance."""
         channel_dim = output.dim() - 1 if isinstance(self.get_parent(), nn.Linear) else 1
-        if output.dim() == 1:  # an unbatched Linear input
-            channel_dim = 0
-        dims = [d for d in range(output.dim()) if d != channel_dim]
-        active = (output.abs() > 0.01).sum(dim=dims) if dims else (output.abs() > 0.01).long()
-        counts.add_(active.to(counts.dtype))
-        # Redraw on the first call, then with probability 0.1 per call (as upstream), decided
-        # from this layer's own stream on the host: no device sync, no global RNG.
-        key = self.next_key("activity")
-        redraw = self._activity_calls == 0 or _host_uniform(key) < 0.1
-        self._activity_calls += 1
-        if redraw:
-            c = self.config
-            p = self.fuzzy_learning_rate_parameters
-            self._ops(p).activity_update_(
-                [p], [counts], [key],
-                c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min, c.fuzzy_lr_max,
-            )  # fmt: skip
+        c = self.config
+        ops.activity_step_(
+            output, self.activation_count, self.fuzzy_learning_rate_parameters,
+            self._rng_step, self._activity_calls_t, self.layer_seed, OP_IDS["activity"],
+            max(channel_dim, 0), c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min, c.fuzzy_lr_max,
+        )  # fmt: skip
+
+    @property
+    def _activity_calls(self) -> int:
+        return int(self._activity_calls_t)
+
+    @_activity_calls.setter
+    def _activity_calls(self, value: int) -> None:
+        self._activity_calls_t.fill_(int(value))
 
     def l1_reg(self) -> torch.Tensor:
         """L1 norm of the module's own tensors that upstream keeps as parameters (the rates, and
@@ -497,11 +496,6 @@ def _upstream_sign(theirs: torch.Tensor, own: torch.Tensor, key: str) -> torch.T
             key,
         )
     return majority
-
-
-def _host_uniform(key: int) -> float:
-    """A uniform number in [0, 1) derived on the host from a stream key."""
-    return (philox.stream_key(key, 0, 0) >> 10) / float(1 << 53)
 
 
 def _log_replaced(counts: torch.Tensor, modules: list) -> None:

@@ -21,6 +21,7 @@ from . import kernels
 from .kernels import philox
 
 __all__ = [
+    "activity_step_",
     "bio_step_",
     "crystallize_",
     "dale_enforce_",
@@ -206,6 +207,49 @@ def _(weights, signs):
     return None
 
 
+def host_uniform(key: int) -> float:
+    """A uniform number in [0, 1) derived on the host from a stream key (no device work)."""
+    return (philox.stream_key(key, 0, 0) >> 10) / float(1 << 53)
+
+
+def _activity_step_impl(
+    output: Tensor,
+    counts: Tensor,
+    rates: Tensor,
+    step: Tensor,
+    calls: Tensor,
+    seed: int,
+    op_id: int,
+    channel_dim: int,
+    nu: float,
+    lo: float,
+    hi: float,
+) -> None:
+    """Count the output units with ``|y| > 0.01`` over every other dim into ``counts``; on the
+    first call, then with probability 0.1 per call (as upstream), redraw the rates from the
+    counts. The redraw decision comes from the layer's own stream, on the host."""
+    dims = [d for d in range(output.dim()) if d != channel_dim]
+    active = output.abs() > 0.01
+    counts.add_((active.sum(dim=dims) if dims else active).to(counts.dtype))
+    (key,) = draw_keys([step], [seed], op_id)
+    n = int(calls)  # a CPU scalar: no device sync
+    calls.fill_(n + 1)
+    if n == 0 or host_uniform(key) < 0.1:
+        _backend(rates).activity_update_([rates], [counts], [key], nu, lo, hi)
+
+
+_activity_step_op = torch.library.custom_op(
+    f"{_NS}::activity_step_",
+    _activity_step_impl,
+    mutates_args=("counts", "rates", "step", "calls"),
+)
+
+
+@_activity_step_op.register_fake
+def _(output, counts, rates, step, calls, seed, op_id, channel_dim, nu, lo, hi):
+    return None
+
+
 def _eager_or_traced(op, impl):
     """The custom op when ``torch.compile`` traces, its plain implementation otherwise."""
 
@@ -226,3 +270,4 @@ bio_step_ = _eager_or_traced(_bio_step_op, _bio_step_impl)
 rejuvenate_ = _eager_or_traced(_rejuvenate_op, _rejuvenate_impl)
 rejuvenate_legacy_ = _eager_or_traced(_rejuvenate_legacy_op, _rejuvenate_legacy_impl)
 dale_enforce_ = _eager_or_traced(_dale_enforce_op, _dale_enforce_impl)
+activity_step_ = _eager_or_traced(_activity_step_op, _activity_step_impl)

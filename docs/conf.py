@@ -126,7 +126,8 @@ GENERATED_DIR = os.path.join(DOCS_DIR, "_build", "generated")
 
 def _write_benchmark_include() -> None:
     os.makedirs(GENERATED_DIR, exist_ok=True)
-    results = sorted(glob.glob(os.path.join(REPO_ROOT, "benchmarks", "results", "*.md")))
+    pattern = os.path.join(REPO_ROOT, "benchmarks", "results", "**", "*.md")
+    results = sorted(glob.glob(pattern, recursive=True))
     lines: list[str] = []
     if not results:
         lines += [
@@ -147,6 +148,8 @@ def _write_benchmark_include() -> None:
             "   :language: markdown",
             "",
         ]
+        for image in sorted(glob.glob(os.path.join(os.path.dirname(path), "*.png"))):
+            lines += [f".. image:: /{os.path.relpath(image, DOCS_DIR)}", "   :width: 90%", ""]
     text = "\n".join(lines) + "\n"
     target = os.path.join(GENERATED_DIR, "benchmark_results.rst.inc")
     # Rewrite only on change so that incremental builds stay incremental.

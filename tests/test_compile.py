@@ -45,3 +45,27 @@ def test_bio_methods_compile_fullgraph_and_match_eager():
         if torch.is_tensor(a):
             assert torch.equal(a, b), name
     assert eager[0].bio_mod.rng_step == compiled[0].bio_mod.rng_step
+
+
+def test_compiled_forward_with_splitting_and_activity_tracking():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    from bio_transformations import Distribution
+
+    model = BioConverter(
+        weight_splitting_Gamma=2,
+        fuzzy_lr_distribution=Distribution.ACTIVITY,
+        fuzzy_lr_dynamic=True,
+    )(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 8)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(4):
+            torch.testing.assert_close(compiled(x), eager(x))
+    assert torch.equal(model[0].bio_mod.activation_count, eager[0].bio_mod.activation_count)
+    assert torch.equal(
+        model[0].bio_mod.fuzzy_learning_rate_parameters,
+        eager[0].bio_mod.fuzzy_learning_rate_parameters,
+    )
+    assert model[0].bio_mod.get_extra_state() == eager[0].bio_mod.get_extra_state()
