@@ -399,12 +399,18 @@ def temporal_update_(
     for i, p in enumerate(rates):
         if p.numel() == 0:
             continue
-        value = 1.0 + (_upcast(p) - 1.0) * decay
+        u = None
         if noise != 0.0:
             assert keys is not None, "temporal_update_ needs keys when noise is drawn"
             u = uniform(keys[i], p.numel(), p.device).view(p.shape)
-            value = value + noise * (2.0 * u - 1.0)
-        p.copy_(value.clamp(lo, hi))
+        # (rates chunk, uniforms chunk or None without noise)
+        pieces = _chunks(p, u) if u is not None else ((pc, None) for (pc,) in _chunks(p))
+        for pc, uc in pieces:
+            value = _upcast(pc) - 1.0  # 1 + (p-1)*decay [+ noise*(2U-1)], in place
+            value.mul_(decay).add_(1.0)
+            if uc is not None:
+                value.add_(uc.mul_(2.0).sub_(1.0).mul_(noise))
+            pc.copy_(value.clamp_(lo, hi))
 
 
 def weight_adaptive_(
@@ -417,10 +423,13 @@ def weight_adaptive_(
     for p, w, key in zip(rates, weights, keys):
         if p.numel() == 0:
             continue
-        aw = _upcast(w).abs()
-        scale = torch.clamp(2.0 - aw / (abs_means([w])[0] + 1e-8), 0.5, 1.5)
-        u = uniform(key, p.numel(), p.device).view(p.shape).to(aw.dtype)
-        p.copy_((1.0 + (2.0 * u - 1.0) * nu * scale).clamp(lo, hi))
+        denominator = abs_means([w])[0] + 1e-8
+        u = uniform(key, p.numel(), p.device).view(p.shape)
+        for pc, wc, uc in _chunks(p, w, u):
+            # clamp(2 - |w|/denominator, 0.5, 1.5), in place
+            scale = _upcast(wc).abs().div_(denominator).neg_().add_(2.0).clamp_(0.5, 1.5)
+            value = uc.to(scale.dtype).mul_(2.0).sub_(1.0).mul_(nu).mul_(scale)
+            pc.copy_(value.add_(1.0).clamp_(lo, hi))
 
 
 def activity_update_(
