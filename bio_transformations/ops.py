@@ -10,8 +10,6 @@ Outside ``torch.compile`` the same implementation is called directly: the custom
 costs more than a memory-bound op like ``g *= p`` on a large CPU tensor.
 """
 
-from __future__ import annotations
-
 from typing import List
 
 import torch
