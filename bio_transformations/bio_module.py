@@ -365,6 +365,23 @@ class BioModule(nn.Module):
         in their forward pass while training, so ``x`` is rarely needed).
         """
         c = self.config
+        if c.fuzzy_lr_distribution is Distribution.ACTIVITY:
+            if c.fuzzy_lr_dynamic and x is not None:
+                layer = self.get_parent()
+                # The layer's own forward, without hooks (no splitting, no second count).
+                self._activity_step(type(layer).forward(layer, x))
+            return
+        update = self.plan_rate_update()
+        if update is not None:
+            op, args = update
+            getattr(self._ops(self.fuzzy_learning_rate_parameters), op)(*args)
+
+    def plan_rate_update(self) -> Optional[tuple]:
+        """Advance the TEMPORAL / WEIGHT_ADAPTIVE update counters by one update and return the
+        op this update needs as ``(op name, one-layer arguments)``, or None when none is due.
+
+        The model-level method groups these plans so each op runs once per layer group."""
+        c = self.config
         dist = c.fuzzy_lr_distribution
         p = self.fuzzy_learning_rate_parameters
         if dist is Distribution.TEMPORAL and c.fuzzy_lr_dynamic:
@@ -374,24 +391,19 @@ class BioModule(nn.Module):
                 noisy = self._update_count % (10 * freq) == 0
                 noise = 0.1 * c.fuzzy_learning_rate_factor_nu if noisy else 0.0
                 keys = [self.next_key("temporal")] if noisy else None
-                self._ops(p).temporal_update_(
-                    [p], keys, c.fuzzy_lr_decay, noise, c.fuzzy_lr_min, c.fuzzy_lr_max
-                )
+                args = ([p], keys, c.fuzzy_lr_decay, noise, c.fuzzy_lr_min, c.fuzzy_lr_max)
+                return "temporal_update_", args
         elif dist is Distribution.WEIGHT_ADAPTIVE:
             self._update_count += 1
             due = c.fuzzy_lr_dynamic and self._update_count % c.fuzzy_lr_update_freq == 0
             if not self._rates_filled or due:
                 self._rates_filled = True
-                w = self._weight()
-                self._ops(p).weight_adaptive_(
-                    [p], [w], [self.next_key("weight_adaptive")],
+                args = (
+                    [p], [self._weight()], [self.next_key("weight_adaptive")],
                     c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min, c.fuzzy_lr_max,
                 )  # fmt: skip
-        elif dist is Distribution.ACTIVITY and c.fuzzy_lr_dynamic and x is not None:
-            layer = self.get_parent()
-            # The layer's own forward, without hooks (no splitting, no second activity count).
-            output = type(layer).forward(layer, x)
-            self._activity_step(output)
+                return "weight_adaptive_", args
+        return None
 
     @torch.no_grad()
     def _activity_step(self, output: torch.Tensor) -> None:

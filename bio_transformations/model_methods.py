@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import kernels, ops
 from .bio_module import OP_IDS, BioModule, _log_replaced
 
 __all__ = ["MODEL_METHODS", "ModelMethod", "bio_layers"]
@@ -170,8 +170,24 @@ def update_fuzzy_learning_rates(self: nn.Module, x: Optional[torch.Tensor] = Non
     forward pass while training, with that layer's own input (upstream passed one ``x`` to
     every layer, which fails for any layer after the first).
     """
-    for _, _, bio in bio_layers(self):
-        bio.update_fuzzy_learning_rates()
+    # Each layer advances its counters and says which op (if any) it needs; layers needing the
+    # same op with the same scalars on one device and dtype are updated in one call.
+    plans: Dict[Any, list] = defaultdict(list)
+    for _, layer, bio in bio_layers(self):
+        plan = bio.plan_rate_update()
+        if plan is not None:
+            op, args = plan
+            w = layer.weight
+            tensor_lists = [a for a in args if isinstance(a, list)]
+            scalars = tuple(a for a in args if not isinstance(a, list) and a is not None)
+            plans[(op, w.device, w.dtype, len(tensor_lists), scalars)].append(args)
+    for (op, device, *_), group in plans.items():
+        first = group[0]
+        merged = [
+            [item for args in group for item in args[i]] if isinstance(first[i], list) else first[i]
+            for i in range(len(first))
+        ]
+        getattr(kernels.backend_module(device), op)(*merged)
 
 
 @torch.no_grad()

@@ -260,3 +260,30 @@ def test_from_dict_and_update_config():
     assert conv.get_config().crystal_thresh == 1e-3
     assert BioConverter(config=BioConfig(base_lr=0.2)).get_config().base_lr == 0.2
     assert set(MODEL_METHODS) >= set(MODEL_LEVEL)
+
+
+@pytest.mark.parametrize("dist", [Distribution.TEMPORAL, Distribution.WEIGHT_ADAPTIVE])
+def test_model_level_rate_updates_group_layers_and_match_per_layer(dist, monkeypatch):
+    from bio_transformations.kernels import torch_backend
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(5)])
+        return BioConverter(
+            fuzzy_lr_distribution=dist, fuzzy_lr_dynamic=True, fuzzy_lr_update_freq=1
+        )(model)
+
+    grouped, per_layer = build(), build()
+    op = "temporal_update_" if dist is Distribution.TEMPORAL else "weight_adaptive_"
+    calls = []
+    original = getattr(torch_backend, op)
+    monkeypatch.setattr(torch_backend, op, lambda p, *a: (calls.append(len(p)), original(p, *a)))
+    for _ in range(10):  # update 10 adds the temporal noise too
+        grouped.update_fuzzy_learning_rates()
+        for layer in per_layer:
+            layer.bio_mod.update_fuzzy_learning_rates()
+    assert calls[:1] == [5] and calls.count(5) == 10 and calls.count(1) == 50
+    for a, b in zip(grouped, per_layer):
+        assert torch.equal(
+            a.bio_mod.fuzzy_learning_rate_parameters, b.bio_mod.fuzzy_learning_rate_parameters
+        )
