@@ -15,6 +15,7 @@ samples into pytest-benchmark (stats, groups, JSON). The contenders:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -82,11 +83,18 @@ def _model_numel(name: str) -> int:
     return _numel_cache[name]
 
 
-def contenders(device: str, fused: bool) -> List[str]:
+#: Ops that BIO_CPU_FUSED=1 changes; on the CPU they also get the "ours_torch_cpufused"
+#: contender (the torch backend with its opt-in fused loop compiled by torch.compile).
+CPU_FUSED_OPS = ("crystallize", "volume", "bio_step", "step")
+
+
+def contenders(device: str, fused: bool, op: str = "") -> List[str]:
     backends = ["torch", "triton"] if device == "gpu" else ["torch"]
     ours = [f"ours_{b}" for b in backends]
     if fused:
         ours += [f"ours_{b}_fused" for b in backends]
+    if device == "cpu" and op in CPU_FUSED_OPS:
+        ours.append("ours_torch_cpufused")  # model step: the fused bio_step with BIO_CPU_FUSED
     return ["upstream", *ours, "compile", "copy"]
 
 
@@ -101,11 +109,11 @@ def all_cases(
     for device in devices:
         for op in bc.OPS:
             for size in sizes[device]:
-                for c in contenders(device, fused=False):
+                for c in contenders(device, fused=False, op=op):
                     cases.append(Case("op", op, size, device, c))
         for model in bc.MODELS:
             for op in bc.MODEL_OPS:
-                for c in contenders(device, fused=op == "step"):
+                for c in contenders(device, fused=op == "step", op=op):
                     cases.append(Case("model", op, model, device, c))
     return [c for c in cases if c.family in families]
 
@@ -348,6 +356,20 @@ class UpstreamWorker:
 # ---------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _cpu_fused(on: bool):
+    """BIO_CPU_FUSED set for one contender's calls only (the torch backend reads it per call)."""
+    before = os.environ.get("BIO_CPU_FUSED")
+    os.environ["BIO_CPU_FUSED"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("BIO_CPU_FUSED", None)
+        else:
+            os.environ["BIO_CPU_FUSED"] = before
+
+
 class LocalContender:
     """A contender timed in this process (ours, torch.compile, copy)."""
 
@@ -358,10 +380,13 @@ class LocalContender:
         self.sync = bc.synchronizer(case.device)
         self.info: dict = {"timed_in": "this process"}
 
-    def _backend(self):
+    def _backend(self) -> contextlib.ExitStack:
         from bio_transformations import kernels
 
-        return kernels.use_backend(self.case.backend or "auto")
+        stack = contextlib.ExitStack()
+        stack.enter_context(kernels.use_backend(self.case.backend or "auto"))
+        stack.enter_context(_cpu_fused(self.case.contender.endswith("cpufused")))
+        return stack
 
     def prepare(self, plan: bc.Plan, threads: int) -> int:
         with torch.no_grad(), self._backend():

@@ -14,6 +14,7 @@ four Philox outputs ``r0..r3`` (:func:`~bio_transformations.kernels.philox.randi
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -38,6 +39,13 @@ def rng_mode() -> str:
     if mode not in RNG_MODES:
         raise ValueError(f"unknown BIO_RNG {mode!r}; valid values are: {', '.join(RNG_MODES)}")
     return mode
+
+
+def cpu_fused() -> bool:
+    """``BIO_CPU_FUSED=1``: run crystallize, volume scaling and the bio step on CPU float32/64
+    tensors as one fused loop compiled by ``torch.compile`` (opt-in: the first call compiles,
+    which takes seconds and needs a C++ compiler; any failure falls back to the eager ops)."""
+    return _fused_state["enabled"] and os.environ.get("BIO_CPU_FUSED", "0") not in ("", "0")
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -188,6 +196,11 @@ def crystallize_(
     weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
 ) -> None:
     """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
+    if weights and _fused_applies([*weights, *grads, *rates]):
+        scalars = (0.0, 0.0, 0.0, crystal_thresh, dampening)
+        keys = [0] * len(weights)
+        done = _bio_step_fused(weights, grads, rates, keys, False, False, True, *scalars)
+        weights, grads, rates = weights[done:], grads[done:], rates[done:]
     for w, g, p in zip(weights, grads, rates):
         if w.numel():
             _crystallize_one(w, g, p, crystal_thresh, dampening)
@@ -223,9 +236,67 @@ def volume_scale_(
 
     Philox: ``z = tl.randn(key, i)``.
     """
+    if weights and _fused_applies([*weights, *grads]):
+        scalars = (base_lr, stability_factor, lr_variability, 0.0, 1.0)
+        done = _bio_step_fused(weights, grads, None, keys, True, False, False, *scalars)
+        weights, grads, keys = weights[done:], grads[done:], keys[done:]
     for w, g, key in zip(weights, grads, keys):
         if w.numel():
             _volume_one(w, g, key, base_lr, stability_factor, lr_variability)
+
+
+def _step_core(w, g, p, z, mean_aw, volume, fuzzy, crystallize, lr, stab, var, thresh, damp):
+    """One layer's volume / fuzzy / crystallize as plain tensor math in the eager ops' order:
+    what ``BIO_CPU_FUSED`` compiles into one loop."""
+    grad = g
+    if volume:
+        aw = w.abs()
+        m = lr * torch.exp(-stab * (aw / (aw + 1.0)))
+        grad = grad * (torch.abs(1.0 + var * z) * m)
+    if fuzzy:
+        grad = grad * p
+    if volume or fuzzy:
+        g.copy_(grad)
+    if crystallize:
+        ag = grad.abs()
+        mask = (ag < w.abs() * thresh) | (ag > mean_aw)
+        p.copy_(p * torch.where(mask, damp, 1.0))
+
+
+_fused_state = {"enabled": True, "compiled": None}
+
+
+def _fused_applies(tensors: Sequence[Tensor]) -> bool:
+    return (
+        cpu_fused()
+        and tensors[0].device.type == "cpu"
+        and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
+    )
+
+
+def _bio_step_fused(weights, grads, rates, keys, volume, fuzzy, crystallize, *scalars) -> int:
+    """The fused CPU step per layer. Returns how many layers it did: all of them, or (after one
+    warning, if compiling or running fails) those before the failure, for eager to finish."""
+    if _fused_state["compiled"] is None:
+        _fused_state["compiled"] = torch.compile(_step_core, dynamic=True, fullgraph=True)
+    for i, (w, g) in enumerate(zip(weights, grads)):
+        if w.numel() == 0:
+            continue
+        p = rates[i] if rates is not None else g  # unused without fuzzy/crystallize
+        z = normal(keys[i], w.numel(), w.device).view(w.shape) if volume else w
+        mean_aw = abs_means([w])[0] if crystallize else w.new_zeros(())
+        try:
+            _fused_state["compiled"](w, g, p, z, mean_aw, volume, fuzzy, crystallize, *scalars)
+        except Exception as exc:  # no compiler, unsupported platform, ...: keep training
+            _fused_state["enabled"] = False
+            warnings.warn(
+                f"BIO_CPU_FUSED: the fused CPU step failed ({exc!r}); using the eager ops "
+                "from now on",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return i
+    return len(weights)
 
 
 def bio_step_(
@@ -246,6 +317,10 @@ def bio_step_(
 
     Equal to the separate ops called in the same order with the same key.
     """
+    scalars = (base_lr, stability_factor, lr_variability, crystal_thresh, dampening)
+    if weights and _fused_applies([*weights, *grads, *rates]):
+        done = _bio_step_fused(weights, grads, rates, keys, volume, fuzzy, crystallize, *scalars)
+        weights, grads, rates, keys = weights[done:], grads[done:], rates[done:], keys[done:]
     if volume:
         volume_scale_(weights, grads, keys, base_lr, stability_factor, lr_variability)
     if fuzzy:
