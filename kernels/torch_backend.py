@@ -198,9 +198,8 @@ def crystallize_(
     """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
     if weights and _fused_applies([*weights, *grads, *rates]):
         scalars = (0.0, 0.0, 0.0, crystal_thresh, dampening)
-        keys = [0] * len(weights)
-        done = _bio_step_fused(weights, grads, rates, keys, False, False, True, *scalars)
-        weights, grads, rates = weights[done:], grads[done:], rates[done:]
+        if _bio_step_fused(weights, grads, rates, [0] * len(weights), False, False, True, *scalars):
+            return
     for w, g, p in zip(weights, grads, rates):
         if w.numel():
             _crystallize_one(w, g, p, crystal_thresh, dampening)
@@ -238,8 +237,8 @@ def volume_scale_(
     """
     if weights and _fused_applies([*weights, *grads]):
         scalars = (base_lr, stability_factor, lr_variability, 0.0, 1.0)
-        done = _bio_step_fused(weights, grads, None, keys, True, False, False, *scalars)
-        weights, grads, keys = weights[done:], grads[done:], keys[done:]
+        if _bio_step_fused(weights, grads, None, keys, True, False, False, *scalars):
+            return
     for w, g, key in zip(weights, grads, keys):
         if w.numel():
             _volume_one(w, g, key, base_lr, stability_factor, lr_variability)
@@ -247,7 +246,7 @@ def volume_scale_(
 
 def _step_core(w, g, p, z, mean_aw, volume, fuzzy, crystallize, lr, stab, var, thresh, damp):
     """One layer's volume / fuzzy / crystallize as plain tensor math in the eager ops' order:
-    what ``BIO_CPU_FUSED`` compiles into one loop."""
+    what ``BIO_CPU_FUSED`` compiles into one loop per layer."""
     grad = g
     if volume:
         aw = w.abs()
@@ -274,29 +273,37 @@ def _fused_applies(tensors: Sequence[Tensor]) -> bool:
     )
 
 
-def _bio_step_fused(weights, grads, rates, keys, volume, fuzzy, crystallize, *scalars) -> int:
-    """The fused CPU step per layer. Returns how many layers it did: all of them, or (after one
-    warning, if compiling or running fails) those before the failure, for eager to finish."""
+def _step_core_many(ws, gs, ps, zs, means, volume, fuzzy, crystallize, *scalars):
+    """:func:`_step_core` over a group of layers: one compiled call for the whole group, since
+    per-call overhead dominates for many small layers."""
+    for w, g, p, z, mean_aw in zip(ws, gs, ps, zs, means):
+        _step_core(w, g, p, z, mean_aw, volume, fuzzy, crystallize, *scalars)
+
+
+def _bio_step_fused(weights, grads, rates, keys, volume, fuzzy, crystallize, *scalars) -> bool:
+    """The fused CPU step over a group of layers; False (after one warning) if compiling or
+    running it fails, in which case nothing was changed and the eager ops run instead."""
     if _fused_state["compiled"] is None:
-        _fused_state["compiled"] = torch.compile(_step_core, dynamic=True, fullgraph=True)
-    for i, (w, g) in enumerate(zip(weights, grads)):
-        if w.numel() == 0:
-            continue
-        p = rates[i] if rates is not None else g  # unused without fuzzy/crystallize
-        z = normal(keys[i], w.numel(), w.device).view(w.shape) if volume else w
-        mean_aw = abs_means([w])[0] if crystallize else w.new_zeros(())
-        try:
-            _fused_state["compiled"](w, g, p, z, mean_aw, volume, fuzzy, crystallize, *scalars)
-        except Exception as exc:  # no compiler, unsupported platform, ...: keep training
-            _fused_state["enabled"] = False
-            warnings.warn(
-                f"BIO_CPU_FUSED: the fused CPU step failed ({exc!r}); using the eager ops "
-                "from now on",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return i
-    return len(weights)
+        _fused_state["compiled"] = torch.compile(_step_core_many, dynamic=True, fullgraph=True)
+    layers = [i for i, w in enumerate(weights) if w.numel()]
+    ws = [weights[i] for i in layers]
+    gs = [grads[i] for i in layers]
+    ps = [rates[i] for i in layers] if rates is not None else gs  # unused then
+    # The random numbers come from the eager generator: the stream stays the same.
+    zs = [normal(keys[i], weights[i].numel(), weights[i].device) for i in layers] if volume else gs
+    zs = [z.view(w.shape) for z, w in zip(zs, ws)]
+    means = abs_means(ws) if crystallize else [w.new_zeros(()) for w in ws]
+    try:
+        _fused_state["compiled"](ws, gs, ps, zs, means, volume, fuzzy, crystallize, *scalars)
+    except Exception as exc:  # no compiler, unsupported platform, ...: keep training
+        _fused_state["enabled"] = False
+        warnings.warn(
+            f"BIO_CPU_FUSED: the fused CPU step failed ({exc!r}); using the eager ops from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def bio_step_(
@@ -319,8 +326,8 @@ def bio_step_(
     """
     scalars = (base_lr, stability_factor, lr_variability, crystal_thresh, dampening)
     if weights and _fused_applies([*weights, *grads, *rates]):
-        done = _bio_step_fused(weights, grads, rates, keys, volume, fuzzy, crystallize, *scalars)
-        weights, grads, rates, keys = weights[done:], grads[done:], rates[done:], keys[done:]
+        if _bio_step_fused(weights, grads, rates, keys, volume, fuzzy, crystallize, *scalars):
+            return
     if volume:
         volume_scale_(weights, grads, keys, base_lr, stability_factor, lr_variability)
     if fuzzy:
