@@ -294,7 +294,12 @@ def _bio_step_fused(weights, grads, rates, keys, volume, fuzzy, crystallize, *sc
     zs = [z.view(w.shape) for z, w in zip(zs, ws)]
     means = abs_means(ws) if crystallize else [w.new_zeros(()) for w in ws]
     try:
-        _fused_state["compiled"](ws, gs, ps, zs, means, volume, fuzzy, crystallize, *scalars)
+        # One compile per group shape (layer count, flags): allow more than dynamo's default 8
+        # recompiles for this function, or it would silently fall back to unfused eager code.
+        config = torch._dynamo.config  # torch >= 2.6 calls it recompile_limit
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        with config.patch(**{limit: 512}):
+            _fused_state["compiled"](ws, gs, ps, zs, means, volume, fuzzy, crystallize, *scalars)
     except Exception as exc:  # no compiler, unsupported platform, ...: keep training
         _fused_state["enabled"] = False
         warnings.warn(
