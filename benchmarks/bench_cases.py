@@ -52,6 +52,20 @@ class OpSpec:
     writes: Tuple[str, ...]
 
 
+#: The BioModule method each op benchmark calls (the same name in ours and in upstream 0.0.5,
+#: except bio_step, which upstream lacks: its runner calls the three methods in order).
+OP_METHODS: Dict[str, str] = {
+    "fuzzy": "fuzzy_learning_rates",
+    "crystallize": "crystallize",
+    "volume": "volume_dependent_lr",
+    "rejuvenate": "rejuvenate_weights",
+    "dale": "enforce_dales_principle",
+    "temporal": "update_fuzzy_learning_rates",
+    "weight_adaptive": "update_fuzzy_learning_rates",
+    "bio_step": "bio_step",
+}
+
+
 OPS: Dict[str, OpSpec] = {
     s.name: s
     for s in (

@@ -148,16 +148,7 @@ def ours_op(op: str, size: str, device: str) -> Tuple[Callable, Callable]:
             (lambda: mod.fuzzy_learning_rate_parameters, p0),
         ]
     )
-    calls = {
-        "fuzzy": mod.fuzzy_learning_rates,
-        "crystallize": mod.crystallize,
-        "volume": mod.volume_dependent_lr,
-        "rejuvenate": mod.rejuvenate_weights,
-        "dale": mod.enforce_dales_principle,
-        "temporal": mod.update_fuzzy_learning_rates,
-        "weight_adaptive": mod.update_fuzzy_learning_rates,
-        "bio_step": mod.bio_step,
-    }
+    call = getattr(mod, bc.OP_METHODS[op])
 
     def restore() -> None:
         restore_tensors()
@@ -166,7 +157,7 @@ def ours_op(op: str, size: str, device: str) -> Tuple[Callable, Callable]:
         elif op == "weight_adaptive":  # the next update refills the rates
             mod._rates_filled = False
 
-    return calls[op], restore
+    return call, restore
 
 
 def ours_model(model_name: str, op: str, device: str, fused: bool) -> Tuple[Callable, Callable]:

@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import traceback
-from typing import Callable, Dict, Tuple
+from typing import Callable, Tuple
 
 import bench_cases as bc
 import torch
@@ -82,22 +82,12 @@ def op_case(op: str, size: str, device: str) -> Tuple[Callable, Callable]:
         [(lambda: layer.weight, w0), (lambda: layer.weight.grad, g0), (rates, p0)]
     )
 
-    calls: Dict[str, Callable] = {
-        "fuzzy": mod.fuzzy_learning_rates,
-        "crystallize": mod.crystallize,
-        "volume": mod.volume_dependent_lr,
-        "rejuvenate": mod.rejuvenate_weights,
-        "dale": mod.enforce_dales_principle,
-        "temporal": mod.update_fuzzy_learning_rates,
-        "weight_adaptive": mod.update_fuzzy_learning_rates,
-    }
-
     def bio_step() -> None:  # upstream has no fused op: the three calls, in the documented order
         mod.volume_dependent_lr()
         mod.fuzzy_learning_rates()
         mod.crystallize()
 
-    calls["bio_step"] = bio_step
+    call = bio_step if op == "bio_step" else getattr(mod, bc.OP_METHODS[op])
 
     def restore() -> None:
         restore_tensors()
@@ -106,7 +96,7 @@ def op_case(op: str, size: str, device: str) -> Tuple[Callable, Callable]:
         elif op == "weight_adaptive":  # the (non-dynamic) update refills the rates
             mod.weight_adaptive_initialized = False
 
-    return calls[op], restore
+    return call, restore
 
 
 def model_case(model_name: str, op: str, device: str) -> Tuple[Callable, Callable]:

@@ -187,9 +187,6 @@ class BioModule(nn.Module):
         """The key of this layer's next random stream for ``op``; advances ``rng_step``."""
         return ops.draw_keys([self._rng_step], [self.layer_seed], OP_IDS[op])[0]
 
-    def _ops(self, t: torch.Tensor):
-        return kernels.backend_module(t.device)
-
     def _weight(self) -> torch.Tensor:
         return self.get_parent().weight
 
@@ -280,7 +277,7 @@ class BioModule(nn.Module):
         p = self.fuzzy_learning_rate_parameters
         kind = _INITIAL_RATES[c.fuzzy_lr_distribution]
         key = self.next_key("rates_init")
-        self._ops(p).rates_init_(
+        ops.backend_of(p).rates_init_(
             [p], [key], kind, self.effective_nu(), c.fuzzy_lr_min, c.fuzzy_lr_max
         )
 
@@ -374,7 +371,7 @@ class BioModule(nn.Module):
         update = self.plan_rate_update()
         if update is not None:
             op, args = update
-            getattr(self._ops(self.fuzzy_learning_rate_parameters), op)(*args)
+            getattr(ops.backend_of(self.fuzzy_learning_rate_parameters), op)(*args)
 
     def plan_rate_update(self) -> Optional[tuple]:
         """Advance the TEMPORAL / WEIGHT_ADAPTIVE update counters by one update and return the

@@ -27,8 +27,8 @@ Entry = Tuple[str, nn.Module, BioModule]
 def bio_layers(model: nn.Module) -> List[Entry]:
     """``(name, layer, bio_mod)`` for every converted layer of ``model``, in module order."""
     recorded = model.__dict__.get("_bio_layers")
-    if recorded is None:  # e.g. a model whose class was converted before this attribute existed
-        recorded = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Module)]
+    if recorded is None:  # methods called on a module the converter did not record
+        recorded = list(model.named_modules())
     out = []
     for name, layer in recorded:
         bio = layer._modules.get("bio_mod")

@@ -32,7 +32,8 @@ __all__ = [
 _NS = "bio_transformations"
 
 
-def _backend(t: Tensor):
+def backend_of(t: Tensor):
+    """The backend module that runs ops on ``t``'s device (``kernels.backend_module``)."""
     return kernels.backend_module(t.device)
 
 
@@ -49,7 +50,7 @@ def draw_keys(steps: List[Tensor], seeds: List[int], op_id: int) -> List[int]:
 def _fuzzy_scale_impl(grads: List[Tensor], rates: List[Tensor]) -> None:
     """``g *= p``."""
     if grads:
-        _backend(grads[0]).fuzzy_scale_(grads, rates)
+        backend_of(grads[0]).fuzzy_scale_(grads, rates)
 
 
 _fuzzy_scale_op = torch.library.custom_op(
@@ -71,7 +72,7 @@ def _crystallize_impl(
 ) -> None:
     """``p[(|g|/|w| < crystal_thresh) | (|g| > mean|w|)] *= dampening``."""
     if weights:
-        _backend(weights[0]).crystallize_(weights, grads, rates, crystal_thresh, dampening)
+        backend_of(weights[0]).crystallize_(weights, grads, rates, crystal_thresh, dampening)
 
 
 _crystallize_op = torch.library.custom_op(
@@ -97,7 +98,7 @@ def _volume_scale_impl(
     """``g *= |N(m, lr_variability*m)|`` with ``m = base_lr*exp(-stability_factor*|w|/(|w|+1))``."""
     if weights:
         keys = draw_keys(steps, seeds, op_id)
-        _backend(weights[0]).volume_scale_(
+        backend_of(weights[0]).volume_scale_(
             weights, grads, keys, base_lr, stability_factor, lr_variability
         )
 
@@ -131,7 +132,7 @@ def _bio_step_impl(
     """Volume scaling, fuzzy scaling and crystallization in one pass (each optional)."""
     if weights:
         keys = draw_keys(steps, seeds, op_id) if volume else [0] * len(weights)
-        _backend(weights[0]).bio_step_(
+        backend_of(weights[0]).bio_step_(
             weights, grads, rates, keys, volume, fuzzy, crystallize,
             base_lr, stability_factor, lr_variability, crystal_thresh, dampening,
         )  # fmt: skip
@@ -147,52 +148,49 @@ def _(weights, grads, rates, steps, seeds, op_id, volume, fuzzy, crystallize, *s
     return None
 
 
+def _rejuvenate_with(
+    op: str, weights: List[Tensor], steps: List[Tensor], seeds: List[int], op_id: int, dre: float
+) -> Tensor:
+    """Run backend rejuvenation ``op``; the replaced count per layer (a fresh int64 tensor)."""
+    if not weights:
+        return torch.zeros(0, dtype=torch.int64)
+    keys = draw_keys(steps, seeds, op_id)
+    return getattr(backend_of(weights[0]), op)(weights, keys, dre)
+
+
 def _rejuvenate_impl(
     weights: List[Tensor], steps: List[Tensor], seeds: List[int], op_id: int, dre: float
 ) -> Tensor:
     """Rejuvenation; returns the replaced count per layer (int64, on the device)."""
-    if not weights:
-        return torch.zeros(0, dtype=torch.int64)
-    keys = draw_keys(steps, seeds, op_id)
-    return _backend(weights[0]).rejuvenate_(weights, keys, dre).clone()
-
-
-_rejuvenate_op = torch.library.custom_op(
-    f"{_NS}::rejuvenate_", _rejuvenate_impl, mutates_args=("weights", "steps")
-)
-
-
-@_rejuvenate_op.register_fake
-def _(weights, steps, seeds, op_id, dre):
-    device = weights[0].device if weights else torch.device("cpu")
-    return torch.empty(len(weights), dtype=torch.int64, device=device)
+    return _rejuvenate_with("rejuvenate_", weights, steps, seeds, op_id, dre)
 
 
 def _rejuvenate_legacy_impl(
     weights: List[Tensor], steps: List[Tensor], seeds: List[int], op_id: int, dre: float
 ) -> Tensor:
     """The original published rejuvenation rule; returns the replaced count per layer."""
-    if not weights:
-        return torch.zeros(0, dtype=torch.int64)
-    keys = draw_keys(steps, seeds, op_id)
-    return _backend(weights[0]).rejuvenate_legacy_(weights, keys, dre).clone()
+    return _rejuvenate_with("rejuvenate_legacy_", weights, steps, seeds, op_id, dre)
 
 
+def _fake_counts(weights, steps, seeds, op_id, dre):
+    device = weights[0].device if weights else torch.device("cpu")
+    return torch.empty(len(weights), dtype=torch.int64, device=device)
+
+
+_rejuvenate_op = torch.library.custom_op(
+    f"{_NS}::rejuvenate_", _rejuvenate_impl, mutates_args=("weights", "steps")
+)
+_rejuvenate_op.register_fake(_fake_counts)
 _rejuvenate_legacy_op = torch.library.custom_op(
     f"{_NS}::rejuvenate_legacy_", _rejuvenate_legacy_impl, mutates_args=("weights", "steps")
 )
-
-
-@_rejuvenate_legacy_op.register_fake
-def _(weights, steps, seeds, op_id, dre):
-    device = weights[0].device if weights else torch.device("cpu")
-    return torch.empty(len(weights), dtype=torch.int64, device=device)
+_rejuvenate_legacy_op.register_fake(_fake_counts)
 
 
 def _dale_enforce_impl(weights: List[Tensor], signs: List[Tensor]) -> None:
     """``w = relu(w * sign) * sign``."""
     if weights:
-        _backend(weights[0]).dale_enforce_(weights, signs)
+        backend_of(weights[0]).dale_enforce_(weights, signs)
 
 
 _dale_enforce_op = torch.library.custom_op(
@@ -233,7 +231,7 @@ def _activity_step_impl(
     n = int(calls)  # a CPU scalar: no device sync
     calls.fill_(n + 1)
     if n == 0 or host_uniform(key) < 0.1:
-        _backend(rates).activity_update_([rates], [counts], [key], nu, lo, hi)
+        backend_of(rates).activity_update_([rates], [counts], [key], nu, lo, hi)
 
 
 _activity_step_op = torch.library.custom_op(

@@ -365,7 +365,7 @@ def _rejuvenate_sparse(w: Tensor, key: int, dre: float) -> Tensor:
     magnitude = torch.exp(mu + sigma * torch.randn(k, generator=gen, device=w.device))
     sign = torch.where(torch.rand(k, generator=gen, device=w.device) < 0.5, 1.0, -1.0)
     flat.index_copy_(0, idx, (sign * magnitude).clamp_(-1.0, 1.0).to(flat.dtype))
-    if flat.data_ptr() != w.data_ptr() or not w.is_contiguous():
+    if not w.is_contiguous():  # flat was a copy: write it back
         w.copy_(flat.view(w.shape))
     return torch.tensor(k, dtype=torch.int64)
 
