@@ -5,7 +5,14 @@ The same API as the published ``pytorch_bio_transformations`` package (``BioConv
 pure-PyTorch kernels elsewhere (``BIO_BACKEND=auto|triton|torch``).
 """
 
-from . import kernels
+try:
+    from . import kernels
+except ImportError as exc:  # a source checkout: kernels/ is mapped into the package on install
+    raise ImportError(
+        "bio_transformations.kernels is not importable: the kernels/ folder of the repository is "
+        "installed as bio_transformations.kernels. Install the package first, e.g. "
+        "`pip install -e .` in the repository (or `make install`)."
+    ) from exc
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution
 from .bio_converter import BioConverter, sync_layer_seeds
 from .bio_module import BioModule

@@ -1,7 +1,7 @@
 """Configuration of the bio mechanisms: :class:`BioConfig` and :class:`Distribution`.
 
 ``BioConfig`` is a ``NamedTuple`` with the same fields, order and defaults as the published
-``pytorch_bio_transformations`` package (see ``shared/API.md``). :func:`validate_config` checks
+``pytorch_bio_transformations`` package. :func:`validate_config` checks
 every value and raises :class:`BioConfigError`, which is both a ``ValueError`` and an
 ``AssertionError`` so code written against upstream's ``assert`` statements keeps working while
 the checks survive ``python -O``.

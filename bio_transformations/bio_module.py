@@ -13,28 +13,17 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import kernels, ops
+from . import functional, ops
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution, validate_config
-from .kernels import philox
+from .kernels import philox, rng
+from .ops import OP_IDS  # noqa: F401  (re-exported: its old home)
 
-__all__ = ["BioModule", "CONVERTIBLE_LAYERS", "OP_IDS", "split_output"]
+__all__ = ["BioModule", "CONVERTIBLE_LAYERS", "split_output"]
 
 logger = logging.getLogger("bio_transformations")
 
 #: Layer types the converter attaches a ``BioModule`` to.
 CONVERTIBLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-#: Op ids mixed into each random stream's key, so ops never share draws.
-OP_IDS = {
-    "volume": 1,
-    "rejuvenate": 2,
-    "rejuvenate_legacy": 3,
-    "rates_init": 4,
-    "temporal": 5,
-    "weight_adaptive": 6,
-    "activity": 7,
-    "dale_init": 8,
-}
 
 # Which initial draw each distribution starts from (the dynamic ones start from these too).
 _INITIAL_RATES = {
@@ -117,17 +106,8 @@ class BioModule(nn.Module):
         layer_seed: this layer's random seed (drawn from torch's default generator).
     """
 
-    exposed_functions = (
-        "rejuvenate_weights",
-        "crystallize",
-        "fuzzy_learning_rates",
-        "volume_dependent_lr",
-        "update_fuzzy_learning_rates",
-        "rejuvenate_weights_old",
-        "enforce_dales_principle",
-        "add_weight_splitting_step",
-        "bio_step",
-    )
+    #: The model-level method names (one table: ``functional.METHOD_NAMES``).
+    exposed_functions = functional.METHOD_NAMES
 
     def __init__(
         self,
@@ -155,8 +135,9 @@ class BioModule(nn.Module):
         # The step counter is a CPU int64 scalar (not a buffer: it stays on the CPU when the
         # model moves) so compiled code can pass it to the ops, which advance it.
         self._rng_step = torch.zeros((), dtype=torch.int64)
-        self._update_count = 0
-        self._rates_filled = False
+        # Dynamic-rate counters, CPU tensors like the step counter (advanced inside the ops).
+        self._update_count_t = torch.zeros((), dtype=torch.int64)
+        self._rates_filled_t = torch.zeros((), dtype=torch.int64)
         self._activity_calls_t = torch.zeros((), dtype=torch.int64)  # CPU, like _rng_step
         rates = torch.ones_like(weight, requires_grad=False)
         self.register_buffer("fuzzy_learning_rate_parameters", rates)
@@ -185,7 +166,28 @@ class BioModule(nn.Module):
 
     def next_key(self, op: str) -> int:
         """The key of this layer's next random stream for ``op``; advances ``rng_step``."""
-        return ops.draw_keys([self._rng_step], [self.layer_seed], OP_IDS[op])[0]
+        return ops.draw_keys([self._rng_step], [self.layer_seed], op)[0]
+
+    def _entry(self) -> functional.Entry:
+        """This layer as a one-element group for :mod:`~bio_transformations.functional`."""
+        layer = self.get_parent()
+        return (type(layer).__name__, layer, self)
+
+    @property
+    def _update_count(self) -> int:
+        return int(self._update_count_t)
+
+    @_update_count.setter
+    def _update_count(self, value: int) -> None:
+        self._update_count_t.fill_(int(value))
+
+    @property
+    def _rates_filled(self) -> bool:
+        return bool(self._rates_filled_t)
+
+    @_rates_filled.setter
+    def _rates_filled(self, value: bool) -> None:
+        self._rates_filled_t.fill_(int(bool(value)))
 
     def _weight(self) -> torch.Tensor:
         return self.get_parent().weight
@@ -274,81 +276,49 @@ class BioModule(nn.Module):
     @torch.no_grad()
     def _init_rates(self) -> None:
         c = self.config
-        p = self.fuzzy_learning_rate_parameters
-        kind = _INITIAL_RATES[c.fuzzy_lr_distribution]
-        key = self.next_key("rates_init")
-        ops.backend_of(p).rates_init_(
-            [p], [key], kind, self.effective_nu(), c.fuzzy_lr_min, c.fuzzy_lr_max
-        )
+        ops.rates_init_(
+            [self.fuzzy_learning_rate_parameters], [self._rng_step], [self.layer_seed],
+            _INITIAL_RATES[c.fuzzy_lr_distribution], self.effective_nu(),
+            c.fuzzy_lr_min, c.fuzzy_lr_max,
+        )  # fmt: skip
 
-    # -- the mechanisms ------------------------------------------------------------------------
+    # -- the mechanisms: each is the grouped implementation with this layer alone -----------
 
     @torch.no_grad()
     def fuzzy_learning_rates(self) -> None:
         """Scale the gradient by the per-synapse rates: ``g *= p``."""
-        g = self._grad()
-        ops.fuzzy_scale_([g], [self.fuzzy_learning_rate_parameters])
+        functional.fuzzy_learning_rates([self._entry()], frozen="keep")
 
     @torch.no_grad()
     def crystallize(self) -> None:
         """Dampen the rates of synapses whose relative gradient is tiny or whose gradient is
         large: ``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``, ``p[mask] *= d``."""
-        w = self._weight()
-        if not w.requires_grad:
-            raise RuntimeError("Weights do not require gradients")
-        g = self._grad()
-        c = self.config
-        ops.crystallize_(
-            [w], [g], [self.fuzzy_learning_rate_parameters], c.crystal_thresh, c.dampening_factor
-        )
+        functional.crystallize([self._entry()], frozen="raise")
 
     @torch.no_grad()
     def volume_dependent_lr(self) -> None:
         """Scale the gradient by ``|N(m, lr_variability*m)|``, ``m = base_lr*exp(-s*|w|/(|w|+1))``:
         large (voluminous) synapses learn less, with a fresh draw each call."""
-        w = self._weight()
-        g = self._grad()
-        c = self.config
-        ops.volume_scale_(
-            [w], [g], [self._rng_step], [self.layer_seed], OP_IDS["volume"],
-            c.base_lr, c.stability_factor, c.lr_variability,
-        )  # fmt: skip
+        functional.volume_dependent_lr([self._entry()], frozen="keep")
 
     @torch.no_grad()
     def bio_step(self, volume: bool = True, fuzzy: bool = True, crystallize: bool = True) -> None:
         """Volume scaling, fuzzy scaling and crystallization in one fused pass (each optional);
         the same result as calling them one after another in that order."""
-        w = self._weight()
-        if crystallize and not w.requires_grad:
-            raise RuntimeError("Weights do not require gradients")
-        g = self._grad()
-        c = self.config
-        ops.bio_step_(
-            [w], [g], [self.fuzzy_learning_rate_parameters], [self._rng_step], [self.layer_seed],
-            OP_IDS["volume"], volume, fuzzy, crystallize,
-            c.base_lr, c.stability_factor, c.lr_variability, c.crystal_thresh, c.dampening_factor,
-        )  # fmt: skip
+        functional.bio_step(
+            [self._entry()], volume, fuzzy, crystallize, frozen="raise" if crystallize else "keep"
+        )
 
     @torch.no_grad()
     def rejuvenate_weights(self) -> None:
         """Replace weights at random, most likely the weak ones, with values drawn from a
         log-normal fitted to ``|w|`` and a random sign (``kernels.torch_backend.rejuvenate_``)."""
-        w = self._weight()
-        counts = ops.rejuvenate_(
-            [w], [self._rng_step], [self.layer_seed], OP_IDS["rejuvenate"],
-            self.config.rejuvenation_parameter_dre,
-        )  # fmt: skip
-        _log_replaced(counts, [self])
+        functional.rejuvenate_weights([self._entry()])
 
     @torch.no_grad()
     def rejuvenate_weights_old(self) -> None:
         """The original published rejuvenation rule (``torch_backend.rejuvenate_legacy_``)."""
-        w = self._weight()
-        counts = ops.rejuvenate_legacy_(
-            [w], [self._rng_step], [self.layer_seed], OP_IDS["rejuvenate_legacy"],
-            self.config.rejuvenation_parameter_dre,
-        )  # fmt: skip
-        _log_replaced(counts, [self])
+        functional.rejuvenate_weights_old([self._entry()])
 
     @torch.no_grad()
     def update_fuzzy_learning_rates(self, x: Optional[torch.Tensor] = None) -> None:
@@ -368,39 +338,7 @@ class BioModule(nn.Module):
                 # The layer's own forward, without hooks (no splitting, no second count).
                 self._activity_step(type(layer).forward(layer, x))
             return
-        update = self.plan_rate_update()
-        if update is not None:
-            op, args = update
-            getattr(ops.backend_of(self.fuzzy_learning_rate_parameters), op)(*args)
-
-    def plan_rate_update(self) -> Optional[tuple]:
-        """Advance the TEMPORAL / WEIGHT_ADAPTIVE update counters by one update and return the
-        op this update needs as ``(op name, one-layer arguments)``, or None when none is due.
-
-        The model-level method groups these plans so each op runs once per layer group."""
-        c = self.config
-        dist = c.fuzzy_lr_distribution
-        p = self.fuzzy_learning_rate_parameters
-        if dist is Distribution.TEMPORAL and c.fuzzy_lr_dynamic:
-            self._update_count += 1
-            freq = c.fuzzy_lr_update_freq
-            if self._update_count % freq == 0:
-                noisy = self._update_count % (10 * freq) == 0
-                noise = 0.1 * c.fuzzy_learning_rate_factor_nu if noisy else 0.0
-                keys = [self.next_key("temporal")] if noisy else None
-                args = ([p], keys, c.fuzzy_lr_decay, noise, c.fuzzy_lr_min, c.fuzzy_lr_max)
-                return "temporal_update_", args
-        elif dist is Distribution.WEIGHT_ADAPTIVE:
-            self._update_count += 1
-            due = c.fuzzy_lr_dynamic and self._update_count % c.fuzzy_lr_update_freq == 0
-            if not self._rates_filled or due:
-                self._rates_filled = True
-                args = (
-                    [p], [self._weight()], [self.next_key("weight_adaptive")],
-                    c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min, c.fuzzy_lr_max,
-                )  # fmt: skip
-                return "weight_adaptive_", args
-        return None
+        functional.update_fuzzy_learning_rates([self._entry()])
 
     @torch.no_grad()
     def _activity_step(self, output: torch.Tensor) -> None:
@@ -412,7 +350,7 @@ class BioModule(nn.Module):
         c = self.config
         ops.activity_step_(
             output, self.activation_count, self.fuzzy_learning_rate_parameters,
-            self._rng_step, self._activity_calls_t, self.layer_seed, OP_IDS["activity"],
+            self._rng_step, self._activity_calls_t, self.layer_seed,
             max(channel_dim, 0), c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min, c.fuzzy_lr_max,
         )  # fmt: skip
 
@@ -443,7 +381,7 @@ class BioModule(nn.Module):
             raise AttributeError(f"Can not use dalians network initialization on {target}")
         w = layer.weight
         units = w.shape[0]
-        u = kernels.torch_backend.uniform(module.next_key("dale_init"), units, w.device)
+        u = rng.uniform(module.next_key("dale_init"), units, w.device)
         sign = torch.where(u < 0.5, 1.0, -1.0).to(w.dtype)
         w.copy_(w.abs() * sign.reshape((-1,) + (1,) * (w.dim() - 1)))
         if "sign" in module._buffers:
@@ -455,14 +393,7 @@ class BioModule(nn.Module):
     def enforce_dales_principle(self) -> None:
         """``w = relu(w * sign) * sign``: weights that changed sign are set to 0.
         Skipped on the layer marked as the last one."""
-        if not self.config.apply_dales_principle:
-            raise AttributeError(
-                "Can not enforce dales principle without apply_dales_principle set True."
-            )
-        if self.is_last_module:
-            return
-        w = self._weight()
-        ops.dale_enforce_([w], [self.sign])
+        functional.enforce_dales_principle([self._entry()])
 
     def splitting_config(
         self, Gamma: Optional[int] = None, activation: Optional[Callable] = None
@@ -505,18 +436,3 @@ def _upstream_sign(theirs: torch.Tensor, own: torch.Tensor, key: str) -> torch.T
             key,
         )
     return majority
-
-
-def _log_replaced(counts: torch.Tensor, modules: list) -> None:
-    """Log the replaced-weight counts, only when the logger is on (reading them syncs) and not
-    inside ``torch.compile`` (which cannot trace logging)."""
-    if torch.compiler.is_compiling():
-        return
-    if logger.isEnabledFor(logging.INFO):
-        for n, module in zip(counts.tolist(), modules):
-            logger.info(
-                "rejuvenation replaced %d of %d weights in %s",
-                n,
-                module._weight().numel(),
-                type(module.get_parent()).__name__,
-            )

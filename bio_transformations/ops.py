@@ -1,69 +1,115 @@
-"""The hot ops as PyTorch custom ops (``torch.library``), so ``torch.compile`` sees them whole.
+"""Every op of the contract as a PyTorch custom op (``torch.library``), from one table, so
+``torch.compile`` sees each call whole and a function calling the model-level methods compiles
+with ``fullgraph=True``.
 
-Each op dispatches at run time to the backend chosen for its tensors' device
-(``kernels.backend_module``) and has a fake implementation for tracing, so a function calling
-the model-level methods compiles with ``fullgraph=True``. The stochastic ops take each layer's
-step counter (a CPU int64 scalar tensor, advanced here) and seed instead of a ready key: the
-key is derived inside the op, so compiled code neither bakes it in nor recompiles per step.
+Each op dispatches at run time to the backend :func:`bio_transformations.kernels.backend_module`
+picks for its tensors' device and dtype, and has a fake implementation for tracing. Where the
+backend op takes random-stream keys, the custom op takes each layer's step counter (a CPU int64
+scalar tensor, advanced here) and seed, and derives the key inside: compiled code neither
+bakes a key in nor recompiles per step. The dynamic rate updates also keep their update
+counters in CPU tensors and decide on the host, inside the op, whether an update is due.
 
-Outside ``torch.compile`` the same implementation is called directly: the custom-op dispatch
-costs more than a memory-bound op like ``g *= p`` on a large CPU tensor.
+Outside ``torch.compile`` the implementation is called directly: the custom-op dispatch costs
+more than a memory-bound op like ``g *= p`` on a large CPU tensor.
 """
 
-from typing import List
+import dataclasses
+from typing import Callable, List
 
 import torch
 from torch import Tensor
 
 from . import kernels
 from .kernels import philox
+from .kernels.contract import StepParams
 
 __all__ = [
+    "OP_IDS",
     "activity_step_",
+    "backend_of",
     "bio_step_",
     "crystallize_",
     "dale_enforce_",
+    "draw_keys",
     "fuzzy_scale_",
+    "rates_init_",
     "rejuvenate_",
     "rejuvenate_legacy_",
+    "temporal_step_",
     "volume_scale_",
+    "weight_adaptive_step_",
 ]
 
 _NS = "bio_transformations"
 
+#: Op ids mixed into each random stream's key, so ops never share draws.
+OP_IDS = {
+    "volume": 1,
+    "rejuvenate": 2,
+    "rejuvenate_legacy": 3,
+    "rates_init": 4,
+    "temporal": 5,
+    "weight_adaptive": 6,
+    "activity": 7,
+    "dale_init": 8,
+}
+
 
 def backend_of(t: Tensor):
-    """The backend module that runs ops on ``t``'s device (``kernels.backend_module``)."""
-    return kernels.backend_module(t.device)
+    """The backend module that runs ops on ``t`` (``kernels.backend_module``)."""
+    return kernels.backend_module(t.device, t.dtype)
 
 
-def draw_keys(steps: List[Tensor], seeds: List[int], op_id: int) -> List[int]:
-    """One stream key per layer from (seed, step, op id); advances each CPU step counter."""
+def draw_keys(steps: List[Tensor], seeds: List[int], op: str) -> List[int]:
+    """One stream key per layer from (seed, step, op); advances each CPU step counter."""
     keys = []
     for step, seed in zip(steps, seeds):
         n = int(step)  # a CPU scalar: no device sync
-        keys.append(philox.stream_key(seed, n, op_id))
+        keys.append(philox.stream_key(seed, n, OP_IDS[op]))
         step.fill_(n + 1)
     return keys
 
 
-def _fuzzy_scale_impl(grads: List[Tensor], rates: List[Tensor]) -> None:
+def _no_output(*args, **kwargs) -> None:
+    return None
+
+
+def _counts_like(weights, *args) -> Tensor:
+    device = weights[0].device if weights else torch.device("cpu")
+    return torch.empty(len(weights), dtype=torch.int64, device=device)
+
+
+def _define(name: str, mutates: tuple, fake: Callable = _no_output) -> Callable:
+    """Register ``impl`` as custom op ``bio_transformations::name``; return what callers use:
+    the custom op while ``torch.compile`` traces, the plain implementation otherwise."""
+
+    def register(impl: Callable) -> Callable:
+        op = torch.library.custom_op(f"{_NS}::{name}", impl, mutates_args=mutates)
+        op.register_fake(fake)
+
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = impl.__doc__
+        call.custom_op = op
+        return call
+
+    return register
+
+
+# -- the gradient step ---------------------------------------------------------------------
+
+
+@_define("fuzzy_scale_", mutates=("grads",))
+def fuzzy_scale_(grads: List[Tensor], rates: List[Tensor]) -> None:
     """``g *= p``."""
     if grads:
         backend_of(grads[0]).fuzzy_scale_(grads, rates)
 
 
-_fuzzy_scale_op = torch.library.custom_op(
-    f"{_NS}::fuzzy_scale_", _fuzzy_scale_impl, mutates_args=("grads",)
-)
-
-
-@_fuzzy_scale_op.register_fake
-def _(grads, rates):
-    return None
-
-
-def _crystallize_impl(
+@_define("crystallize_", mutates=("rates",))
+def crystallize_(
     weights: List[Tensor],
     grads: List[Tensor],
     rates: List[Tensor],
@@ -75,51 +121,31 @@ def _crystallize_impl(
         backend_of(weights[0]).crystallize_(weights, grads, rates, crystal_thresh, dampening)
 
 
-_crystallize_op = torch.library.custom_op(
-    f"{_NS}::crystallize_", _crystallize_impl, mutates_args=("rates",)
-)
-
-
-@_crystallize_op.register_fake
-def _(weights, grads, rates, crystal_thresh, dampening):
-    return None
-
-
-def _volume_scale_impl(
+@_define("volume_scale_", mutates=("grads", "steps"))
+def volume_scale_(
     weights: List[Tensor],
     grads: List[Tensor],
     steps: List[Tensor],
     seeds: List[int],
-    op_id: int,
     base_lr: float,
     stability_factor: float,
     lr_variability: float,
 ) -> None:
     """``g *= |N(m, lr_variability*m)|`` with ``m = base_lr*exp(-stability_factor*|w|/(|w|+1))``."""
     if weights:
-        keys = draw_keys(steps, seeds, op_id)
+        keys = draw_keys(steps, seeds, "volume")
         backend_of(weights[0]).volume_scale_(
             weights, grads, keys, base_lr, stability_factor, lr_variability
         )
 
 
-_volume_scale_op = torch.library.custom_op(
-    f"{_NS}::volume_scale_", _volume_scale_impl, mutates_args=("grads", "steps")
-)
-
-
-@_volume_scale_op.register_fake
-def _(weights, grads, steps, seeds, op_id, base_lr, stability_factor, lr_variability):
-    return None
-
-
-def _bio_step_impl(
+@_define("bio_step_", mutates=("grads", "rates", "steps"))
+def _bio_step(
     weights: List[Tensor],
     grads: List[Tensor],
     rates: List[Tensor],
     steps: List[Tensor],
     seeds: List[int],
-    op_id: int,
     volume: bool,
     fuzzy: bool,
     crystallize: bool,
@@ -129,78 +155,148 @@ def _bio_step_impl(
     crystal_thresh: float,
     dampening: float,
 ) -> None:
-    """Volume scaling, fuzzy scaling and crystallization in one pass (each optional)."""
+    """``bio_step_`` with ``StepParams`` spelled out (custom ops take no records)."""
     if weights:
-        keys = draw_keys(steps, seeds, op_id) if volume else [0] * len(weights)
-        backend_of(weights[0]).bio_step_(
-            weights, grads, rates, keys, volume, fuzzy, crystallize,
-            base_lr, stability_factor, lr_variability, crystal_thresh, dampening,
+        params = StepParams(
+            volume, fuzzy, crystallize, base_lr, stability_factor, lr_variability,
+            crystal_thresh, dampening,
         )  # fmt: skip
+        keys = draw_keys(steps, seeds, "volume") if volume else None
+        backend_of(weights[0]).bio_step_(weights, grads, rates, keys, params)
 
 
-_bio_step_op = torch.library.custom_op(
-    f"{_NS}::bio_step_", _bio_step_impl, mutates_args=("grads", "rates", "steps")
-)
+def bio_step_(
+    weights: List[Tensor],
+    grads: List[Tensor],
+    rates: List[Tensor],
+    steps: List[Tensor],
+    seeds: List[int],
+    params: StepParams,
+) -> None:
+    """Volume scaling, fuzzy scaling and crystallization in one pass, as ``params`` says."""
+    _bio_step(weights, grads, rates, steps, seeds, *dataclasses.astuple(params))
 
 
-@_bio_step_op.register_fake
-def _(weights, grads, rates, steps, seeds, op_id, volume, fuzzy, crystallize, *scalars):
-    return None
+# -- rejuvenation --------------------------------------------------------------------------
 
 
-def _rejuvenate_with(
-    op: str, weights: List[Tensor], steps: List[Tensor], seeds: List[int], op_id: int, dre: float
-) -> Tensor:
-    """Run backend rejuvenation ``op``; the replaced count per layer (a fresh int64 tensor)."""
+@_define("rejuvenate_", mutates=("weights", "steps"), fake=_counts_like)
+def rejuvenate_(weights: List[Tensor], steps: List[Tensor], seeds: List[int], dre: float) -> Tensor:
+    """Rejuvenation; returns the replaced count per layer (int64, on the device)."""
     if not weights:
         return torch.zeros(0, dtype=torch.int64)
-    keys = draw_keys(steps, seeds, op_id)
-    return getattr(backend_of(weights[0]), op)(weights, keys, dre)
+    keys = draw_keys(steps, seeds, "rejuvenate")
+    return backend_of(weights[0]).rejuvenate_(weights, keys, dre)
 
 
-def _rejuvenate_impl(
-    weights: List[Tensor], steps: List[Tensor], seeds: List[int], op_id: int, dre: float
-) -> Tensor:
-    """Rejuvenation; returns the replaced count per layer (int64, on the device)."""
-    return _rejuvenate_with("rejuvenate_", weights, steps, seeds, op_id, dre)
-
-
-def _rejuvenate_legacy_impl(
-    weights: List[Tensor], steps: List[Tensor], seeds: List[int], op_id: int, dre: float
+@_define("rejuvenate_legacy_", mutates=("weights", "steps"), fake=_counts_like)
+def rejuvenate_legacy_(
+    weights: List[Tensor], steps: List[Tensor], seeds: List[int], dre: float
 ) -> Tensor:
     """The original published rejuvenation rule; returns the replaced count per layer."""
-    return _rejuvenate_with("rejuvenate_legacy_", weights, steps, seeds, op_id, dre)
+    if not weights:
+        return torch.zeros(0, dtype=torch.int64)
+    keys = draw_keys(steps, seeds, "rejuvenate_legacy")
+    return backend_of(weights[0]).rejuvenate_legacy_(weights, keys, dre)
 
 
-def _fake_counts(weights, steps, seeds, op_id, dre):
-    device = weights[0].device if weights else torch.device("cpu")
-    return torch.empty(len(weights), dtype=torch.int64, device=device)
+# -- the rates -----------------------------------------------------------------------------
 
 
-_rejuvenate_op = torch.library.custom_op(
-    f"{_NS}::rejuvenate_", _rejuvenate_impl, mutates_args=("weights", "steps")
-)
-_rejuvenate_op.register_fake(_fake_counts)
-_rejuvenate_legacy_op = torch.library.custom_op(
-    f"{_NS}::rejuvenate_legacy_", _rejuvenate_legacy_impl, mutates_args=("weights", "steps")
-)
-_rejuvenate_legacy_op.register_fake(_fake_counts)
+@_define("rates_init_", mutates=("rates", "steps"))
+def rates_init_(
+    rates: List[Tensor],
+    steps: List[Tensor],
+    seeds: List[int],
+    distribution: str,
+    nu: float,
+    lo: float,
+    hi: float,
+) -> None:
+    """Draw the initial rates from ``distribution`` (``torch_backend.rates_init_``)."""
+    if rates:
+        keys = draw_keys(steps, seeds, "rates_init")
+        backend_of(rates[0]).rates_init_(rates, keys, distribution, nu, lo, hi)
 
 
-def _dale_enforce_impl(weights: List[Tensor], signs: List[Tensor]) -> None:
-    """``w = relu(w * sign) * sign``."""
-    if weights:
-        backend_of(weights[0]).dale_enforce_(weights, signs)
+@dataclasses.dataclass(frozen=True)
+class RateUpdate:
+    """What one dynamic rate update does to a layer: whether it runs, and with fresh noise."""
+
+    due: bool
+    noisy: bool = False
 
 
-_dale_enforce_op = torch.library.custom_op(
-    f"{_NS}::dale_enforce_", _dale_enforce_impl, mutates_args=("weights",)
-)
+def plan_temporal(count: int, freq: int) -> RateUpdate:
+    """TEMPORAL after ``count`` updates: decay every ``freq``, noise every ``10*freq``."""
+    return RateUpdate(due=count % freq == 0, noisy=count % (10 * freq) == 0)
 
 
-@_dale_enforce_op.register_fake
-def _(weights, signs):
-    return None
+def plan_weight_adaptive(count: int, freq: int, dynamic: bool, filled: bool) -> RateUpdate:
+    """WEIGHT_ADAPTIVE after ``count`` updates: fill once, then every ``freq`` when dynamic."""
+    return RateUpdate(due=not filled or (dynamic and count % freq == 0), noisy=True)
+
+
+def _advance(counter: Tensor) -> int:
+    n = int(counter) + 1  # a CPU scalar: no device sync
+    counter.fill_(n)
+    return n
+
+
+@_define("temporal_step_", mutates=("rates", "counts", "steps"))
+def temporal_step_(
+    rates: List[Tensor],
+    counts: List[Tensor],
+    steps: List[Tensor],
+    seeds: List[int],
+    freq: int,
+    decay: float,
+    nu: float,
+    lo: float,
+    hi: float,
+) -> None:
+    """One TEMPORAL update of each layer: advance its update count; when due,
+    ``p = clamp(1 + (p-1)*decay [+ 0.1*nu*(2U-1)], lo, hi)`` (:func:`plan_temporal`)."""
+    quiet, noisy = [], []
+    for i, count in enumerate(counts):
+        plan = plan_temporal(_advance(count), freq)
+        if plan.due:
+            (noisy if plan.noisy else quiet).append(i)
+    if quiet:
+        backend_of(rates[0]).temporal_update_([rates[i] for i in quiet], None, decay, 0.0, lo, hi)
+    if noisy:
+        keys = draw_keys([steps[i] for i in noisy], [seeds[i] for i in noisy], "temporal")
+        backend_of(rates[0]).temporal_update_(
+            [rates[i] for i in noisy], keys, decay, 0.1 * nu, lo, hi
+        )
+
+
+@_define("weight_adaptive_step_", mutates=("rates", "counts", "filled", "steps"))
+def weight_adaptive_step_(
+    rates: List[Tensor],
+    weights: List[Tensor],
+    counts: List[Tensor],
+    filled: List[Tensor],
+    steps: List[Tensor],
+    seeds: List[int],
+    freq: int,
+    dynamic: bool,
+    nu: float,
+    lo: float,
+    hi: float,
+) -> None:
+    """One WEIGHT_ADAPTIVE update of each layer (:func:`plan_weight_adaptive`): when due,
+    ``p = clamp(1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), 0.5, 1.5), lo, hi)``."""
+    due = []
+    for i, (count, flag) in enumerate(zip(counts, filled)):
+        if plan_weight_adaptive(_advance(count), freq, dynamic, bool(flag)).due:
+            flag.fill_(1)
+            due.append(i)
+    if due:
+        keys = draw_keys([steps[i] for i in due], [seeds[i] for i in due], "weight_adaptive")
+        backend_of(rates[0]).weight_adaptive_(
+            [rates[i] for i in due], [weights[i] for i in due], keys, nu, lo, hi
+        )
 
 
 def host_uniform(key: int) -> float:
@@ -208,14 +304,14 @@ def host_uniform(key: int) -> float:
     return (philox.stream_key(key, 0, 0) >> 10) / float(1 << 53)
 
 
-def _activity_step_impl(
+@_define("activity_step_", mutates=("counts", "rates", "step", "calls"))
+def activity_step_(
     output: Tensor,
     counts: Tensor,
     rates: Tensor,
     step: Tensor,
     calls: Tensor,
     seed: int,
-    op_id: int,
     channel_dim: int,
     nu: float,
     lo: float,
@@ -227,43 +323,16 @@ def _activity_step_impl(
     dims = [d for d in range(output.dim()) if d != channel_dim]
     active = output.abs() > 0.01
     counts.add_((active.sum(dim=dims) if dims else active).to(counts.dtype))
-    (key,) = draw_keys([step], [seed], op_id)
-    n = int(calls)  # a CPU scalar: no device sync
-    calls.fill_(n + 1)
-    if n == 0 or host_uniform(key) < 0.1:
+    (key,) = draw_keys([step], [seed], "activity")
+    if _advance(calls) == 1 or host_uniform(key) < 0.1:
         backend_of(rates).activity_update_([rates], [counts], [key], nu, lo, hi)
 
 
-_activity_step_op = torch.library.custom_op(
-    f"{_NS}::activity_step_",
-    _activity_step_impl,
-    mutates_args=("counts", "rates", "step", "calls"),
-)
+# -- Dale's principle ----------------------------------------------------------------------
 
 
-@_activity_step_op.register_fake
-def _(output, counts, rates, step, calls, seed, op_id, channel_dim, nu, lo, hi):
-    return None
-
-
-def _eager_or_traced(op, impl):
-    """The custom op when ``torch.compile`` traces, its plain implementation otherwise."""
-
-    def call(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            return op(*args, **kwargs)
-        return impl(*args, **kwargs)
-
-    call.__doc__ = impl.__doc__
-    call.__name__ = impl.__name__.replace("_impl", "").lstrip("_")
-    return call
-
-
-fuzzy_scale_ = _eager_or_traced(_fuzzy_scale_op, _fuzzy_scale_impl)
-crystallize_ = _eager_or_traced(_crystallize_op, _crystallize_impl)
-volume_scale_ = _eager_or_traced(_volume_scale_op, _volume_scale_impl)
-bio_step_ = _eager_or_traced(_bio_step_op, _bio_step_impl)
-rejuvenate_ = _eager_or_traced(_rejuvenate_op, _rejuvenate_impl)
-rejuvenate_legacy_ = _eager_or_traced(_rejuvenate_legacy_op, _rejuvenate_legacy_impl)
-dale_enforce_ = _eager_or_traced(_dale_enforce_op, _dale_enforce_impl)
-activity_step_ = _eager_or_traced(_activity_step_op, _activity_step_impl)
+@_define("dale_enforce_", mutates=("weights",))
+def dale_enforce_(weights: List[Tensor], signs: List[Tensor]) -> None:
+    """``w = relu(w * sign) * sign``."""
+    if weights:
+        backend_of(weights[0]).dale_enforce_(weights, signs)

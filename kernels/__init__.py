@@ -1,116 +1,77 @@
-"""The hot per-element ops of the bio mechanisms, and the choice of backend that runs them.
+"""The hot per-element ops of the bio mechanisms, and the one dispatcher that picks their backend.
 
-Every op works in place on lists of tensors (one entry per layer, all on one device and of one
-dtype) so a model-level call is one op call per (device, dtype) group. Both backends,
-``torch_backend`` (pure PyTorch: the CPU fallback and the reference) and ``triton_backend``
-(fused Triton kernels), define the same ops with the same names and arguments:
+Modules:
 
-========================  ======  ==========================================================
-op                        writes  formula (w weight, g grad, p rates)
-========================  ======  ==========================================================
-``fuzzy_scale_``          g       ``g *= p``
-``crystallize_``          p       ``p[|g|/|w| < t or |g| > mean|w|] *= d``
-``volume_scale_``         g       ``g *= |N(m, var*m)|``, ``m = lr*exp(-s*|w|/(|w|+1))``
-``bio_step_``             g, p    volume, fuzzy, crystallize in that order, one pass
-``rejuvenate_``           w       replace weak weights (see ``torch_backend.rejuvenate_``)
-``rejuvenate_legacy_``    w       the original published rule
-``rates_init_``           p       uniform / normal / lognormal / gamma / beta
-``temporal_update_``      p       ``p = 1 + (p-1)*decay + noise*(2U-1)``
-``weight_adaptive_``      p       ``1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), .5, 1.5)``
-``activity_update_``      p       row-wise redraw scaled by unit activity
-``dale_enforce_``         w       ``w = relu(w*sign)*sign``
-========================  ======  ==========================================================
+* :mod:`.contract`: the op names and formulas, and ``StepParams`` (the fused step's scalars);
+* :mod:`.settings`: ``BIO_BACKEND``, ``BIO_RNG``, ``BIO_CPU_FUSED`` as one settings object;
+* :mod:`.stats`, :mod:`.rng`, :mod:`.philox`: per-layer statistics and random draws shared by
+  the backends;
+* :mod:`.torch_backend`: the pure-PyTorch reference and CPU fallback;
+* :mod:`.cpu_fused`: the opt-in compiled CPU loop (``BIO_CPU_FUSED=1``);
+* :mod:`.triton`: the Triton kernels (imported only when Triton is installed and works).
 
-Randomness: a stochastic op takes one integer ``key`` per tensor (made on the host by
-:func:`~bio_transformations.kernels.philox.stream_key` from the layer seed, its step counter
-and the op id) and draws element ``i``'s numbers from Philox at counter ``i`` (the Triton
-backend, and the torch backend with ``BIO_RNG=philox``), or from a ``torch.Generator`` seeded
-with ``key`` (the torch backend's default, faster on CPU). Which Philox outputs each op uses is
-written in the op's docstring in ``torch_backend``, so the two backends draw the same numbers.
-
-Backend selection: ``BIO_BACKEND=auto|triton|torch`` (read once; :func:`set_backend` and
-:func:`use_backend` change it in code). ``auto`` runs Triton on CUDA tensors when Triton
-imports and torch otherwise; an explicit ``triton`` fails loudly where it cannot run.
+Every backend module defines every op of :data:`OPS` with the same arguments.
+:func:`backend_for` decides, from the device AND the dtype of the tensors, which backend runs
+them, and what it reports is what runs: ``auto`` (default) runs Triton on float32/float16/
+bfloat16 CUDA tensors when Triton imports, the compiled CPU loop on float32/float64 CPU tensors
+when ``BIO_CPU_FUSED`` is on, and torch otherwise; an explicit ``triton`` fails loudly where it
+cannot run (float64 still runs on torch: Triton has no float64 kernels).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import logging
 from types import ModuleType
 from typing import Iterator, Optional
 
 import torch
 
-from . import torch_backend
+from . import cpu_fused, settings, torch_backend
+from .contract import OPS, StepParams
+from .settings import BACKENDS, Settings
 
 __all__ = [
     "BACKENDS",
+    "OPS",
     "BackendError",
+    "Settings",
+    "StepParams",
     "backend_for",
     "backend_module",
     "get_backend",
     "set_backend",
+    "settings",
     "triton_available",
     "use_backend",
-    "OPS",
 ]
 
-BACKENDS = ("auto", "triton", "torch")
-OPS = (
-    "fuzzy_scale_",
-    "crystallize_",
-    "volume_scale_",
-    "bio_step_",
-    "rejuvenate_",
-    "rejuvenate_legacy_",
-    "rates_init_",
-    "temporal_update_",
-    "weight_adaptive_",
-    "activity_update_",
-    "dale_enforce_",
-)
+logger = logging.getLogger("bio_transformations")
 
 
 class BackendError(RuntimeError):
     """The requested backend cannot run here (the message says how to fix it)."""
 
 
-def _parse(name: str) -> str:
-    value = str(name).strip().lower()
-    if value not in BACKENDS:
-        raise ValueError(f"unknown bio backend {name!r}; valid values are: {', '.join(BACKENDS)}")
-    return value
-
-
-_requested: Optional[str] = None  # None: not yet read from the environment
-_triton_module: Optional[ModuleType] = None
-_triton_import_error: Optional[BaseException] = None
-
-
 def get_backend() -> str:
     """The requested backend name: ``BIO_BACKEND`` (default ``auto``) unless set in code."""
-    global _requested
-    if _requested is None:
-        _requested = _parse(os.environ.get("BIO_BACKEND", "auto"))
-    return _requested
+    return settings.current().backend
 
 
 def set_backend(name: str) -> None:
-    """Request a backend for all later ops: ``"auto"``, ``"triton"`` or ``"torch"``."""
-    global _requested
-    _requested = _parse(name)
+    """Request a backend for all later ops, process-wide: ``"auto"``, ``"triton"``, ``"torch"``."""
+    settings.configure(backend=name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager: run the ops inside the block on backend ``name``."""
-    previous = get_backend()
-    set_backend(name)
-    try:
+    """Context manager: run the ops inside the block on backend ``name`` (this thread only)."""
+    with settings.override(backend=name):
         yield
-    finally:
-        set_backend(previous)
+
+
+_triton_module: Optional[ModuleType] = None
+_triton_import_error: Optional[BaseException] = None
 
 
 def _load_triton() -> Optional[ModuleType]:
@@ -118,11 +79,12 @@ def _load_triton() -> Optional[ModuleType]:
     global _triton_module, _triton_import_error
     if _triton_module is None and _triton_import_error is None:
         try:
-            from . import triton_backend
+            from . import triton as triton_backend
 
             _triton_module = triton_backend
         except Exception as exc:  # ImportError, or triton present but broken
             _triton_import_error = exc
+            logger.debug("Triton backend unavailable: %r", exc)
     return _triton_module
 
 
@@ -133,45 +95,71 @@ def triton_available() -> bool:
 
 def _interpreting() -> bool:
     """Whether the Triton kernels run in Triton's CPU interpreter. Triton decides that when it
-    decorates them (at import), so ask the imported backend; the environment only before."""
+    decorates them (at import), so ask the imported backend."""
     module = _load_triton()
-    if module is not None:
-        return bool(getattr(module, "INTERPRETED", False))
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return bool(module is not None and module.INTERPRETED)
 
 
-def backend_for(device: torch.device | str) -> str:
-    """The backend that actually runs ops on tensors of ``device``: ``"torch"`` or ``"triton"``.
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CPU_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def _triton_can_run(device: torch.device) -> bool:
+    """Triton runs CUDA tensors compiled, or CPU tensors in the interpreter (not both)."""
+    return _interpreting() == (device.type == "cpu") and device.type in ("cuda", "cpu")
+
+
+def backend_for(device: torch.device | str, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs ops on tensors of ``device`` and ``dtype``: ``"torch"``,
+    ``"triton"`` or ``"cpu_fused"`` (``dtype=None``: float32).
 
     Raises:
         BackendError: ``triton`` was requested explicitly but cannot run on this device.
     """
     device = torch.device(device)
-    requested = get_backend()
-    if requested == "torch":
-        return "torch"
-    if requested == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    # Explicit request: fail loudly, naming the fixes.
+    dtype = torch.float32 if dtype is None else dtype
+    current = settings.current()
+    if current.backend == "triton":
+        _require_triton(device)
+        return "triton" if dtype in _TRITON_DTYPES else "torch"
+    if current.backend == "auto" and device.type == "cuda" and dtype in _TRITON_DTYPES:
+        if triton_available() and _triton_can_run(device):
+            return "triton"
+    if (
+        current.cpu_fused
+        and device.type == "cpu"
+        and dtype in _CPU_FUSED_DTYPES
+        and cpu_fused.usable()
+    ):
+        return "cpu_fused"
+    return "torch"
+
+
+def _require_triton(device: torch.device) -> None:
+    """Fail loudly, naming the fixes, where an explicit Triton request cannot run."""
     if not triton_available():
         raise BackendError(
             "BIO_BACKEND=triton was requested but Triton cannot be imported "
             f"({_triton_import_error!r}). Install triton (pip install 'triton>=3.6'), "
             "or use BIO_BACKEND=torch (or auto)."
         )
-    if device.type != "cuda" and not _interpreting():
+    if not _triton_can_run(device):
+        if _interpreting():
+            raise BackendError(
+                f"BIO_BACKEND=triton runs in Triton's interpreter (TRITON_INTERPRET=1), which "
+                f"handles CPU tensors only, not {device.type} tensors. Unset TRITON_INTERPRET "
+                "before importing triton, or use BIO_BACKEND=torch."
+            )
         raise BackendError(
             f"BIO_BACKEND=triton cannot run on {device.type} tensors. Move the model to a CUDA "
             "device, or set TRITON_INTERPRET=1 before importing triton to run the kernels in "
             "Triton's interpreter on the CPU (slow; for tests), or use BIO_BACKEND=torch."
         )
-    return "triton"
 
 
-def backend_module(device: torch.device | str) -> ModuleType:
-    """The backend module (``torch_backend`` or ``triton_backend``) for ``device``."""
-    if backend_for(device) == "triton":
-        module = _load_triton()
-        assert module is not None  # backend_for checked it
-        return module
-    return torch_backend
+def backend_module(device: torch.device | str, dtype: Optional[torch.dtype] = None) -> ModuleType:
+    """The backend module that runs ops on tensors of ``device`` and ``dtype``."""
+    name = backend_for(device, dtype)
+    if name == "triton":
+        return _load_triton()
+    return cpu_fused if name == "cpu_fused" else torch_backend

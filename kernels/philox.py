@@ -4,7 +4,7 @@ The functions here produce, bit for bit, the streams of ``tl.randint4x``, ``tl.r
 ``tl.rand4x``, ``tl.randn`` and ``tl.randn4x`` (``triton/language/random.py``) for a given seed and
 element offset, using only vectorised torch integer and float ops. They work on CPU and CUDA
 tensors alike, which lets the torch backend in ``BIO_RNG=philox`` mode draw exactly the masks and
-values a Triton kernel would (see DESIGN.md, "Randomness").
+values a Triton kernel would (see the docs page "Randomness").
 
 Conventions mirrored from Triton (checked against triton 3.6.0, 3.7.0 and 3.8.0, whose generators
 are identical; the only textual difference is that 3.8 folds negative int32 draws with ``~x`` where

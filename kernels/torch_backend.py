@@ -1,157 +1,56 @@
 """Pure-PyTorch kernels: the CPU fallback and the reference every other backend must match.
 
-Each op takes lists of tensors (one entry per layer, one device and dtype per call) and works in
-place. Math runs in float32 for float16/bfloat16 tensors (float64 stays float64) and the result
-is rounded back once, as the Triton kernels do. No op reads a tensor value on the host, except
-the CPU-only sparse path of :func:`rejuvenate_`, which never runs on CUDA tensors.
+Each op of the contract (:mod:`~bio_transformations.kernels.contract`) takes lists of tensors
+(one entry per layer, one device and dtype per call) and works in place. Math runs in float32
+for float16/bfloat16 tensors (float64 stays float64) and the result is rounded back once, as
+the Triton kernels do. No op reads a tensor value on the host, except the CPU-only sparse path
+of :func:`rejuvenate_`, which never runs on CUDA tensors.
 
-Random numbers: element ``i`` of a layer draws from Philox at counter ``i`` with the layer's
-``key`` when ``BIO_RNG=philox`` (bit-identical to the Triton backend), and otherwise from a
-``torch.Generator`` seeded with ``key`` (faster on CPU). Each op's docstring says which of the
-four Philox outputs ``r0..r3`` (:func:`~bio_transformations.kernels.philox.randint4x`) it uses.
+Random numbers come from :mod:`~bio_transformations.kernels.rng`: Triton's Philox stream with
+``BIO_RNG=philox`` (bit-identical to the Triton backend), torch's samplers otherwise. Each op's
+docstring says which of the four Philox outputs ``r0..r3``
+(:func:`~bio_transformations.kernels.philox.randint4x`) it uses.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Optional, Sequence
 
 import torch
 
-from . import philox
+from . import rng
+from .contract import StepParams
+from .rng import box_muller, normal, uniform, uniform4
+from .stats import (
+    LOW_PRECISION,
+    abs_means,
+    activity_stats,
+    clean_weights_,
+    legacy_stats,
+    rejuvenation_stats,
+    rows_view,
+    upcast,
+)
 
 Tensor = torch.Tensor
 Tensors = Sequence[Tensor]
 
-RNG_MODES = ("torch", "philox")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+__all__ = [
+    "fuzzy_scale_",
+    "crystallize_",
+    "volume_scale_",
+    "bio_step_",
+    "rejuvenate_",
+    "rejuvenate_legacy_",
+    "rates_init_",
+    "temporal_update_",
+    "weight_adaptive_",
+    "activity_update_",
+    "dale_enforce_",
+]
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared helpers (the Triton backend uses the same statistics so both agree bit for bit)
-# ---------------------------------------------------------------------------------------------
-
-
-def rng_mode() -> str:
-    """``BIO_RNG``: ``torch`` (default, torch's samplers) or ``philox`` (Triton's stream)."""
-    mode = os.environ.get("BIO_RNG", "torch").strip().lower()
-    if mode not in RNG_MODES:
-        raise ValueError(f"unknown BIO_RNG {mode!r}; valid values are: {', '.join(RNG_MODES)}")
-    return mode
-
-
-def cpu_fused() -> bool:
-    """``BIO_CPU_FUSED=1``: run crystallize, volume scaling and the bio step on CPU float32/64
-    tensors as one fused loop compiled by ``torch.compile`` (opt-in: the first call compiles,
-    which takes seconds and needs a C++ compiler; any failure falls back to the eager ops)."""
-    return _fused_state["enabled"] and os.environ.get("BIO_CPU_FUSED", "0") not in ("", "0")
-
-
-def compute_dtype(t: Tensor) -> torch.dtype:
-    """The dtype the math runs in: float32 for half types, the tensor's own dtype otherwise."""
-    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
-
-
-def _upcast(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in _LOW_PRECISION else t
-
-
-_generators: dict = {}
-
-
-def _generator(key: int, device: torch.device) -> torch.Generator:
-    """A generator for ``device`` seeded with ``key`` (one cached generator per device)."""
-    gen = _generators.get(device)
-    if gen is None:
-        gen = torch.Generator(device=device)
-        _generators[device] = gen
-    gen.manual_seed(int(key))
-    return gen
-
-
-def _counters(n: int, device: torch.device) -> Tensor:
-    return torch.arange(n, device=device, dtype=torch.int64)
-
-
-def uniform(key: int, n: int, device: torch.device) -> Tensor:
-    """``n`` float32 uniforms on [0, 1); Philox output ``r0`` (``tl.rand``) in philox mode."""
-    if rng_mode() == "philox":
-        return philox.rand(key, _counters(n, device))
-    return torch.rand(n, generator=_generator(key, device), device=device)
-
-
-def normal(key: int, n: int, device: torch.device) -> Tensor:
-    """``n`` float32 standard normals; ``tl.randn`` (from ``r0, r1``) in philox mode."""
-    if rng_mode() == "philox":
-        return philox.randn(key, _counters(n, device))
-    return torch.randn(n, generator=_generator(key, device), device=device)
-
-
-def uniform4(key: int, n: int, device: torch.device) -> tuple:
-    """Four independent rows of ``n`` uniforms; ``tl.rand4x`` (``r0..r3``) in philox mode."""
-    if rng_mode() == "philox":
-        return philox.rand4x(key, _counters(n, device))
-    return tuple(torch.rand(4, n, generator=_generator(key, device), device=device).unbind(0))
-
-
-def box_muller(u1: Tensor, u2: Tensor) -> Tensor:
-    """The first normal of Triton's ``pair_uniform_to_normal(u1, u2)``."""
-    return philox.pair_uniform_to_normal(u1, u2)[0]
-
-
-def abs_means(tensors: Tensors) -> list:
-    """``mean(|t|)`` of each tensor as a 0-d tensor on its device, in the compute dtype.
-
-    One pass, no temporary: the L1 norm divided by the element count.
-    """
-    return [
-        torch.linalg.vector_norm(t, 1, dtype=compute_dtype(t)) / max(t.numel(), 1) for t in tensors
-    ]
-
-
-def clean_weights_(weights: Tensors) -> None:
-    """Rejuvenation's view of a weight: NaN counts as 0, values clamped to [-1, 1] (in place)."""
-    for w in weights:
-        w.nan_to_num_(nan=0.0).clamp_(-1.0, 1.0)
-
-
-def rejuvenation_stats(w: Tensor) -> tuple:
-    """``(std(w), log-normal mu, log-normal sigma)`` of a cleaned weight, all 0-d, on device.
-
-    The log-normal is fitted to the mean ``m`` and std ``s`` of ``|w|``: ``sigma^2 =
-    log(1 + s^2/m^2)``, ``mu = log(m) - sigma^2/2``; the returned sigma is halved (upstream's
-    "log_std / 2"). Zero or undefined statistics are clamped so nothing becomes NaN.
-    """
-    wf = _upcast(w).reshape(-1)
-    n = wf.numel()
-    tiny = 1e-12
-    # Three fast one-pass sums (sum w, sum w^2, sum |w|) instead of two-pass variances; the
-    # cancellation in E[x^2] - E[x]^2 is done in float64 on the 0-d results.
-    s1 = torch.sum(wf).double()
-    s2 = torch.dot(wf, wf).double()
-    a1 = torch.linalg.vector_norm(wf, 1).double()
-    dof = max(n - 1, 1)  # unbiased, as torch.std; one weight: std 0, not NaN
-    std = ((s2 - s1 * s1 / n) / dof).clamp_min(0.0).sqrt()
-    m = a1 / n
-    s = ((s2 - a1 * a1 / n) / dof).clamp_min(0.0).sqrt()
-    std = torch.nan_to_num(std, nan=0.0).clamp_min(tiny)
-    m = torch.nan_to_num(m, nan=0.0).clamp_min(tiny)
-    s = torch.nan_to_num(s, nan=0.0)
-    sigma2 = torch.log1p((s / m) ** 2)
-    mu = torch.log(m) - 0.5 * sigma2
-    out = wf.dtype
-    return std.to(out), mu.to(out), (0.5 * torch.sqrt(sigma2)).to(out)
-
-
-def _rows_view(sign: Tensor, like: Tensor) -> Tensor:
-    """Shape a per-output-unit vector so it broadcasts over a weight's other dims."""
-    return sign.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-# ---------------------------------------------------------------------------------------------
-# The ops, in the order of the table in kernels/__init__.py
-# ---------------------------------------------------------------------------------------------
+# ---- the ops, in the contract's order ----------------------------------------------------
 
 
 def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
@@ -159,7 +58,7 @@ def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
     grads, rates = list(grads), list(rates)
     if not grads:
         return
-    if grads[0].dtype in _LOW_PRECISION:
+    if grads[0].dtype in LOW_PRECISION:
         for g, p in zip(grads, rates):
             g.copy_(g.float() * p.float())
     else:
@@ -184,9 +83,20 @@ def _chunks(*tensors: Tensor):
 def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
     mean_aw = abs_means([w])[0]  # the shared helper: the Triton backend reads the same number
     for wc, gc, pc in _chunks(w, g, p):
-        ag = _upcast(gc).abs()
+        ag = upcast(gc).abs()
         # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
-        mask = torch.lt(ag, _upcast(wc).abs().mul_(thresh))
+        mask = torch.lt(ag, upcast(wc).abs().mul_(thresh))
+        mask.logical_or_(ag > mean_aw)
+        # p * where(mask, d, 1) equals where(mask, p*d, p), with one temporary fewer.
+        pc.mul_(torch.where(mask, damp, 1.0))
+
+
+def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
+    mean_aw = abs_means([w])[0]  # the shared helper: the Triton backend reads the same number
+    for wc, gc, pc in _chunks(w, g, p):
+        ag = upcast(gc).abs()
+        # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
+        mask = torch.lt(ag, upcast(wc).abs().mul_(thresh))
         mask.logical_or_(ag > mean_aw)
         # p * where(mask, d, 1) equals where(mask, p*d, p), with one temporary fewer.
         pc.mul_(torch.where(mask, damp, 1.0))
@@ -196,10 +106,6 @@ def crystallize_(
     weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
 ) -> None:
     """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
-    if weights and _fused_applies([*weights, *grads, *rates]):
-        scalars = (0.0, 0.0, 0.0, crystal_thresh, dampening)
-        if _bio_step_fused(weights, grads, rates, [0] * len(weights), False, False, True, *scalars):
-            return
     for w, g, p in zip(weights, grads, rates):
         if w.numel():
             _crystallize_one(w, g, p, crystal_thresh, dampening)
@@ -212,11 +118,11 @@ def _volume_one(
     z = normal(key, w.numel(), w.device).view(w.shape)
     for wc, gc, zc in _chunks(w, g, z):
         # m = base_lr * exp(-stability * |w|/(|w|+1)), built in place in one temporary.
-        m = _upcast(wc).abs()
+        m = upcast(wc).abs()
         m.div_(m + 1.0).mul_(-stability).exp_().mul_(base_lr)
         # |N(m, variability*m)| = m * |1 + variability*z| because m > 0.
         factor = zc.to(m.dtype).mul_(variability).add_(1.0).abs_().mul_(m)
-        if gc.dtype in _LOW_PRECISION:
+        if gc.dtype in LOW_PRECISION:
             gc.copy_(gc.float() * factor)
         else:
             gc.mul_(factor)
@@ -235,115 +141,33 @@ def volume_scale_(
 
     Philox: ``z = tl.randn(key, i)``.
     """
-    if weights and _fused_applies([*weights, *grads]):
-        scalars = (base_lr, stability_factor, lr_variability, 0.0, 1.0)
-        if _bio_step_fused(weights, grads, None, keys, True, False, False, *scalars):
-            return
     for w, g, key in zip(weights, grads, keys):
         if w.numel():
             _volume_one(w, g, key, base_lr, stability_factor, lr_variability)
 
 
-def _step_core(w, g, p, z, mean_aw, volume, fuzzy, crystallize, lr, stab, var, thresh, damp):
-    """One layer's volume / fuzzy / crystallize as plain tensor math in the eager ops' order:
-    what ``BIO_CPU_FUSED`` compiles into one loop per layer."""
-    grad = g
-    if volume:
-        aw = w.abs()
-        m = lr * torch.exp(-stab * (aw / (aw + 1.0)))
-        grad = grad * (torch.abs(1.0 + var * z) * m)
-    if fuzzy:
-        grad = grad * p
-    if volume or fuzzy:
-        g.copy_(grad)
-    if crystallize:
-        ag = grad.abs()
-        mask = (ag < w.abs() * thresh) | (ag > mean_aw)
-        p.copy_(p * torch.where(mask, damp, 1.0))
-
-
-_fused_state = {"enabled": True, "compiled": None}
-
-
-def _fused_applies(tensors: Sequence[Tensor]) -> bool:
-    return (
-        cpu_fused()
-        and tensors[0].device.type == "cpu"
-        and all(t.dtype in (torch.float32, torch.float64) for t in tensors)
-    )
-
-
-def _step_core_many(ws, gs, ps, zs, means, volume, fuzzy, crystallize, *scalars):
-    """:func:`_step_core` over a group of layers: one compiled call for the whole group, since
-    per-call overhead dominates for many small layers."""
-    for w, g, p, z, mean_aw in zip(ws, gs, ps, zs, means):
-        _step_core(w, g, p, z, mean_aw, volume, fuzzy, crystallize, *scalars)
-
-
-def _bio_step_fused(weights, grads, rates, keys, volume, fuzzy, crystallize, *scalars) -> bool:
-    """The fused CPU step over a group of layers; False (after one warning) if compiling or
-    running it fails, in which case nothing was changed and the eager ops run instead."""
-    if _fused_state["compiled"] is None:
-        _fused_state["compiled"] = torch.compile(_step_core_many, dynamic=True, fullgraph=True)
-    layers = [i for i, w in enumerate(weights) if w.numel()]
-    ws = [weights[i] for i in layers]
-    gs = [grads[i] for i in layers]
-    ps = [rates[i] for i in layers] if rates is not None else gs  # unused then
-    # The random numbers come from the eager generator: the stream stays the same.
-    zs = [normal(keys[i], weights[i].numel(), weights[i].device) for i in layers] if volume else gs
-    zs = [z.view(w.shape) for z, w in zip(zs, ws)]
-    means = abs_means(ws) if crystallize else [w.new_zeros(()) for w in ws]
-    try:
-        # One compile per group shape (layer count, flags): allow more than dynamo's default 8
-        # recompiles for this function, or it would silently fall back to unfused eager code.
-        config = torch._dynamo.config  # torch >= 2.6 calls it recompile_limit
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        with config.patch(**{limit: 512}):
-            _fused_state["compiled"](ws, gs, ps, zs, means, volume, fuzzy, crystallize, *scalars)
-    except Exception as exc:  # no compiler, unsupported platform, ...: keep training
-        _fused_state["enabled"] = False
-        warnings.warn(
-            f"BIO_CPU_FUSED: the fused CPU step failed ({exc!r}); using the eager ops from now on",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    return True
-
-
 def bio_step_(
     weights: Tensors,
     grads: Tensors,
-    rates: Tensors,
-    keys: Sequence[int],
-    volume: bool,
-    fuzzy: bool,
-    crystallize: bool,
-    base_lr: float,
-    stability_factor: float,
-    lr_variability: float,
-    crystal_thresh: float,
-    dampening: float,
+    rates: Optional[Tensors],
+    keys: Optional[Sequence[int]],
+    params: StepParams,
 ) -> None:
-    """Volume scaling, fuzzy scaling and crystallization in that order (each optional).
-
-    Equal to the separate ops called in the same order with the same key.
-    """
-    scalars = (base_lr, stability_factor, lr_variability, crystal_thresh, dampening)
-    if weights and _fused_applies([*weights, *grads, *rates]):
-        if _bio_step_fused(weights, grads, rates, keys, volume, fuzzy, crystallize, *scalars):
-            return
-    if volume:
-        volume_scale_(weights, grads, keys, base_lr, stability_factor, lr_variability)
-    if fuzzy:
+    """Volume scaling, fuzzy scaling and crystallization in that order (each as ``params``
+    says); by definition equal to the separate ops called in that order with the same key.
+    ``keys`` is read only for volume scaling, ``rates`` only for the other two stages."""
+    p = params
+    if p.volume:
+        volume_scale_(weights, grads, keys, p.base_lr, p.stability_factor, p.lr_variability)
+    if p.fuzzy:
         fuzzy_scale_(grads, rates)
-    if crystallize:
-        crystallize_(weights, grads, rates, crystal_thresh, dampening)
+    if p.crystallize:
+        crystallize_(weights, grads, rates, p.crystal_thresh, p.dampening)
 
 
 def _rejuvenate_dense(w: Tensor, key: int, dre: float) -> Tensor:
     std, mu, sigma = rejuvenation_stats(w)
-    wf = _upcast(w)
+    wf = upcast(w)
     u_replace, u_sign, u1, u2 = (u.view(w.shape) for u in uniform4(key, w.numel(), w.device))
     replace = torch.lt(u_replace, wf.abs().mul_(-dre).div_(std).exp_())
     magnitude = torch.exp(mu + sigma * box_muller(u1, u2))
@@ -355,9 +179,9 @@ def _rejuvenate_dense(w: Tensor, key: int, dre: float) -> Tensor:
 def _rejuvenate_sparse(w: Tensor, key: int, dre: float) -> Tensor:
     """CPU path: draw replacement values only for the weights actually replaced."""
     std, mu, sigma = rejuvenation_stats(w)
-    gen = _generator(key, w.device)
+    gen = rng.generator(key, w.device)
     flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)
-    wf = _upcast(flat)
+    wf = upcast(flat)
     u = torch.rand(flat.numel(), generator=gen, device=w.device)
     prob = wf.abs().mul_(-dre).div_(std).exp_()  # exp(-dre*|w|/std), in one temporary
     idx = torch.nonzero(torch.lt(u, prob)).squeeze(1)  # CPU: reading the count is no sync
@@ -386,7 +210,7 @@ def rejuvenate_(weights: Tensors, keys: Sequence[int], dre: float) -> Tensor:
     for w, key in zip(weights, keys):
         if w.numel() == 0:
             counts.append(torch.zeros((), dtype=torch.int64, device=w.device))
-        elif w.device.type == "cpu" and rng_mode() == "torch":
+        elif w.device.type == "cpu" and not rng.philox_mode():
             counts.append(_rejuvenate_sparse(w, key, dre))
         else:
             counts.append(_rejuvenate_dense(w, key, dre))
@@ -408,10 +232,10 @@ def rejuvenate_legacy_(weights: Tensors, keys: Sequence[int], dre: float) -> Ten
         if w.numel() == 0:
             counts.append(torch.zeros((), dtype=torch.int64, device=w.device))
             continue
-        wf = _upcast(w)
-        max_aw = wf.abs().amax()
+        wf = upcast(w)
+        max_aw, scale = legacy_stats(w, dre)
         u0, u1, u2, _ = (u.view(w.shape) for u in uniform4(key, w.numel(), w.device))
-        threshold = torch.abs(box_muller(u0, u1) * (max_aw / dre))
+        threshold = torch.abs(box_muller(u0, u1) * scale)
         replace = wf.abs() < threshold
         w.copy_(torch.where(replace, (2.0 * u2 - 1.0) * max_aw, wf))
         counts.append(replace.sum())
@@ -493,7 +317,7 @@ def temporal_update_(
         # (rates chunk, uniforms chunk or None without noise)
         pieces = _chunks(p, u) if u is not None else ((pc, None) for (pc,) in _chunks(p))
         for pc, uc in pieces:
-            value = _upcast(pc) - 1.0  # 1 + (p-1)*decay [+ noise*(2U-1)], in place
+            value = upcast(pc) - 1.0  # 1 + (p-1)*decay [+ noise*(2U-1)], in place
             value.mul_(decay).add_(1.0)
             if uc is not None:
                 value.add_(uc.mul_(2.0).sub_(1.0).mul_(noise))
@@ -514,7 +338,7 @@ def weight_adaptive_(
         u = uniform(key, p.numel(), p.device).view(p.shape)
         for pc, wc, uc in _chunks(p, w, u):
             # clamp(2 - |w|/denominator, 0.5, 1.5), in place
-            scale = _upcast(wc).abs().div_(denominator).neg_().add_(2.0).clamp_(0.5, 1.5)
+            scale = upcast(wc).abs().div_(denominator).neg_().add_(2.0).clamp_(0.5, 1.5)
             value = uc.to(scale.dtype).mul_(2.0).sub_(1.0).mul_(nu).mul_(scale)
             pc.copy_(value.add_(1.0).clamp_(lo, hi))
 
@@ -533,16 +357,16 @@ def activity_update_(
         if p.numel() == 0:
             continue
         cf = c.to(torch.float32)
-        mean_c = cf.mean()
-        ratio = torch.where(mean_c > 0, cf / mean_c.clamp_min(1e-30), torch.ones_like(cf))
+        mean_c, denominator = activity_stats(c)
+        ratio = torch.where(mean_c > 0, cf / denominator, torch.ones_like(cf))
         factor = 2.0 - torch.clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
         u = uniform(key, p.numel(), p.device).view(p.shape)
-        p.copy_((1.0 + (2.0 * u - 1.0) * nu * _rows_view(factor, p)).clamp(lo, hi))
+        p.copy_((1.0 + (2.0 * u - 1.0) * nu * rows_view(factor, p)).clamp(lo, hi))
 
 
 def dale_enforce_(weights: Tensors, signs: Tensors) -> None:
     """``w = relu(w * sign) * sign`` with one sign (+1 or -1) per output unit (weight row)."""
     for w, s in zip(weights, signs):
         if w.numel():
-            sv = _rows_view(s, w).to(w.dtype)
+            sv = rows_view(s, w).to(w.dtype)
             w.copy_(torch.relu(w * sv) * sv)

@@ -12,3 +12,25 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from bio_transformations.kernels import settings  # noqa: E402
+
+
+@pytest.fixture
+def bio_settings():
+    """``bio_settings(rng="philox", ...)``: kernel settings for the rest of this test only."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(settings.override(**changes))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_settings():
+    """Each test starts from the environment's settings; ``set_backend`` calls don't leak."""
+    settings.configure()
+    yield
+    settings.configure()

@@ -1,10 +1,10 @@
-"""Every op on both backends: ``torch_backend`` in Philox mode against ``triton_backend``.
+"""Every op on both backends: ``torch_backend`` in Philox mode against the Triton backend.
 
 Without CUDA the Triton kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``
 is set in ``conftest.py`` before triton loads); on a CUDA machine with the variable unset they
 run compiled on ``cuda`` tensors. Kept small: the interpreter runs one program at a time.
 
-What "agree" means (DESIGN.md, "Agreement, stated as tests"):
+What "agree" means (docs: "Backends and kernels"):
 
 * pure arithmetic and uniform draws (fuzzy, crystallize, Dale, temporal with and without noise,
   weight-adaptive, activity, baseline/uniform/gamma init): bit for bit;
@@ -22,11 +22,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bio_transformations import BioConverter, Distribution, set_backend
-from bio_transformations.kernels import philox
+from bio_transformations import BioConverter, Distribution, kernels, set_backend
+from bio_transformations.kernels import StepParams, philox, stats
 from bio_transformations.kernels import torch_backend as tb
 
-trb = pytest.importorskip("bio_transformations.kernels.triton_backend")
+trb = pytest.importorskip("bio_transformations.kernels.triton")
+from bio_transformations.kernels.triton import launch, step  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not trb.INTERPRETED else "cpu")
 if DEVICE.type == "cpu" and not trb.INTERPRETED:
@@ -44,8 +45,8 @@ CASES = {"sizes": SIZES, "layouts": LAYOUTS}
 
 
 @pytest.fixture(autouse=True)
-def _philox(monkeypatch):
-    monkeypatch.setenv("BIO_RNG", "philox")
+def _philox(bio_settings):
+    bio_settings(rng="philox")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +92,14 @@ def _tensors(cases, dtype, seed=0, nan=False):
 
 def _keys(n, op):
     return [philox.stream_key(1234, i, op) for i in range(n)]
+
+
+def _params(volume, fuzzy, crystallize):
+    return StepParams(volume, fuzzy, crystallize, 0.1, 2.0, 0.2, 0.05, 0.6)
+
+
+def philox_box_muller(u1, u2):
+    return philox.pair_uniform_to_normal(u1, u2)[0]
 
 
 def _both(run, case, dtype, nan=False):
@@ -250,11 +259,11 @@ def _rejuvenation_near(ts, dre=8.0):
     near = []
     for t, key in zip(ts, _keys(len(ts), 2)):
         w = t["w"]
-        tb.clean_weights_([w])
+        stats.clean_weights_([w])
         if not w.numel():
             near.append(torch.zeros(w.shape, dtype=torch.bool, device=DEVICE))
             continue
-        std = tb.rejuvenation_stats(w)[0]
+        std = stats.rejuvenation_stats(w)[0]
         u = philox.rand(key, torch.arange(w.numel(), device=DEVICE)).view(w.shape)
         near.append((u - torch.exp(-dre * w.float().abs() / std)).abs() <= 1e-6)
     return near
@@ -293,7 +302,7 @@ def test_rejuvenate_legacy(dtype, case):
             continue
         w = t["w"].float()
         u0, u1, _, _ = philox.rand4x(key, torch.arange(w.numel(), device=DEVICE))
-        threshold = (tb.box_muller(u0, u1).view(w.shape) * (w.abs().amax() / 8.0)).abs()
+        threshold = (philox_box_muller(u0, u1).view(w.shape) * (w.abs().amax() / 8.0)).abs()
         near = (w.abs() - threshold).abs() <= 1e-5 * threshold
         flips += assert_flips_rare(ulps(a, b) > MAX_ULP[dtype], near, "legacy rejuvenation")
     assert (ref_n - got_n).abs().sum() <= flips
@@ -304,7 +313,7 @@ def _step(volume, fuzzy, crystallize):
     def run(B, ts):
         w, g, p = ([t[k] for t in ts] for k in "wgp")
         keys = _keys(len(ts), 1)
-        B.bio_step_(w, g, p, keys, volume, fuzzy, crystallize, 0.1, 2.0, 0.2, 0.05, 0.6)
+        B.bio_step_(w, g, p, keys, _params(volume, fuzzy, crystallize))
         return g, p, w
 
     return run
@@ -320,7 +329,7 @@ def test_bio_step(dtype, case):
         if not a.numel():
             continue
         aw, ag = w.float().abs(), g.float().abs()
-        mean = tb.abs_means([w])[0]
+        mean = stats.abs_means([w])[0]
         near = ((ag - 0.05 * aw).abs() <= rel * 0.05 * aw) | ((ag - mean).abs() <= rel * mean)
         assert_flips_rare(a != b, near, "crystallization after the volume draw")
 
@@ -360,21 +369,24 @@ class _CountingKernel:
         self.launches += 1
         return self.kernel[grid]
 
+    def __getattr__(self, name):  # arg_names and the rest: the kernel's own
+        return getattr(self.kernel, name)
+
 
 def test_one_launch_per_call_and_cached_tables(monkeypatch):
-    counter = _CountingKernel(trb._step_kernel)
-    monkeypatch.setattr(trb, "_step_kernel", counter)
+    counter = _CountingKernel(step._step_kernel)
+    monkeypatch.setattr(step, "_step_kernel", counter)
     built = []
-    monkeypatch.setattr(trb, "_Plan", lambda *a: built.append(1) or _RealPlan(*a))
+    monkeypatch.setattr(launch, "Plan", lambda *a: built.append(1) or _RealPlan(*a))
     ts = _tensors(SIZES + LAYOUTS[:2], torch.float32)
     w, g, p = ([t[k] for t in ts] for k in "wgp")
     for _ in range(3):
-        trb.bio_step_(w, g, p, _keys(len(ts), 1), True, True, True, 0.1, 2.0, 0.2, 0.05, 0.6)
+        trb.bio_step_(w, g, p, _keys(len(ts), 1), _params(True, True, True))
     assert counter.launches == 3  # 7 tensors (one empty, two permuted), one launch per call
     assert len(built) == 1  # the second and third calls reuse the device tables
 
 
-_RealPlan = trb._Plan
+_RealPlan = launch.Plan
 
 
 def test_empty_lists_and_empty_tensors():
@@ -382,7 +394,7 @@ def test_empty_lists_and_empty_tensors():
         op([], [])
     trb.crystallize_([], [], [], 0.1, 0.5)
     trb.volume_scale_([], [], [], 0.1, 2.0, 0.2)
-    trb.bio_step_([], [], [], [], True, True, True, 0.1, 2.0, 0.2, 0.05, 0.6)
+    trb.bio_step_([], [], [], [], _params(True, True, True))
     trb.temporal_update_([], None, 0.9, 0.0, 0.5, 2.0)
     trb.weight_adaptive_([], [], [], 0.16, 0.5, 2.0)
     trb.activity_update_([], [], [], 0.16, 0.5, 2.0)
@@ -394,10 +406,12 @@ def test_empty_lists_and_empty_tensors():
     assert trb.rejuvenate_([empty], [1], 8.0).tolist() == [0]
 
 
-def test_float64_falls_back_to_torch_backend():
-    ref, got = _both(_volume, "sizes", torch.float64)
-    assert ref[-1].dtype == torch.float64
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+def test_float64_runs_on_the_torch_backend():
+    """Triton has no float64 kernels: the dispatcher sends float64 to torch, and says so."""
+    with kernels.use_backend("triton"):
+        assert kernels.backend_for(DEVICE, torch.float64) == "torch"
+        assert kernels.backend_module(DEVICE, torch.float64) is tb
+        assert kernels.backend_for(DEVICE, torch.float32) == "triton"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,22 +531,37 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from bio_transformations.kernels import triton_backend as trb
+from bio_transformations.kernels import triton as trb
+from bio_transformations.kernels.triton import dale, rates, rejuvenate, step
 
 assert not trb.INTERPRETED
 F = "fp32"
 jobs = [  # (kernel, operand pointer types, scalar types, constexprs)
-    (trb._fuzzy_kernel, ["*fp32", "*fp32"], {}, {"NDIM": 0}),
-    (trb._step_kernel, ["*bf16"] * 3, dict.fromkeys(
+    (step._fuzzy_kernel, ["*fp32", "*fp32"], {}, {"NDIM": 0}),
+    (step._step_kernel, ["*bf16"] * 3, dict.fromkeys(
         ["base_lr", "neg_stability", "variability", "thresh", "damp"], F),
      {"NDIM": 4, "VOLUME": True, "FUZZY": True, "CRYSTALLIZE": True}),
-    (trb._rejuvenate_kernel, ["*fp16"], {"neg_dre": F}, {"NDIM": 0}),
-    (trb._activity_kernel, ["*fp32", "*i64"], dict.fromkeys(["nu", "lo", "hi"], F), {"NDIM": 2}),
+    (step._step_kernel, ["*fp32"] * 2, dict.fromkeys(
+        ["base_lr", "neg_stability", "variability", "thresh", "damp"], F),
+     {"NDIM": 0, "VOLUME": True, "FUZZY": False, "CRYSTALLIZE": False, "P0": None,
+      "stats": None}),
+    (rejuvenate._rejuvenate_kernel, ["*fp16"], {"neg_dre": F}, {"NDIM": 0}),
+    (rejuvenate._legacy_kernel, ["*fp32"], {}, {"NDIM": 1}),
+    (rates._init_kernel, ["*bf16"], dict.fromkeys(["nu", "shift", "lo", "hi"], F),
+     {"NDIM": 0, "MODE": 3}),
+    (rates._temporal_kernel, ["*fp32"], dict.fromkeys(["decay", "noise", "lo", "hi"], F),
+     {"NDIM": 0, "NOISY": False, "keys": None}),
+    (rates._adaptive_kernel, ["*fp16", "*fp16"], dict.fromkeys(["nu", "lo", "hi"], F),
+     {"NDIM": 0}),
+    (rates._activity_kernel, ["*fp32", "*i64"], dict.fromkeys(["nu", "lo", "hi"], F),
+     {"NDIM": 2}),
+    (dale._dale_kernel, ["*fp32", "*fp32"], {}, {"NDIM": 0}),
 ]
 fixed = {"tab": "*i64", "blocks": "*i32", "keys": "*i64", "stats": "*fp32", "counts": "*i64"}
 out = {}
 for fn, ptrs, scalars, consts in jobs:
-    consts = {"W": 10 + 3 * consts["NDIM"], "BLOCK": 1024, "ALIGNED": True, **consts}
+    s = len(ptrs) + (1 if "P0" in consts else 0)
+    consts = {"S": s, "W": s + 4 + 3 * consts["NDIM"], "BLOCK": 1024, "ALIGNED": True, **consts}
     ptrs = iter(ptrs)
     sig = {n: "constexpr" if n in consts else fixed.get(n) or scalars.get(n) or next(ptrs)
            for n in fn.arg_names}
@@ -543,7 +572,8 @@ for fn, ptrs, scalars, consts in jobs:
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 4, "enable_fp_fusion": False})
     ptx = kernel.asm["ptx"]
-    out[fn.__name__] = ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4")
+    name = fn.__name__ + ("" if fn.__name__ not in out else "_volume_only")
+    out[name] = ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4")
 print(json.dumps(out))
 """
 

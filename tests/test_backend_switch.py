@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN.md, "Backend selection"): every message, ``set_backend``,
+"""Backend selection (docs: "Backends and kernels"): every message, ``set_backend``,
 ``use_backend``, ``backend_for`` and ``backend_module``, without needing a GPU."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import torch
 
 import bio_transformations as bt
 from bio_transformations import kernels
-from bio_transformations.kernels import BackendError, torch_backend
+from bio_transformations.kernels import BackendError, settings, torch_backend
 
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch):
-    """Each test starts from 'not read yet' and leaves the module state as it found it."""
-    monkeypatch.setattr(kernels, "_requested", None)
+    """Each test starts from 'environment not read yet', as a fresh process does."""
     monkeypatch.delenv("BIO_BACKEND", raising=False)
+    monkeypatch.setattr(settings, "_global", None)
 
 
 def _no_triton(monkeypatch, error=None):
@@ -115,12 +115,31 @@ def test_torch_runs_everywhere(device, monkeypatch):
 
 
 def test_auto_uses_triton_on_cuda_only(monkeypatch):
-    fake = _fake_triton(monkeypatch, interpreted=True)
+    fake = _fake_triton(monkeypatch, interpreted=False)
     assert bt.backend_for("cuda") == "triton"
     assert bt.backend_for("cuda:0") == "triton"
     assert kernels.backend_module("cuda") is fake
-    assert bt.backend_for("cpu") == "torch"  # even with the interpreter on
+    assert bt.backend_for("cpu") == "torch"
     assert kernels.backend_module("cpu") is torch_backend
+
+
+def test_auto_reports_what_runs_by_device_and_dtype(monkeypatch):
+    """float64 has no Triton kernels, and the interpreter cannot run CUDA tensors: both run on
+    torch, and backend_for says so."""
+    _fake_triton(monkeypatch, interpreted=False)
+    assert bt.backend_for("cuda", torch.float64) == "torch"
+    assert kernels.backend_module("cuda", torch.float64) is torch_backend
+    assert bt.backend_for("cuda", torch.bfloat16) == "triton"
+    _fake_triton(monkeypatch, interpreted=True)
+    assert bt.backend_for("cuda") == "torch"
+    assert bt.backend_for("cpu") == "torch"  # auto never picks the interpreter
+
+
+def test_explicit_triton_on_cuda_while_interpreting_fails_loudly(monkeypatch):
+    _fake_triton(monkeypatch, interpreted=True)
+    bt.set_backend("triton")
+    with pytest.raises(BackendError, match="interpreter"):
+        bt.backend_for("cuda")
 
 
 @pytest.mark.parametrize(
@@ -182,7 +201,7 @@ def test_interpreter_flag_comes_from_the_imported_backend(monkeypatch):
 
 def test_real_triton_backend_matches_this_process():
     """In this test process (conftest.py) Triton interprets wherever CUDA is absent."""
-    triton_backend = pytest.importorskip("bio_transformations.kernels.triton_backend")
+    triton_backend = pytest.importorskip("bio_transformations.kernels.triton")
     assert kernels.triton_available()
     if not torch.cuda.is_available():
         assert triton_backend.INTERPRETED
@@ -193,9 +212,19 @@ def test_real_triton_backend_matches_this_process():
 
 
 def test_both_backends_define_every_op_with_the_same_signature():
-    triton_backend = pytest.importorskip("bio_transformations.kernels.triton_backend")
+    triton_backend = pytest.importorskip("bio_transformations.kernels.triton")
     for name in kernels.OPS:
         ours, reference = getattr(triton_backend, name), getattr(torch_backend, name)
+        assert list(inspect.signature(ours).parameters) == list(
+            inspect.signature(reference).parameters
+        ), name
+
+
+def test_cpu_fused_defines_every_op_with_the_same_signature():
+    from bio_transformations.kernels import cpu_fused
+
+    for name in kernels.OPS:
+        ours, reference = getattr(cpu_fused, name), getattr(torch_backend, name)
         assert list(inspect.signature(ours).parameters) == list(
             inspect.signature(reference).parameters
         ), name

@@ -69,3 +69,60 @@ def test_compiled_forward_with_splitting_and_activity_tracking():
         eager[0].bio_mod.fuzzy_learning_rate_parameters,
     )
     assert model[0].bio_mod.get_extra_state() == eager[0].bio_mod.get_extra_state()
+
+
+def _every_method(model):
+    """Every model-level method that a training step calls, in one compiled function."""
+    model.volume_dependent_lr()
+    model.fuzzy_learning_rates()
+    model.crystallize()
+    model.bio_step(volume=False)
+    model.update_fuzzy_learning_rates()
+    model.enforce_dales_principle()
+    model.rejuvenate_weights()
+    model.rejuvenate_weights_old()
+
+
+import pytest  # noqa: E402
+
+from bio_transformations import Distribution  # noqa: E402
+from bio_transformations.functional import METHOD_NAMES  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "dist, freq",
+    [(Distribution.TEMPORAL, 1), (Distribution.WEIGHT_ADAPTIVE, 2), (Distribution.UNIFORM, 1)],
+)
+def test_every_model_level_method_compiles_fullgraph_without_recompiling(dist, freq):
+    """Including update_fuzzy_learning_rates: its update counters are CPU tensors advanced
+    inside custom ops, so neither the counts nor the due/noisy decisions are baked into the
+    graph (a TEMPORAL update with freq=1 decays every step and adds noise every 10th)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    converter = BioConverter(
+        apply_dales_principle=True,
+        fuzzy_lr_distribution=dist,
+        fuzzy_lr_dynamic=True,
+        fuzzy_lr_update_freq=freq,
+    )
+    eager = converter(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))
+    compiled = copy.deepcopy(eager)
+    step = torch.compile(_every_method, fullgraph=True)
+    x = torch.randn(6, 8)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(11):
+            for model, run in ((eager, _every_method), (compiled, step)):
+                model.zero_grad()
+                model(x).pow(2).sum().backward()
+                run(model)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), name
+    assert eager[0].bio_mod.get_extra_state() == compiled[0].bio_mod.get_extra_state()
+    # add_weight_splitting_step changes configuration, not tensors: it is not a step method.
+    covered = {"add_weight_splitting_step"} | {
+        "volume_dependent_lr", "fuzzy_learning_rates", "crystallize", "bio_step",
+        "update_fuzzy_learning_rates", "enforce_dales_principle", "rejuvenate_weights",
+        "rejuvenate_weights_old",
+    }  # fmt: skip
+    assert covered == set(METHOD_NAMES)

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from bio_transformations.kernels import torch_backend as tb
+from bio_transformations import kernels
+from bio_transformations.kernels import StepParams, cpu_fused
 
-SCALARS = (0.1, 2.0, 0.2, 1e-3, 0.6)
+STEP = StepParams(True, True, True, 0.1, 2.0, 0.2, 1e-3, 0.6)
 
 
 def data(n, seed):
@@ -14,30 +15,32 @@ def data(n, seed):
     return w, torch.randn(n, generator=g) * 0.01, 1 + 0.1 * torch.rand(n, generator=g)
 
 
-def run(fused, monkeypatch, op):
-    monkeypatch.setenv("BIO_CPU_FUSED", "1" if fused else "0")
-    (w, g, p), (w2, g2, p2) = data(5000, 0), data(77, 1)
-    if op == "bio_step":
-        tb.bio_step_([w, w2], [g, g2], [p, p2], [3, 4], True, True, True, *SCALARS)
-    elif op == "crystallize":
-        tb.crystallize_([w, w2], [g, g2], [p, p2], 1e-3, 0.6)
-    else:
-        tb.volume_scale_([w, w2], [g, g2], [3, 4], 0.1, 2.0, 0.2)
+def run(fused, op):
+    with kernels.settings.override(cpu_fused=fused):
+        backend = kernels.backend_module("cpu", torch.float32)
+        assert (backend is cpu_fused) == (fused and cpu_fused.usable())
+        (w, g, p), (w2, g2, p2) = data(5000, 0), data(77, 1)
+        if op == "bio_step":
+            backend.bio_step_([w, w2], [g, g2], [p, p2], [3, 4], STEP)
+        elif op == "crystallize":
+            backend.crystallize_([w, w2], [g, g2], [p, p2], 1e-3, 0.6)
+        else:
+            backend.volume_scale_([w, w2], [g, g2], [3, 4], 0.1, 2.0, 0.2)
     return g, p, g2, p2
 
 
 @pytest.fixture
 def fused_state():
-    saved = dict(tb._fused_state)
-    yield tb._fused_state
-    tb._fused_state.update(saved)
+    saved = dict(cpu_fused._state)
+    yield cpu_fused._state
+    cpu_fused._state.update(saved)
 
 
 @pytest.mark.parametrize("op", ["bio_step", "crystallize", "volume"])
 def test_fused_loop_matches_eager(op, monkeypatch, fused_state):
-    eager = run(False, monkeypatch, op)
-    fused = run(True, monkeypatch, op)
-    assert fused_state["enabled"], "the fused loop fell back to eager"
+    eager = run(False, op)
+    fused = run(True, op)
+    assert not fused_state["broken"], "the fused loop fell back to eager"
     for a, b in zip(eager, fused):
         # same formulas in the same order; exp may differ by an ulp after fusion
         torch.testing.assert_close(b, a, rtol=2e-7, atol=0)
@@ -47,10 +50,15 @@ def test_compile_failure_falls_back_with_a_warning(monkeypatch, fused_state):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    eager = run(False, monkeypatch, "bio_step")
+    eager = run(False, "bio_step")
     fused_state["compiled"] = broken
-    with pytest.warns(RuntimeWarning, match="using the eager ops"):
-        fallback = run(True, monkeypatch, "bio_step")
-    assert not fused_state["enabled"]
+    with kernels.settings.override(cpu_fused=True):
+        assert kernels.backend_for("cpu") == "cpu_fused"
+        with pytest.warns(RuntimeWarning, match="eager ops from now on"):
+            (w, g, p), (w2, g2, p2) = data(5000, 0), data(77, 1)
+            cpu_fused.bio_step_([w, w2], [g, g2], [p, p2], [3, 4], STEP)
+        fallback = g, p, g2, p2
+        assert fused_state["broken"]
+        assert kernels.backend_for("cpu") == "torch"  # it reports what runs now
     for a, b in zip(eager, fallback):
         assert torch.equal(a, b)

@@ -30,16 +30,16 @@ REFERENCE = {
 
 @pytest.mark.parametrize("mode", ["torch", "philox"])
 @pytest.mark.parametrize("dist", sorted(REFERENCE))
-def test_kolmogorov_smirnov(dist, mode, monkeypatch):
-    monkeypatch.setenv("BIO_RNG", mode)
+def test_kolmogorov_smirnov(dist, mode, bio_settings):
+    bio_settings(rng=mode)
     sample = draw(dist)
     result = stats.kstest(sample, REFERENCE[dist])
     assert result.pvalue > 1e-3, (dist, mode, result)
 
 
 @pytest.mark.parametrize("mode", ["torch", "philox"])
-def test_volume_factor_is_folded_normal(mode, monkeypatch):
-    monkeypatch.setenv("BIO_RNG", mode)
+def test_volume_factor_is_folded_normal(mode, bio_settings):
+    bio_settings(rng=mode)
     w = torch.zeros(N)  # v = 0, m = base_lr
     g = torch.ones(N)
     tb.volume_scale_([w], [g], [77], 0.1, 2.0, 0.2)

@@ -24,7 +24,11 @@ def test_wheel_contains_kernels(tmp_path):
         "bio_transformations/ops.py",
         "bio_transformations/kernels/__init__.py",
         "bio_transformations/kernels/torch_backend.py",
-        "bio_transformations/kernels/triton_backend.py",
+        "bio_transformations/kernels/triton/__init__.py",
+        "bio_transformations/kernels/triton/step.py",
+        "bio_transformations/kernels/cpu_fused.py",
+        "bio_transformations/kernels/settings.py",
+        "bio_transformations/functional.py",
         "bio_transformations/kernels/philox.py",
     ):
         assert expected in names, expected

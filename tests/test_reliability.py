@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bio_transformations import BioConverter, Distribution, sync_layer_seeds
+from bio_transformations.kernels import StepParams
 from bio_transformations.kernels import torch_backend as tb
 
 
@@ -141,7 +142,7 @@ def test_ops_stay_finite_and_in_bounds(rows, cols, scale, nu, lo, span, dre, key
     tb.weight_adaptive_([p], [w], [key], nu, lo, hi)
     tb.activity_update_([p], [torch.arange(rows)], [key], nu, lo, hi)
     assert ((p >= lo - 1e-3) & (p <= hi + 1e-3)).all()
-    tb.bio_step_([w], [grad], [p], [key], True, True, True, 0.1, 2.0, 0.2, 4.5e-5, 0.6)
+    tb.bio_step_([w], [grad], [p], [key], StepParams(True, True, True, 0.1, 2.0, 0.2, 4.5e-5, 0.6))
     tb.rejuvenate_([w], [key], dre)
     for t in (w, grad, p):
         assert torch.isfinite(t).all()

@@ -5,7 +5,10 @@ import torch
 import torch.nn as nn
 
 from bio_transformations import BioConverter, Distribution
+from bio_transformations.kernels import StepParams
 from bio_transformations.kernels import torch_backend as tb
+
+STEP = StepParams(True, True, True, 0.1, 2.0, 0.2, 1e-3, 0.6)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(0,), (1,), (1023,), (33, 31), (4, 3, 5, 5)]
@@ -39,8 +42,8 @@ def test_ops_on_lists_and_non_contiguous_views():
     w, g, p = base_w.t(), base_g.t(), base_p.t()  # non-contiguous
     w2, g2, p2 = tensors((7,), torch.float32, seed=1)
     ref_w, ref_g, ref_p = w.contiguous(), g.contiguous(), p.contiguous()
-    tb.bio_step_([w, w2], [g, g2], [p, p2], [11, 12], True, True, True, 0.1, 2.0, 0.2, 1e-3, 0.6)
-    tb.bio_step_([ref_w], [ref_g], [ref_p], [11], True, True, True, 0.1, 2.0, 0.2, 1e-3, 0.6)
+    tb.bio_step_([w, w2], [g, g2], [p, p2], [11, 12], STEP)
+    tb.bio_step_([ref_w], [ref_g], [ref_p], [11], STEP)
     assert torch.equal(g, ref_g) and torch.equal(p, ref_p)
     assert not w.is_contiguous()
 
@@ -110,14 +113,13 @@ def test_nan_gradients_never_reach_the_rates():
     assert torch.isfinite(p).all()
 
 
-def test_philox_mode_gives_the_same_distributions(monkeypatch):
-    monkeypatch.setenv("BIO_RNG", "philox")
+def test_philox_mode_gives_the_same_distributions(bio_settings):
+    bio_settings(rng="philox")
     w, g, p = tensors((64, 64), torch.float32)
-    tb.bio_step_([w], [g], [p], [9], True, True, True, 0.1, 2.0, 0.2, 1e-3, 0.6)
+    tb.bio_step_([w], [g], [p], [9], STEP)
     assert tb.rejuvenate_([w], [9], 8.0).item() > 0
-    monkeypatch.setenv("BIO_RNG", "bogus")
     with pytest.raises(ValueError, match="valid values are: torch, philox"):
-        tb.rng_mode()
+        bio_settings(rng="bogus")
 
 
 def _model(seed=0):

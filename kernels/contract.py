@@ -1,0 +1,78 @@
+"""The op contract: the ops every backend implements, and the records that carry their scalars.
+
+Every op works in place on lists of tensors (one entry per layer, all on one device and of one
+dtype), so a model-level call is one op call per layer group. Stochastic ops take one integer
+``key`` per tensor (:func:`~bio_transformations.kernels.philox.stream_key` of the layer seed,
+its step counter and the op id) and draw element ``i``'s numbers at counter ``i``.
+
+========================  ======  ==========================================================
+op                        writes  formula (w weight, g grad, p rates)
+========================  ======  ==========================================================
+``fuzzy_scale_``          g       ``g *= p``
+``crystallize_``          p       ``p[|g|/|w| < t or |g| > mean|w|] *= d``
+``volume_scale_``         g       ``g *= |N(m, var*m)|``, ``m = lr*exp(-s*|w|/(|w|+1))``
+``bio_step_``             g, p    volume, fuzzy, crystallize in that order, one pass
+``rejuvenate_``           w       replace weak weights (see ``torch_backend.rejuvenate_``)
+``rejuvenate_legacy_``    w       the original published rule
+``rates_init_``           p       uniform / normal / lognormal / gamma / beta
+``temporal_update_``      p       ``p = 1 + (p-1)*decay + noise*(2U-1)``
+``weight_adaptive_``      p       ``1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), .5, 1.5)``
+``activity_update_``      p       row-wise redraw scaled by unit activity
+``dale_enforce_``         w       ``w = relu(w*sign)*sign``
+========================  ======  ==========================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["OPS", "StepParams"]
+
+#: Every op's name, in the order both backend modules define them.
+OPS = (
+    "fuzzy_scale_",
+    "crystallize_",
+    "volume_scale_",
+    "bio_step_",
+    "rejuvenate_",
+    "rejuvenate_legacy_",
+    "rates_init_",
+    "temporal_update_",
+    "weight_adaptive_",
+    "activity_update_",
+    "dale_enforce_",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepParams:
+    """What ``bio_step_`` does and with which scalars: which stages run (volume scaling, fuzzy
+    scaling, crystallization, in that order) and the config values they read."""
+
+    volume: bool = False
+    fuzzy: bool = False
+    crystallize: bool = False
+    base_lr: float = 0.1
+    stability_factor: float = 2.0
+    lr_variability: float = 0.2
+    crystal_thresh: float = 4.5e-05
+    dampening: float = 0.6
+
+    @classmethod
+    def from_config(cls, config, *, volume: bool, fuzzy: bool, crystallize: bool) -> "StepParams":
+        """The stages asked for, with the scalars of a ``BioConfig``."""
+        return cls(
+            volume=bool(volume),
+            fuzzy=bool(fuzzy),
+            crystallize=bool(crystallize),
+            base_lr=float(config.base_lr),
+            stability_factor=float(config.stability_factor),
+            lr_variability=float(config.lr_variability),
+            crystal_thresh=float(config.crystal_thresh),
+            dampening=float(config.dampening_factor),
+        )
+
+    @property
+    def any(self) -> bool:
+        """Whether any stage runs."""
+        return self.volume or self.fuzzy or self.crystallize

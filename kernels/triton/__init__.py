@@ -1,0 +1,41 @@
+"""Triton kernels: the fused GPU backend, with the ops, arguments and results of
+``torch_backend``, one module per op family:
+
+* :mod:`.launch`: device helpers, the launch table and the one launch per layer group;
+* :mod:`.step`: ``fuzzy_scale_``, ``crystallize_``, ``volume_scale_``, ``bio_step_``;
+* :mod:`.rejuvenate`: ``rejuvenate_``, ``rejuvenate_legacy_``;
+* :mod:`.rates`: ``rates_init_``, ``temporal_update_``, ``weight_adaptive_``, ``activity_update_``;
+* :mod:`.dale`: ``dale_enforce_``.
+
+The dispatcher (:func:`bio_transformations.kernels.backend_for`) sends only float32, float16
+and bfloat16 tensors here (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+everything else runs on the torch backend. Random numbers: element ``i`` of a tensor draws
+``tl.randint4x(key, i)`` with ``i`` its flat row-major index (for every layout), exactly the
+outputs each ``torch_backend`` docstring names, so ``torch_backend`` with ``BIO_RNG=philox``
+draws the same numbers. CUDA graphs: every op can be captured after one warm-up call with the
+same tensors (which caches the tables); a replay reuses the keys of the captured call, i.e.
+replays the same random draws.
+"""
+
+from .dale import dale_enforce_
+from .launch import BLOCK_SIZE, INTERPRETED, KERNEL_DTYPES
+from .rates import activity_update_, rates_init_, temporal_update_, weight_adaptive_
+from .rejuvenate import rejuvenate_, rejuvenate_legacy_
+from .step import bio_step_, crystallize_, fuzzy_scale_, volume_scale_
+
+__all__ = [
+    "BLOCK_SIZE",
+    "INTERPRETED",
+    "KERNEL_DTYPES",
+    "fuzzy_scale_",
+    "crystallize_",
+    "volume_scale_",
+    "bio_step_",
+    "rejuvenate_",
+    "rejuvenate_legacy_",
+    "rates_init_",
+    "temporal_update_",
+    "weight_adaptive_",
+    "activity_update_",
+    "dale_enforce_",
+]

@@ -1,0 +1,386 @@
+"""How the Triton backend launches: device helpers every kernel uses, the launch table, and the
+one launch per (op, layer group).
+
+**Multi-tensor launches.** A call with a list of ``L`` tensors is ONE kernel launch over a flat
+grid of ``BLOCK_SIZE`` blocks covering every tensor. A small int64 device table has one row per
+tensor, laid out as:
+
+==========================  ===============================================================
+column                      content
+==========================  ===============================================================
+``0 .. S-1``                data pointers of the operands: first the elementwise ones (same
+                            shape as the weight), then per-output-unit vectors (signs, counts)
+``S + NUMEL``               the tensor's element count
+``S + FIRST_BLOCK``         the first grid block of this tensor
+``S + ROW_LEN``             elements per output unit (weight row)
+``S + LIST_INDEX``          the tensor's position in the caller's list (where counts go)
+``S + DIMS + 3*d + SIZE``   only for permuted layouts (``NDIM > 0``), per dim ``d`` outermost
+``... + MEM_STRIDE``        first: size, stride in memory, stride in the logical row-major
+``... + LOGICAL_STRIDE``    order, to map a memory position to the logical index
+==========================  ===============================================================
+
+A second array maps each block to its table row. Both depend only on the tensors' addresses
+and shapes, so they are cached and steady-state calls do not rebuild them; building one never
+reads device memory on the host (the H2D copy goes through pinned memory, ``non_blocking``).
+Per call, only the keys travel (one pinned H2D copy; device fills while a CUDA graph is being
+captured), and the statistics (:mod:`~bio_transformations.kernels.stats`, computed on the
+device) are stacked into one tensor the kernel reads through a pointer.
+
+**Arithmetic** runs in float32 (load, upcast, compute, round back once) in the order the torch
+backend writes it, with FMA contraction off, correctly rounded division (``div_rn``) and CUDA's
+own ``expf`` (libdevice), so results agree bit for bit where no transcendental function is
+involved and within a few ulp otherwise.
+
+**Layouts**: contiguous tensors and tensors dense in a permuted order (``channels_last``
+convolution weights, ``.t()`` of a matrix, ...) whose operands share one layout run in place;
+anything else runs on a contiguous copy that is copied back.
+
+**Tiles**: a block that lies wholly inside its tensor runs unmasked (so Triton can vectorise);
+the tail block of each tensor runs masked. :func:`for_tile` makes that choice for every kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+Tensors = Sequence[Tensor]
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+#: Whether the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when triton
+#: decorated them; asked of triton itself, which parses the variable its own way).
+INTERPRETED: bool = type(_probe).__name__ == "InterpretedFunction"
+#: Elements per program.
+BLOCK_SIZE = 1024
+#: Dtypes the kernels handle; the dispatcher sends everything else to the torch backend.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NUM_WARPS = 4
+_LAUNCH = dict(num_warps=_NUM_WARPS, enable_fp_fusion=False)  # no FMA: round like torch does
+
+# Launch-table columns after the S pointer columns (see the module docstring).
+NUMEL = tl.constexpr(0)
+FIRST_BLOCK = tl.constexpr(1)
+ROW_LEN = tl.constexpr(2)
+LIST_INDEX = tl.constexpr(3)
+DIMS = tl.constexpr(4)
+SIZE = tl.constexpr(0)
+MEM_STRIDE = tl.constexpr(1)
+LOGICAL_STRIDE = tl.constexpr(2)
+_HEADER = 4  # NUMEL, FIRST_BLOCK, ROW_LEN, LIST_INDEX
+
+# ---------------------------------------------------------------------------------------------
+# Device-side helpers
+# ---------------------------------------------------------------------------------------------
+
+if INTERPRETED:
+
+    @triton.jit
+    def exp(x):
+        return tl.exp(x)  # numpy's exp; the interpreter has no libdevice
+
+    @triton.jit
+    def round_to(x, dtype: tl.constexpr):
+        """``x.to(dtype)``, rounding to nearest even: the interpreter truncates to bfloat16."""
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+            bits = tl.where(x != x, 0x7FC0, bits >> 16)  # NaN stays a quiet NaN, as in torch
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(dtype)
+
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def exp(x):
+        return libdevice.exp(x)  # __nv_expf, what torch's CUDA exp calls (tl.exp is ex2.approx)
+
+    @triton.jit
+    def round_to(x, dtype: tl.constexpr):
+        """``x.to(dtype)`` (round to nearest even, like torch)."""
+        return x.to(dtype)
+
+
+@triton.jit
+def clamp(x, lo, hi):
+    # NaN stays NaN, as with torch.clamp (hardware min/max would drop it)
+    x = tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def tile(tab, blocks, W: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's table index, row, element count, memory offsets and whether its block
+    is full."""
+    pid = tl.program_id(0)
+    t = tl.load(blocks + pid).to(tl.int64)
+    row = tab + t * W
+    n = tl.load(row + S + NUMEL)
+    start = (pid - tl.load(row + S + FIRST_BLOCK)) * BLOCK  # int64: no overflow on huge tensors
+    offs = start + tl.arange(0, BLOCK)
+    return t, row, n, offs, start + BLOCK <= n
+
+
+@triton.jit
+def operand(row, col: tl.constexpr, like, ALIGNED: tl.constexpr):
+    """Elementwise operand ``col`` of this table row as a pointer of ``like``'s type."""
+    ptr = tl.load(row + col).to(like.dtype)
+    if ALIGNED:
+        # The host checked it; lets Triton vectorise loads/stores (the hint must sit on the
+        # pointer: on the loaded integer it is ignored).
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def per_unit(row, col: tl.constexpr, like):
+    """Per-output-unit operand ``col`` (signs, counts): gathered, so no alignment hint."""
+    return tl.load(row + col).to(like.dtype)
+
+
+@triton.jit
+def logical(row, offs, S: tl.constexpr, NDIM: tl.constexpr):
+    """Flat row-major index of memory position ``offs`` (the RNG counter and the row source)."""
+    if NDIM > 0:
+        idx = offs * 0
+        for d in tl.static_range(NDIM):
+            dim = row + S + DIMS + 3 * d
+            size = tl.load(dim + SIZE)
+            idx += (offs // tl.load(dim + MEM_STRIDE)) % size * tl.load(dim + LOGICAL_STRIDE)
+    else:
+        idx = offs
+    return idx
+
+
+@triton.jit
+def unit_of(row, idx, S: tl.constexpr):
+    """Output unit (weight row) of logical index ``idx``."""
+    return idx // tl.load(row + S + ROW_LEN)
+
+
+@triton.jit
+def for_tile(BODY: tl.constexpr, ptrs, values, row, offs, n, full, FLAGS: tl.constexpr):
+    """``BODY(ptrs, values, row, offs, n, FLAGS, MASKED)`` on this block: unmasked when the
+    block is full (lets Triton vectorise), masked on a tensor's tail block."""
+    if full:
+        BODY(ptrs, values, row, offs, n, FLAGS, False)
+    else:
+        BODY(ptrs, values, row, offs, n, FLAGS, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: layouts, cached tables, the one launch per group
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_signed64(k: int) -> int:
+    """A 64-bit key as the int64 with the same bits (Triton reads it back as uint64)."""
+    k = int(k) & 0xFFFF_FFFF_FFFF_FFFF
+    return k - (1 << 64) if k >= (1 << 63) else k
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host table to ``device`` without making the host wait for the device."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _keys_tensor(keys: Sequence[int], device: torch.device) -> Tensor:
+    values = [_to_signed64(k) for k in keys]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # No H2D copy can be captured from pageable memory: one fill kernel per key instead.
+        out = torch.empty(len(values), dtype=torch.int64, device=device)
+        for j, k in enumerate(values):
+            out[j].fill_(k)
+        return out
+    return _to_device(torch.tensor(values, dtype=torch.int64), device)
+
+
+def _dense_order(t: Tensor) -> Optional[list]:
+    """``[(size, memory stride, logical stride)]`` outermost first if ``t`` is dense in some
+    dim order (channels_last, a transposed matrix, ...); None otherwise."""
+    logical_strides = [1] * t.dim()
+    for d in range(t.dim() - 2, -1, -1):
+        logical_strides[d] = logical_strides[d + 1] * t.shape[d + 1]
+    dims = sorted((d for d in range(t.dim()) if t.shape[d] != 1), key=lambda d: -t.stride(d))
+    expected = 1
+    for d in reversed(dims):
+        if t.stride(d) != expected:
+            return None
+        expected *= t.shape[d]
+    return [(t.shape[d], t.stride(d), logical_strides[d]) for d in dims]
+
+
+def _stage(elems: List[list], group: List[int], written: Sequence[int]):
+    """Operands the kernel can index, per slot, for the tensors in ``group``.
+
+    Returns ``(cols, orders, copy_back)``: ``orders[j]`` is None (contiguous) or the dense
+    permuted order shared by all of tensor ``j``'s operands; operands that fit neither are
+    replaced by contiguous copies, and ``copy_back`` lists the written ones as (original, copy).
+    """
+    cols: List[list] = [[] for _ in elems]
+    orders: list = []
+    copy_back: list = []
+    for i in group:
+        operands = [slot[i] for slot in elems]
+        order = None
+        if not all(t.is_contiguous() for t in operands):
+            first = operands[0]
+            same = all(t.shape == first.shape and t.stride() == first.stride() for t in operands)
+            order = _dense_order(first) if same else None
+            if order is None:  # an odd layout: run on contiguous copies (one extra pass each)
+                staged = []
+                for s, t in enumerate(operands):
+                    c = t.contiguous()
+                    if c is not t and s in written:
+                        copy_back.append((t, c))
+                    staged.append(c)
+                operands = staged
+        for s, t in enumerate(operands):
+            cols[s].append(t)
+        orders.append(order)
+    return cols, orders, copy_back
+
+
+class Plan:
+    """The device tables of one launch: one row per tensor, one entry per block."""
+
+    __slots__ = ("table", "blocks", "nblocks", "width", "aligned", "ndim", "captured")
+
+    def __init__(self, cols, rows, orders, group, device):
+        s = len(cols) + len(rows)
+        self.ndim = max((len(o) for o in orders if o is not None), default=0)
+        if any(o is not None for o in orders):
+            self.ndim = max(self.ndim, 1)  # contiguous rows in a permuted launch use one dim
+        self.width = s + _HEADER + 3 * self.ndim
+        table, blocks = [], []
+        aligned = True
+        for j, i in enumerate(group):
+            first = cols[0][j]
+            n = first.numel()
+            addrs = [c[j].data_ptr() for c in cols]
+            aligned = aligned and all(a % 16 == 0 for a in addrs)
+            row_len = max(n // max(first.shape[0], 1), 1) if first.dim() else 1
+            # NUMEL, FIRST_BLOCK, ROW_LEN, LIST_INDEX
+            entry = addrs + [r[j].data_ptr() for r in rows] + [n, len(blocks), row_len, i]
+            order = orders[j]
+            if self.ndim:
+                dims = order if order is not None else [(n, 1, 1)]
+                dims = list(dims) + [(1, 1, 0)] * (self.ndim - len(dims))
+                entry += [v for dim in dims for v in dim]  # SIZE, MEM_STRIDE, LOGICAL_STRIDE
+            table.append(entry)
+            blocks += [j] * triton.cdiv(n, BLOCK_SIZE)
+        self.aligned = aligned
+        self.nblocks = len(blocks)
+        self.table = _to_device(torch.tensor(table, dtype=torch.int64).reshape(-1), device)
+        self.blocks = _to_device(torch.tensor(blocks, dtype=torch.int32), device)
+        self.captured = False  # set once a CUDA graph captured a launch reading these tables
+
+
+_plans: Dict[tuple, Plan] = {}
+_MAX_PLANS = 512  # oldest dropped first; a plan is a few bytes per tensor and per block
+
+
+def _plan(cols, rows, orders, group) -> Plan:
+    """The cached tables for these exact tensors (same addresses, shapes and strides)."""
+    first = cols[0]
+    key = (
+        first[0].device,
+        len(cols),
+        len(rows),
+        tuple(group),
+        tuple((t.shape, t.stride()) for t in first),
+        tuple(t.data_ptr() for c in (*cols, *rows) for t in c),
+        tuple(o is not None for o in orders),
+    )
+    plan = _plans.get(key)
+    if plan is None:
+        plan = Plan(cols, rows, orders, group, first[0].device)
+        if len(_plans) >= _MAX_PLANS:
+            # Drop the oldest plan no CUDA graph may still read (captured ones stay).
+            old = next((k for k, v in _plans.items() if not v.captured), None)
+            if old is not None:
+                del _plans[old]
+        _plans[key] = plan
+    if first[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        plan.captured = True
+    return plan
+
+
+def _on(device: torch.device):
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def launch(
+    kernel,
+    elems: List[list],
+    rows: Sequence[list] = (),
+    written: Sequence[int] = (),
+    keys: Optional[Sequence[int]] = None,
+    stats: Optional[list] = None,
+    counts: Optional[Tensor] = None,
+    scalars: tuple = (),
+    **meta,
+) -> None:
+    """Run ``kernel`` over every non-empty tensor: one launch per dtype combination (normally
+    exactly one).
+
+    Args:
+        elems: lists of same-shaped operands (slot 0 defines the shape).
+        rows: lists of per-output-unit vectors.
+        written: the element slots the kernel writes (copied back from staged copies).
+        keys: one stream key per tensor (the kernel's ``keys`` argument; None if it draws none).
+        stats: per tensor a list of 0-d float32 device tensors (the kernel's ``stats``).
+        counts: an int64 device tensor indexed by list position (the kernel's ``counts``).
+        scalars: the kernel's scalar arguments after the operand witnesses.
+    """
+    elems = [list(e) for e in elems]
+    rows = [list(r) for r in rows]
+    present = [i for i, t in enumerate(elems[0]) if t.numel()]
+    if not present:
+        return
+    groups: Dict[tuple, List[int]] = {}
+    for i in present:
+        groups.setdefault(tuple(s[i].dtype for s in (*elems, *rows)), []).append(i)
+    for group in groups.values():
+        cols, orders, copy_back = _stage(elems, group, written)
+        rcols = [[r[i].contiguous() for i in group] for r in rows]
+        plan = _plan(cols, rcols, orders, group)
+        device = cols[0][0].device
+        optional = {}  # only what this kernel declares; an absent input is passed as None
+        if "keys" in kernel.arg_names:
+            optional["keys"] = (
+                None if keys is None else _keys_tensor([keys[i] for i in group], device)
+            )
+        if "stats" in kernel.arg_names:
+            optional["stats"] = (
+                None if stats is None else torch.stack([v for i in group for v in stats[i]])
+            )
+        if "counts" in kernel.arg_names:
+            optional["counts"] = counts
+        # One tensor per slot, from which the kernel takes each pointer's element type.
+        witnesses = [c[0] for c in cols] + [r[0] for r in rcols]
+        with _on(device):
+            kernel[(plan.nblocks,)](
+                plan.table, plan.blocks, *witnesses, *scalars, **optional,
+                S=len(cols) + len(rcols), W=plan.width, BLOCK=BLOCK_SIZE,
+                ALIGNED=plan.aligned, NDIM=plan.ndim,
+                **meta, **_LAUNCH,
+            )  # fmt: skip
+        for original, copy in copy_back:
+            original.copy_(copy)

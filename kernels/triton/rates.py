@@ -1,0 +1,231 @@
+"""The rate family: initial draws (``rates_init_``) and the dynamic updates (temporal,
+weight-adaptive, activity). Formulas and the Philox outputs used are those of
+``torch_backend``; gamma and beta initial draws use ``torch_backend.rates_init_`` (torch's
+samplers, a one-time draw)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import torch_backend
+from ..stats import abs_means, activity_stats
+from .launch import (
+    clamp,
+    exp,
+    for_tile,
+    launch,
+    logical,
+    operand,
+    per_unit,
+    round_to,
+    tile,
+    unit_of,
+)
+
+Tensor = torch.Tensor
+Tensors = Sequence[Tensor]
+
+#: The initial distributions drawn in-kernel, and their kernel MODE.
+_RATE_MODES = {"baseline": 0, "uniform": 1, "normal": 2, "lognormal": 3}
+
+
+@triton.jit
+def _init_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+    (p_ptr,) = ptrs
+    key, nu, shift, lo, hi = values
+    S: tl.constexpr = FLAGS[0]
+    NDIM: tl.constexpr = FLAGS[1]
+    MODE: tl.constexpr = FLAGS[2]
+    mask = offs < n if MASKED else None
+    if MODE == 0:
+        value = tl.full(offs.shape, 1.0, tl.float32)  # baseline: no clamp, as torch's fill_
+    elif MODE == 1:
+        value = clamp(1.0 + (2.0 * tl.rand(key, logical(row, offs, S, NDIM)) - 1.0) * nu, lo, hi)
+    elif MODE == 2:
+        value = clamp(1.0 + nu * tl.randn(key, logical(row, offs, S, NDIM)), lo, hi)
+    else:
+        value = clamp(exp(shift + nu * tl.randn(key, logical(row, offs, S, NDIM))), lo, hi)
+    tl.store(p_ptr + offs, round_to(value, p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _init_kernel(
+    tab, blocks, P0, nu, shift, lo, hi, keys,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    NDIM: tl.constexpr, MODE: tl.constexpr,
+):  # fmt: skip
+    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    key = 0
+    if MODE != 0:  # baseline draws nothing (and gets no keys)
+        key = tl.load(keys + t)
+    values = (key, nu, shift, lo, hi)
+    for_tile(
+        _init_body, (operand(row, 0, P0, ALIGNED),), values, row, offs, n, full, (S, NDIM, MODE)
+    )
+
+
+def rates_init_(
+    rates: Tensors, keys: Sequence[int], distribution: str, nu: float, lo: float, hi: float
+) -> None:
+    """Initial rates, clamped to ``[lo, hi]`` (formulas in ``torch_backend.rates_init_``).
+
+    baseline/uniform/normal/lognormal run here (``tl.rand``/``tl.randn``); gamma and beta, and
+    unknown names (for the error), go to ``torch_backend.rates_init_``.
+    """
+    rates = list(rates)
+    mode = _RATE_MODES.get(distribution)
+    if mode is None:
+        return torch_backend.rates_init_(rates, keys, distribution, nu, lo, hi)
+    nu = float(nu)
+    launch(
+        _init_kernel, [rates], written=(0,), keys=None if mode == 0 else list(keys),
+        scalars=(nu, -0.5 * nu * nu, float(lo), float(hi)), MODE=mode,
+    )  # fmt: skip
+
+
+@triton.jit
+def _temporal_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+    (p_ptr,) = ptrs
+    key, decay, noise, lo, hi = values
+    S: tl.constexpr = FLAGS[0]
+    NDIM: tl.constexpr = FLAGS[1]
+    NOISY: tl.constexpr = FLAGS[2]
+    mask = offs < n if MASKED else None
+    value = 1.0 + (tl.load(p_ptr + offs, mask=mask).to(tl.float32) - 1.0) * decay
+    if NOISY:
+        value = value + noise * (2.0 * tl.rand(key, logical(row, offs, S, NDIM)) - 1.0)
+    tl.store(p_ptr + offs, round_to(clamp(value, lo, hi), p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _temporal_kernel(
+    tab, blocks, P0, decay, noise, lo, hi, keys,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    NDIM: tl.constexpr, NOISY: tl.constexpr,
+):  # fmt: skip
+    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    key = 0
+    if NOISY:
+        key = tl.load(keys + t)
+    values = (key, decay, noise, lo, hi)
+    for_tile(
+        _temporal_body,
+        (operand(row, 0, P0, ALIGNED),),
+        values,
+        row,
+        offs,
+        n,
+        full,
+        (S, NDIM, NOISY),
+    )
+
+
+def temporal_update_(
+    rates: Tensors,
+    keys: Optional[Sequence[int]],
+    decay: float,
+    noise: float,
+    lo: float,
+    hi: float,
+) -> None:
+    """``p = clamp(1 + (p-1)*decay + noise*(2U-1), lo, hi)``; no draw when ``noise == 0``.
+
+    Philox: ``U = tl.rand(key, i)``.
+    """
+    noisy = noise != 0.0
+    if noisy and keys is None:
+        raise ValueError("temporal_update_ needs keys when noise is drawn")
+    launch(
+        _temporal_kernel, [list(rates)], written=(0,), keys=list(keys) if noisy else None,
+        scalars=(float(decay), float(noise), float(lo), float(hi)), NOISY=noisy,
+    )  # fmt: skip
+
+
+@triton.jit
+def _adaptive_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+    p_ptr, w_ptr = ptrs
+    key, denominator, nu, lo, hi = values
+    S: tl.constexpr = FLAGS[0]
+    NDIM: tl.constexpr = FLAGS[1]
+    mask = offs < n if MASKED else None
+    aw = tl.abs(tl.load(w_ptr + offs, mask=mask).to(tl.float32))
+    scale = clamp(2.0 - tl.math.div_rn(aw, denominator), 0.5, 1.5)
+    u = tl.rand(key, logical(row, offs, S, NDIM))
+    value = clamp(1.0 + (2.0 * u - 1.0) * nu * scale, lo, hi)
+    tl.store(p_ptr + offs, round_to(value, p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adaptive_kernel(
+    tab, blocks, P0, W0, nu, lo, hi, keys, stats,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    NDIM: tl.constexpr,
+):  # fmt: skip
+    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    ptrs = (operand(row, 0, P0, ALIGNED), operand(row, 1, W0, ALIGNED))
+    key = tl.load(keys + t)
+    denominator = tl.load(stats + t)  # mean|w| + 1e-8, from torch on the device
+    values = (key, denominator, nu, lo, hi)
+    for_tile(_adaptive_body, ptrs, values, row, offs, n, full, (S, NDIM))
+
+
+def weight_adaptive_(
+    rates: Tensors, weights: Tensors, keys: Sequence[int], nu: float, lo: float, hi: float
+) -> None:
+    """``p = clamp(1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), 0.5, 1.5), lo, hi)``.
+
+    Philox: ``U = tl.rand(key, i)``.
+    """
+    rates, weights = list(rates), list(weights)
+    stats = [[m + 1e-8] for m in abs_means(weights)]
+    launch(
+        _adaptive_kernel, [rates, weights], written=(0,), keys=list(keys), stats=stats,
+        scalars=(float(nu), float(lo), float(hi)),
+    )  # fmt: skip
+
+
+@triton.jit
+def _activity_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+    p_ptr, c_ptr = ptrs
+    key, mean_c, denominator, nu, lo, hi = values
+    S: tl.constexpr = FLAGS[0]
+    NDIM: tl.constexpr = FLAGS[1]
+    mask = offs < n if MASKED else None
+    idx = logical(row, offs, S, NDIM)
+    c = tl.load(c_ptr + unit_of(row, idx, S), mask=mask).to(tl.float32)
+    ratio = tl.where(mean_c > 0, tl.math.div_rn(c, denominator), 1.0)
+    factor = 2.0 - clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
+    new = clamp(1.0 + (2.0 * tl.rand(key, idx) - 1.0) * nu * factor, lo, hi)
+    tl.store(p_ptr + offs, round_to(new, p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _activity_kernel(
+    tab, blocks, P0, C0, nu, lo, hi, keys, stats,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    NDIM: tl.constexpr,
+):  # fmt: skip
+    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    ptrs = (operand(row, 0, P0, ALIGNED), per_unit(row, 1, C0))
+    key = tl.load(keys + t)
+    mean_c = tl.load(stats + 2 * t)  # stats.activity_stats, on the device
+    denominator = tl.load(stats + 2 * t + 1)
+    values = (key, mean_c, denominator, nu, lo, hi)
+    for_tile(_activity_body, ptrs, values, row, offs, n, full, (S, NDIM))
+
+
+def activity_update_(
+    rates: Tensors, counts: Tensors, keys: Sequence[int], nu: float, lo: float, hi: float
+) -> None:
+    """Redraw the rates from the activity of their output units (rows); formula in
+    ``torch_backend.activity_update_``. Philox: ``U = tl.rand(key, i)``."""
+    rates, counts = list(rates), list(counts)
+    stats = [list(activity_stats(c)) if p.numel() else [] for p, c in zip(rates, counts)]
+    launch(
+        _activity_kernel, [rates], rows=[counts], written=(0,), keys=list(keys), stats=stats,
+        scalars=(float(nu), float(lo), float(hi)),
+    )  # fmt: skip

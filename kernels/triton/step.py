@@ -1,0 +1,165 @@
+"""The gradient step family: ``fuzzy_scale_``, and volume scaling, fuzzy scaling and
+crystallization fused in one pass (``bio_step_``; ``crystallize_`` and ``volume_scale_`` are its
+one-stage cases). Formulas and the Philox outputs used are those of ``torch_backend``."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..contract import StepParams
+from ..stats import abs_means
+from .launch import exp, for_tile, launch, logical, operand, round_to, tile
+
+Tensor = torch.Tensor
+Tensors = Sequence[Tensor]
+
+
+@triton.jit
+def _fuzzy_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+    g_ptr, p_ptr = ptrs
+    mask = offs < n if MASKED else None
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(g_ptr + offs, round_to(g * p, g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fuzzy_kernel(
+    tab, blocks, G0, P0,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    NDIM: tl.constexpr,
+):  # fmt: skip
+    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    ptrs = (operand(row, 0, G0, ALIGNED), operand(row, 1, P0, ALIGNED))
+    for_tile(_fuzzy_body, ptrs, (0,), row, offs, n, full, (S, NDIM))
+
+
+def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
+    """``g *= p`` for every (grad, rates) pair."""
+    launch(_fuzzy_kernel, [list(grads), list(rates)], written=(0,))
+
+
+@triton.jit
+def _step_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+    w_ptr, g_ptr, p_ptr = ptrs
+    key, mean_aw, base_lr, neg_stability, variability, thresh, damp = values
+    S: tl.constexpr = FLAGS[0]
+    NDIM: tl.constexpr = FLAGS[1]
+    VOLUME: tl.constexpr = FLAGS[2]
+    FUZZY: tl.constexpr = FLAGS[3]
+    CRYSTALLIZE: tl.constexpr = FLAGS[4]
+    mask = offs < n if MASKED else None
+    GT: tl.constexpr = g_ptr.dtype.element_ty
+    aw = tl.abs(tl.load(w_ptr + offs, mask=mask).to(tl.float32))
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if VOLUME:
+        m = base_lr * exp(neg_stability * tl.math.div_rn(aw, aw + 1.0))
+        z = tl.randn(key, logical(row, offs, S, NDIM))
+        g = round_to(g * (m * tl.abs(1.0 + variability * z)), GT).to(tl.float32)  # as stored
+    if FUZZY or CRYSTALLIZE:
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    if FUZZY:
+        g = round_to(g * p, GT).to(tl.float32)
+    if VOLUME or FUZZY:
+        tl.store(g_ptr + offs, round_to(g, GT), mask=mask)
+    if CRYSTALLIZE:
+        ag = tl.abs(g)
+        hit = (ag < thresh * aw) | (ag > mean_aw)  # |g|/|w| < t as |g| < t*|w|, like torch
+        damped = tl.where(hit, p * damp, p)
+        tl.store(p_ptr + offs, round_to(damped, p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _step_kernel(
+    tab, blocks, W0, G0, P0,
+    base_lr, neg_stability, variability, thresh, damp, keys, stats,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    NDIM: tl.constexpr, VOLUME: tl.constexpr, FUZZY: tl.constexpr, CRYSTALLIZE: tl.constexpr,
+):  # fmt: skip
+    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    w_ptr = operand(row, 0, W0, ALIGNED)
+    g_ptr = operand(row, 1, G0, ALIGNED)
+    if FUZZY or CRYSTALLIZE:
+        p_ptr = operand(row, 2, P0, ALIGNED)
+    else:
+        p_ptr = g_ptr  # volume scaling alone has no rates operand; never read
+    key = 0
+    if VOLUME:
+        key = tl.load(keys + t)
+    mean_aw = 0.0
+    if CRYSTALLIZE:
+        mean_aw = tl.load(stats + t)  # stats.abs_means, computed on the device
+    values = (key, mean_aw, base_lr, neg_stability, variability, thresh, damp)
+    for_tile(
+        _step_body,
+        (w_ptr, g_ptr, p_ptr),
+        values,
+        row,
+        offs,
+        n,
+        full,
+        (S, NDIM, VOLUME, FUZZY, CRYSTALLIZE),
+    )
+
+
+def bio_step_(
+    weights: Tensors,
+    grads: Tensors,
+    rates: Optional[Tensors],
+    keys: Optional[Sequence[int]],
+    params: StepParams,
+) -> None:
+    """Volume scaling, fuzzy scaling and crystallization (each as ``params`` says) in ONE pass
+    over memory; equal to the separate ops called in that order with the same key (the
+    gradient is rounded to its dtype between the stages, as the separate ops store it)."""
+    p = params
+    if not p.any:
+        return
+    weights, grads = list(weights), list(grads)
+    elems = [weights, grads]
+    uses_rates = p.fuzzy or p.crystallize
+    if uses_rates:
+        elems.append(list(rates))
+    written = ((1,) if p.volume or p.fuzzy else ()) + ((2,) if p.crystallize else ())
+    launch(
+        _step_kernel, elems, written=written,
+        keys=list(keys) if p.volume else None,
+        stats=[[m] for m in abs_means(weights)] if p.crystallize else None,
+        # Without rates the kernel's P0 is None (it goes first: it follows the witnesses).
+        scalars=(() if uses_rates else (None,)) + (
+            float(p.base_lr), -float(p.stability_factor), float(p.lr_variability),
+            float(p.crystal_thresh), float(p.dampening),
+        ),
+        VOLUME=p.volume, FUZZY=p.fuzzy, CRYSTALLIZE=p.crystallize,
+    )  # fmt: skip
+
+
+def crystallize_(
+    weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
+) -> None:
+    """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
+    params = StepParams(crystallize=True, crystal_thresh=crystal_thresh, dampening=dampening)
+    bio_step_(weights, grads, rates, None, params)
+
+
+def volume_scale_(
+    weights: Tensors,
+    grads: Tensors,
+    keys: Sequence[int],
+    base_lr: float,
+    stability_factor: float,
+    lr_variability: float,
+) -> None:
+    """``g *= |N(m, lr_variability*m)|``, ``m = base_lr*exp(-stability_factor*|w|/(|w|+1))``.
+
+    Philox: ``z = tl.randn(key, i)``.
+    """
+    params = StepParams(
+        volume=True, base_lr=base_lr, stability_factor=stability_factor,
+        lr_variability=lr_variability,
+    )  # fmt: skip
+    bio_step_(weights, grads, None, keys, params)
