@@ -347,20 +347,6 @@ class UpstreamWorker:
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _cpu_fused(on: bool):
-    """BIO_CPU_FUSED set for one contender's calls only (the torch backend reads it per call)."""
-    before = os.environ.get("BIO_CPU_FUSED")
-    os.environ["BIO_CPU_FUSED"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("BIO_CPU_FUSED", None)
-        else:
-            os.environ["BIO_CPU_FUSED"] = before
-
-
 class LocalContender:
     """A contender timed in this process (ours, torch.compile, copy)."""
 
@@ -375,8 +361,12 @@ class LocalContender:
         from bio_transformations import kernels
 
         stack = contextlib.ExitStack()
-        stack.enter_context(kernels.use_backend(self.case.backend or "auto"))
-        stack.enter_context(_cpu_fused(self.case.contender.endswith("cpufused")))
+        stack.enter_context(
+            kernels.settings.override(
+                backend=self.case.backend or "auto",
+                cpu_fused=self.case.contender.endswith("cpufused"),
+            )
+        )
         return stack
 
     def prepare(self, plan: bc.Plan, threads: int) -> int:

@@ -272,5 +272,6 @@ def log_replaced(counts: torch.Tensor, entries: Sequence[Entry]) -> None:
         return
     if not logger.isEnabledFor(logging.INFO):
         return
-    for n, (name, layer, _) in zip(counts.tolist(), entries):
-        logger.info("rejuvenation replaced %d of %d weights in %s", n, layer.weight.numel(), name)
+    for n, (_, layer, _) in zip(counts.tolist(), entries):
+        total = layer.weight.numel()
+        logger.info("rejuvenation replaced %d of %d weights in %s", n, total, type(layer).__name__)
