@@ -18,6 +18,8 @@ import torch.nn as nn
 
 from . import kernels, ops
 from .bio_module import OP_IDS, BioModule, _log_replaced
+from .layers import out_units, unit_major
+from .summary import BioSummary, summarize
 
 __all__ = ["MODEL_METHODS", "ModelMethod", "bio_layers"]
 
@@ -25,14 +27,23 @@ Entry = Tuple[str, nn.Module, BioModule]
 
 
 def bio_layers(model: nn.Module) -> List[Entry]:
-    """``(name, layer, bio_mod)`` for every converted layer of ``model``, in module order."""
+    """``(name, layer, bio_mod)`` for every converted layer of ``model``, in module order.
+
+    Each weight appears once: a layer whose ``bio_mod`` or weight parameter was already listed
+    (tied or shared weights) is left out, so no op sees one tensor twice in a call."""
     recorded = model.__dict__.get("_bio_layers")
     if recorded is None:  # methods called on a module the converter did not record
         recorded = list(model.named_modules())
     out = []
+    seen: set = set()
     for name, layer in recorded:
         bio = layer._modules.get("bio_mod")
         if isinstance(bio, BioModule):
+            # By identity (traceable by torch.compile, no device read).
+            keys = (id(bio), id(layer.weight))
+            if keys[0] in seen or keys[1] in seen:
+                continue
+            seen.update(keys)
             out.append((name or type(layer).__name__, layer, bio))
     return out
 
@@ -201,7 +212,8 @@ def enforce_dales_principle(self: nn.Module) -> None:
             )
     active = [e for e in entries if not e[2].is_last_module]
     for group in _groups(active).values():
-        ops.dale_enforce_([layer.weight for _, layer, _ in group], [b.sign for *_, b in group])
+        weights = [unit_major(layer.weight, layer) for _, layer, _ in group]  # rows: units
+        ops.dale_enforce_(weights, [b.sign for *_, b in group])
 
 
 def add_weight_splitting_step(
@@ -216,9 +228,16 @@ def add_weight_splitting_step(
         try:
             new_configs.append(bio.splitting_config(Gamma, activation))
         except ValueError as exc:
-            raise ValueError(f"{exc} Layer {name!r} has {layer.weight.shape[0]} outputs.") from None
+            raise ValueError(f"{exc} Layer {name!r} has {out_units(layer)} outputs.") from None
     for (_, _, bio), cfg in zip(entries, new_configs):
         bio.config = cfg
+
+
+def bio_summary(self: nn.Module) -> BioSummary:
+    """A table of the converted layers (layer, type, shape, rates, distribution, splitting,
+    Dale, notes) that prints as text; ``.rows`` has the same as a list of dicts and
+    ``.skipped`` the modules the conversion left alone. Reads the rates on the host."""
+    return summarize(bio_layers(self), self.__dict__.get("_bio_plan"))
 
 
 #: name -> function of every method a converted model gains.
@@ -232,6 +251,7 @@ MODEL_METHODS: Dict[str, Callable] = {
     "enforce_dales_principle": enforce_dales_principle,
     "add_weight_splitting_step": add_weight_splitting_step,
     "bio_step": bio_step,
+    "bio_summary": bio_summary,
 }
 
 
