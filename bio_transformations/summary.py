@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .layers import ConversionPlan, is_transposed_linear
 
-__all__ = ["BioSummary", "conversion_line", "summarize"]
+__all__ = ["BioSummary", "conversion_line", "skipped_text", "summarize"]
 
 #: The columns of :class:`BioSummary`, in order.
 COLUMNS = ("layer", "type", "shape", "rates", "distribution", "splitting", "dale", "note")
