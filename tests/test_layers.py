@@ -266,6 +266,20 @@ def test_shared_weight_gets_each_mechanism_once(monkeypatch):
     assert torch.equal(fresh.a.bio_mod.sign, model.a.bio_mod.sign)
 
 
+def test_methods_list_each_weight_once_even_across_conversions(monkeypatch):
+    """Two parts converted separately, tied to each other: a model-level method called on the
+    parent (whose layers the converter did not record) still acts on the weight once."""
+    parent = nn.ModuleDict({"enc": nn.Linear(4, 4), "dec": nn.Linear(4, 4)})
+    parent["dec"].weight = parent["enc"].weight
+    BioConverter()(parent["enc"])
+    BioConverter()(parent["dec"])
+    assert parent["dec"].bio_mod is not parent["enc"].bio_mod
+    assert [name for name, *_ in bio_layers(parent)] == ["enc"]
+    calls = _recording(monkeypatch)
+    MODEL_METHODS["rejuvenate_weights"](parent)
+    assert [len(lists[0]) for op, lists in calls if op == "rejuvenate_"] == [1]
+
+
 # ---------------------------------------------------------------------------------------------
 # The conversion summary
 # ---------------------------------------------------------------------------------------------
@@ -357,3 +371,27 @@ def test_plan_of_a_gpt2_style_block():
         ("lm_head", "Linear", "tied to wte"),
     ]
     assert [n for n, _ in plan_conversion(Block(), include_tied=True).convert][-1] == "lm_head"
+
+
+def test_compiled_forward_of_transposed_layers_matches_eager():
+    """The layout decisions trace: torch.compile(fullgraph=True) of a converted Conv1D model
+    with weight splitting and activity tracking, without recompiling, equals eager mode."""
+    import copy
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BioConverter(
+        weight_splitting_Gamma=2,
+        fuzzy_lr_distribution=Distribution.ACTIVITY,
+        fuzzy_lr_dynamic=True,
+    )(nn.Sequential(Conv1D(8, 8), nn.ReLU(), Conv1D(2, 8)))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 8)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), eager(x))
+    for a, b in zip(model.state_dict().values(), eager.state_dict().values()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b)
+    assert model[0].bio_mod.activation_count.sum() > 0
