@@ -1,8 +1,12 @@
-"""``BioConverter``: attaches a ``BioModule`` to every ``Linear``/``Conv`` layer of a model."""
+"""``BioConverter``: attaches a ``BioModule`` to every ``Linear``/``Conv`` layer of a model
+(and to transposed linear layers such as ``transformers``' ``Conv1D``; see
+``bio_transformations.layers``)."""
 
 from __future__ import annotations
 
 import functools
+import logging
+import warnings
 from typing import Any, Dict, Type, TypeVar, Union
 
 import torch
@@ -10,14 +14,17 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, validate_config
-from .bio_module import CONVERTIBLE_LAYERS, BioModule, bio_forward_hook, check_splitting
+from .bio_module import BioModule, bio_forward_hook, check_splitting
 from .kernels import philox
+from .layers import is_convertible, out_units, plan_conversion
 from .model_methods import MODEL_METHODS, ModelMethod
+from .summary import conversion_line
 
 __all__ = ["BioConverter", "agreed_seed", "sync_layer_seeds"]
 
 M = TypeVar("M", bound=nn.Module)
 _HOOK_FLAG = "_bio_hook_installed"
+logger = logging.getLogger("bio_transformations")
 
 
 def agreed_seed(seed: int, src: int = 0) -> int:
@@ -53,7 +60,13 @@ class BioConverter:
 
     Args:
         config: base configuration (default :data:`DEFAULT_BIO_CONFIG`).
+        include_tied: also convert layers whose weight is tied to a module that is not
+            converted, such as a language model's output head tied to its token embedding
+            (default False: such layers are skipped, with an INFO log). Keyword only.
         **kwargs: fields of :class:`BioConfig` overriding ``config``.
+
+    Each conversion logs one INFO line on the ``bio_transformations`` logger saying what was
+    converted and what was skipped, and warns when nothing was converted.
 
     Raises:
         BioConfigError: a config value is invalid (already here, not at the first layer).
@@ -61,8 +74,11 @@ class BioConverter:
             ``config._replace`` raised).
     """
 
-    def __init__(self, config: BioConfig = DEFAULT_BIO_CONFIG, **kwargs: Any):
+    def __init__(
+        self, config: BioConfig = DEFAULT_BIO_CONFIG, *, include_tied: bool = False, **kwargs: Any
+    ):
         self.config = self._make_config(config, kwargs)
+        self.include_tied = bool(include_tied)
 
     @staticmethod
     def _make_config(config: BioConfig, overrides: Dict[str, Any]) -> BioConfig:
@@ -119,7 +135,8 @@ class BioConverter:
 
     def _convert_instance(self, model: M, attach_methods: bool = True) -> M:
         self.set_last_module_token_for_model(model)
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, CONVERTIBLE_LAYERS)]
+        plan = plan_conversion(model, include_tied=self.include_tied)
+        layers = plan.convert
         total = len(layers)
         # Validate splitting on every layer before changing any.
         for name, layer in layers:
@@ -129,7 +146,7 @@ class BioConverter:
                 except ValueError as exc:
                     raise ValueError(
                         f"{exc} Layer {name or type(layer).__name__!r} has "
-                        f"{layer.weight.shape[0]} outputs."
+                        f"{out_units(layer)} outputs."
                     ) from None
         # One draw from torch's default generator (agreed across data-parallel ranks) keys
         # every layer's stream, so the rates drawn below already agree between replicas.
@@ -138,11 +155,28 @@ class BioConverter:
             cfg = self.config._replace(fuzzy_lr_layer_index=index, fuzzy_lr_total_layers=total)
             seed = philox.stream_key(base_seed, index, 0)
             bio = BioModule(functools.partial(_identity, layer), cfg, layer_seed=seed)
-            layer.bio_mod = bio  # replaces an earlier bio_mod on re-conversion
-            if not getattr(layer, _HOOK_FLAG, False):
-                layer.register_forward_hook(bio_forward_hook)
-                object.__setattr__(layer, _HOOK_FLAG, True)
+            _attach(layer, bio)
+        # A layer holding the very weight of a converted one shares its BioModule: its forward
+        # pass gets splitting and activity tracking, the weight gets each mechanism once.
+        for _, layer, owner_name in plan.shared:
+            _attach(layer, dict(layers)[owner_name]._modules["bio_mod"])
+        # A tied layer converted by an earlier conversion loses its BioModule (the hook stays
+        # and does nothing without one).
+        modules = dict(model.named_modules())
+        for name, _, _ in plan.skipped:
+            if is_convertible(modules[name]):
+                modules[name]._modules.pop("bio_mod", None)
         object.__setattr__(model, "_bio_layers", layers)
+        object.__setattr__(model, "_bio_plan", plan)
+        logger.info("%s", conversion_line(plan))
+        if not layers:
+            warnings.warn(
+                f"BioConverter: no layer of {type(model).__name__} was converted "
+                "(converted are nn.Linear, nn.Conv1d/2d/3d and transposed linear layers such as "
+                f"transformers' Conv1D); {conversion_line(plan)}",
+                UserWarning,
+                stacklevel=3,
+            )
         if attach_methods:
             for name in MODEL_METHODS:
                 object.__setattr__(model, name, ModelMethod(model, name))
@@ -152,7 +186,7 @@ class BioConverter:
     def set_last_module_token_for_model(model: nn.Module) -> nn.Module:
         """Mark the last convertible layer among ``model.children()`` (when there is more than
         one) with ``last_module_token = True``: it gets no weight splitting and no Dale."""
-        candidates = [m for m in model.children() if isinstance(m, CONVERTIBLE_LAYERS)]
+        candidates = [m for m in model.children() if is_convertible(m)]
         if len(candidates) > 1:
             BioConverter.set_last_module_token_for_module(candidates[-1])
         return model
@@ -166,3 +200,12 @@ class BioConverter:
 
 def _identity(layer: nn.Module) -> nn.Module:
     return layer
+
+
+def _attach(layer: nn.Module, bio: BioModule) -> None:
+    """Set ``layer.bio_mod`` (replacing an earlier one on re-conversion) and install the forward
+    hook once."""
+    layer.bio_mod = bio
+    if not getattr(layer, _HOOK_FLAG, False):
+        layer.register_forward_hook(bio_forward_hook)
+        object.__setattr__(layer, _HOOK_FLAG, True)

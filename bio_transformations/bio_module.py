@@ -16,14 +16,14 @@ import torch.nn as nn
 from . import functional, ops
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution, validate_config
 from .kernels import philox, rng
+from .layers import CONVERTIBLE_LAYERS, is_convertible, out_units, output_channel_dim, unit_major
 from .ops import OP_IDS  # noqa: F401  (re-exported: its old home)
+from .summary import BioSummary, summarize
 
 __all__ = ["BioModule", "CONVERTIBLE_LAYERS", "split_output"]
 
 logger = logging.getLogger("bio_transformations")
 
-#: Layer types the converter attaches a ``BioModule`` to.
-CONVERTIBLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 # Which initial draw each distribution starts from (the dynamic ones start from these too).
 _INITIAL_RATES = {
@@ -42,14 +42,9 @@ _INITIAL_RATES = {
 _SPLIT_ERROR = "weight_splitting_Gamma (G) must evenly divide the number of features (C)."
 
 
-def _out_units(layer: nn.Module) -> int:
-    """The size of the dimension weight splitting groups: out_features / out_channels."""
-    return layer.weight.shape[0]
-
-
 def check_splitting(layer: nn.Module, gamma: int) -> None:
     """Raise ``ValueError`` if ``gamma > 1`` does not divide the layer's output units."""
-    if gamma > 1 and _out_units(layer) % gamma != 0:
+    if gamma > 1 and out_units(layer) % gamma != 0:
         raise ValueError(_SPLIT_ERROR)
 
 
@@ -87,7 +82,7 @@ def bio_forward_hook(
         bio._activity_step(output.detach())
     gamma = cfg.weight_splitting_Gamma
     if gamma > 1 and not getattr(module, "last_module_token", False):
-        channel_dim = output.dim() - 1 if isinstance(module, nn.Linear) else 1
+        channel_dim = output_channel_dim(module, output)
         return split_output(output, gamma, cfg.weight_splitting_activation_function, channel_dim)
     return None
 
@@ -142,7 +137,7 @@ class BioModule(nn.Module):
         rates = torch.ones_like(weight, requires_grad=False)
         self.register_buffer("fuzzy_learning_rate_parameters", rates)
         if self.config.fuzzy_lr_distribution is Distribution.ACTIVITY:
-            counts = torch.zeros(_out_units(layer), dtype=torch.int64, device=weight.device)
+            counts = torch.zeros(out_units(layer), dtype=torch.int64, device=weight.device)
             self.register_buffer("activation_count", counts)
         self._init_rates()
         if self.config.apply_dales_principle:
@@ -346,12 +341,14 @@ class BioModule(nn.Module):
 
         One custom op (``ops.activity_step_``), so a compiled forward pass neither breaks its
         graph nor recompiles as the host-side counters advance."""
-        channel_dim = output.dim() - 1 if isinstance(self.get_parent(), nn.Linear) else 1
+        layer = self.get_parent()
         c = self.config
+        # Rates as (units, ...): the op redraws them row by row from each unit's count.
         ops.activity_step_(
-            output, self.activation_count, self.fuzzy_learning_rate_parameters,
+            output, self.activation_count, unit_major(self.fuzzy_learning_rate_parameters, layer),
             self._rng_step, self._activity_calls_t, self.layer_seed,
-            max(channel_dim, 0), c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min, c.fuzzy_lr_max,
+            output_channel_dim(layer, output), c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min,
+            c.fuzzy_lr_max,
         )  # fmt: skip
 
     @property
@@ -376,10 +373,10 @@ class BioModule(nn.Module):
         """Dale's principle at initialisation: every output unit gets one random sign, its
         weights become ``|w| * sign``, and the sign is stored as buffer ``sign``."""
         layer = module.get_parent() if isinstance(module, BioModule) else None
-        if not isinstance(layer, CONVERTIBLE_LAYERS):
+        if layer is None or not is_convertible(layer):
             target = type(layer) if layer is not None else type(module)
             raise AttributeError(f"Can not use dalians network initialization on {target}")
-        w = layer.weight
+        w = unit_major(layer.weight, layer)  # a view: writing it writes the weight
         units = w.shape[0]
         u = rng.uniform(module.next_key("dale_init"), units, w.device)
         sign = torch.where(u < 0.5, 1.0, -1.0).to(w.dtype)
@@ -418,6 +415,11 @@ class BioModule(nn.Module):
         """Apply weight splitting with ``Gamma`` and ``activation`` (config values when None),
         replacing any splitting set before. The marked last layer is never split."""
         self.config = self.splitting_config(Gamma, activation)
+
+    def bio_summary(self) -> BioSummary:
+        """This layer's row of the model's summary (``bio_model.bio_summary()``)."""
+        layer = self.get_parent()
+        return summarize([(type(layer).__name__, layer, self)])
 
 
 def _upstream_sign(theirs: torch.Tensor, own: torch.Tensor, key: str) -> torch.Tensor:

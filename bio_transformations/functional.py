@@ -27,6 +27,7 @@ import torch.nn as nn
 from . import ops
 from .bio_config import Distribution
 from .kernels.contract import StepParams
+from .layers import out_units, unit_major
 
 __all__ = [
     "METHOD_NAMES",
@@ -52,6 +53,7 @@ METHOD_NAMES = (
     "enforce_dales_principle",
     "add_weight_splitting_step",
     "bio_step",
+    "bio_summary",
 )
 
 Entry = Tuple[str, nn.Module, Any]  # (name, layer, BioModule)
@@ -246,7 +248,8 @@ def check_dales(entries: Sequence[Entry]) -> List[Entry]:
 def enforce_dales_principle(entries: Sequence[Entry]) -> None:
     """``w = relu(w * sign) * sign`` on every layer but the marked last one."""
     for group in _groups(check_dales(entries)).values():
-        ops.dale_enforce_(_weights(group), [bio.sign for *_, bio in group])
+        weights = [unit_major(layer.weight, layer) for _, layer, _ in group]  # rows: units
+        ops.dale_enforce_(weights, [bio.sign for *_, bio in group])
 
 
 def add_weight_splitting_step(
@@ -260,7 +263,7 @@ def add_weight_splitting_step(
         try:
             new_configs.append(bio.splitting_config(Gamma, activation))
         except ValueError as exc:
-            raise ValueError(f"{exc} Layer {name!r} has {layer.weight.shape[0]} outputs.") from None
+            raise ValueError(f"{exc} Layer {name!r} has {out_units(layer)} outputs.") from None
     for (_, _, bio), cfg in zip(entries, new_configs):
         bio.config = cfg
 

@@ -18,19 +18,29 @@ import torch.nn as nn
 from . import functional
 from .bio_module import BioModule
 from .functional import METHOD_NAMES, Entry
+from .summary import BioSummary, summarize
 
 __all__ = ["MODEL_METHODS", "ModelMethod", "bio_layers"]
 
 
 def bio_layers(model: nn.Module) -> List[Entry]:
-    """``(name, layer, bio_mod)`` for every converted layer of ``model``, in module order."""
+    """``(name, layer, bio_mod)`` for every converted layer of ``model``, in module order.
+
+    Each weight appears once: a layer whose ``bio_mod`` or weight parameter was already listed
+    (tied or shared weights) is left out, so no op sees one tensor twice in a call."""
     recorded = model.__dict__.get("_bio_layers")
     if recorded is None:  # methods called on a module the converter did not record
         recorded = list(model.named_modules())
     out = []
+    seen: set = set()
     for name, layer in recorded:
         bio = layer._modules.get("bio_mod")
         if isinstance(bio, BioModule):
+            # By identity (traceable by torch.compile, no device read).
+            keys = (id(bio), id(layer.weight))
+            if keys[0] in seen or keys[1] in seen:
+                continue
+            seen.update(keys)
             out.append((name or type(layer).__name__, layer, bio))
     return out
 
@@ -57,12 +67,22 @@ def update_fuzzy_learning_rates(self: nn.Module, x: Optional[torch.Tensor] = Non
     functional.update_fuzzy_learning_rates(bio_layers(self))
 
 
+def bio_summary(self: nn.Module) -> BioSummary:
+    """A table of the converted layers (layer, type, shape, rates, distribution, splitting,
+    Dale, notes) that prints as text; ``.rows`` has the same as a list of dicts and
+    ``.skipped`` the modules the conversion left alone. Reads the rates on the host."""
+    return summarize(bio_layers(self), self.__dict__.get("_bio_plan"))
+
+
+#: Model-level methods that are not the functional implementation over every layer.
+_SPECIAL: Dict[str, Callable] = {
+    "update_fuzzy_learning_rates": update_fuzzy_learning_rates,
+    "bio_summary": bio_summary,
+}
+
 #: name -> function of every method a converted model gains.
 MODEL_METHODS: Dict[str, Callable] = {
-    name: update_fuzzy_learning_rates
-    if name == "update_fuzzy_learning_rates"
-    else _model_level(name)
-    for name in METHOD_NAMES
+    name: _SPECIAL[name] if name in _SPECIAL else _model_level(name) for name in METHOD_NAMES
 }
 
 

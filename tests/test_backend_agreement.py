@@ -21,6 +21,7 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
 
 from bio_transformations import BioConverter, Distribution, kernels, set_backend
 from bio_transformations.kernels import StepParams, philox, stats
@@ -445,10 +446,36 @@ def _model():
     return model
 
 
-def _train(backend: str, steps: int = 3):
+class _TransposedNet(nn.Module):
+    """GPT-2's layer type: transformers' Conv1D stores its weight (in, out), so the per-unit
+    ops (Dale, activity redraws) run on transposed views."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_fc = Conv1D(24, 3 * 6 * 6)
+        self.c_proj = Conv1D(12, 24)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c_fc(x.flatten(1)))
+        return self.head(torch.relu(self.c_proj(x)))
+
+
+def _transposed_model():
+    torch.manual_seed(0)
+    converter = BioConverter(
+        fuzzy_lr_distribution=Distribution.ACTIVITY,
+        fuzzy_lr_dynamic=True,
+        apply_dales_principle=True,
+        crystal_thresh=0.05,
+    )
+    return converter(_TransposedNet()).to(DEVICE)
+
+
+def _train(backend: str, steps: int = 3, build=_model):
     set_backend(backend)
     try:
-        model = _model()
+        model = build()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(8, 3, 6, 6, generator=gen).to(DEVICE)
@@ -482,10 +509,11 @@ def _close_or_rare(ref, got, what):
         assert int(off.sum()) <= 1 + 1e-3 * a.numel(), f"{what}: {int(off.sum())} elements differ"
 
 
-def test_whole_model_agrees():
+@pytest.mark.parametrize("build", [_model, _transposed_model], ids=["conv-linear", "transposed"])
+def test_whole_model_agrees(build):
     logging.getLogger("bio_transformations").setLevel(logging.WARNING)
-    ref_p, ref_g, ref_r = _train("torch")
-    got_p, got_g, got_r = _train("triton")
+    ref_p, ref_g, ref_r = _train("torch", build=build)
+    got_p, got_g, got_r = _train("triton", build=build)
     _close_or_rare(ref_p, got_p, "weights")
     for a, b in zip(ref_g, got_g):
         _close_or_rare(a, b, "grads")

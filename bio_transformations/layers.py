@@ -1,0 +1,173 @@
+"""Which layers the converter converts, and where their output units lie.
+
+Everything that depends on a layer's weight layout is decided here, in one place:
+
+* ``nn.Linear`` and ``nn.Conv1d/2d/3d`` store their weight as ``(out, in, ...)``: output units
+  are weight dim 0.
+* **Transposed linear layers** store it as ``(in, out)``: output units are weight dim 1. The
+  best-known one is ``transformers.pytorch_utils.Conv1D`` (GPT-2, GPT, and models built on
+  their pattern): ``y = x @ weight + bias`` with ``weight`` of shape ``(nx, nf)``. They are
+  recognised without importing ``transformers``, by duck typing: an integer attribute ``nf``
+  (the output features) and a 2-D ``weight`` whose dim 1 has ``nf`` entries.
+
+The per-output-unit mechanisms (Dale's signs, weight splitting, activity counts) read the
+weight through :func:`unit_major`, a view with output units along dim 0 (``w.t()`` for a
+transposed layer), so the backends' row-wise kernels run unchanged; both backends index
+transposed views in place. The element-wise mechanisms (fuzzy rates, crystallization, volume
+scaling, rejuvenation, rate initialisation) do not depend on the layout and see the tensors as
+stored.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "CONVERTIBLE_LAYERS",
+    "ConversionPlan",
+    "is_convertible",
+    "is_transposed_linear",
+    "out_dim",
+    "out_units",
+    "output_channel_dim",
+    "plan_conversion",
+    "unit_major",
+]
+
+#: Layer types with the weight stored ``(out, in, ...)`` that the converter converts.
+CONVERTIBLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: Module types never converted, with the reason the conversion summary gives.
+_NORMALISATION = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
+_EMBEDDING = (nn.Embedding, nn.EmbeddingBag)
+
+
+def is_transposed_linear(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a linear layer with its weight stored ``(in, out)``, like
+    ``transformers.pytorch_utils.Conv1D``: an int ``nf`` and a 2-D ``weight`` of ``nf`` columns."""
+    if isinstance(layer, CONVERTIBLE_LAYERS):
+        return False
+    nf = getattr(layer, "nf", None)
+    weight = layer._parameters.get("weight")
+    return (
+        isinstance(nf, int)
+        and not isinstance(nf, bool)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == nf
+    )
+
+
+def is_convertible(layer: nn.Module) -> bool:
+    """Whether the converter attaches a ``BioModule`` to ``layer``."""
+    return isinstance(layer, CONVERTIBLE_LAYERS) or is_transposed_linear(layer)
+
+
+def out_dim(layer: nn.Module) -> int:
+    """The weight dim that indexes output units: 1 for transposed linear layers, else 0."""
+    return 1 if is_transposed_linear(layer) else 0
+
+
+def out_units(layer: nn.Module) -> int:
+    """The number of output units (out_features / out_channels / ``nf``)."""
+    return layer.weight.shape[out_dim(layer)]
+
+
+def unit_major(t: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """A view of ``t`` (the weight, its gradient or rates) with output units along dim 0."""
+    return t.t() if out_dim(layer) == 1 else t
+
+
+def output_channel_dim(layer: nn.Module, output: torch.Tensor) -> int:
+    """The dim of ``layer``'s output that indexes its output units: last for linear layers
+    (plain or transposed), 1 for convolutions (``(N, C, ...)``)."""
+    if isinstance(layer, nn.Linear) or is_transposed_linear(layer):
+        return max(output.dim() - 1, 0)
+    return 1
+
+
+def _skip_reason(module: nn.Module) -> str:
+    if isinstance(module, _EMBEDDING):
+        return "embedding"
+    if isinstance(module, _NORMALISATION) or type(module).__name__.endswith("Norm"):
+        return "normalisation"
+    return "unsupported"
+
+
+class ConversionPlan(NamedTuple):
+    """What a conversion does to a model (built by :func:`plan_conversion`).
+
+    Attributes:
+        convert: ``(name, layer)`` of each layer that gets its own ``BioModule``, module order.
+        shared: ``(name, layer, owner name)`` of convertible layers whose weight is the very
+            parameter of an earlier converted layer (``owner``): they share its ``BioModule``,
+            so the mechanisms run once per step on that weight.
+        tied: ``{name: holder name}`` for converted layers whose weight is also held by a
+            module that is not converted (converted only with ``include_tied=True``).
+        skipped: ``(name, type name, reason)`` of the modules holding parameters that are not
+            converted; reason is ``embedding``, ``normalisation``, ``unsupported`` or
+            ``tied to <holder>``.
+    """
+
+    convert: List[Tuple[str, nn.Module]]
+    shared: List[Tuple[str, nn.Module, str]]
+    tied: Dict[str, str]
+    skipped: List[Tuple[str, str, str]]
+
+
+def _weight_key(layer: nn.Module) -> int:
+    return id(layer.weight)
+
+
+def plan_conversion(model: nn.Module, include_tied: bool = False) -> ConversionPlan:
+    """Decide which layers of ``model`` are converted.
+
+    Tied weights: a parameter held by several convertible layers is converted once (the first
+    holder in module order; the others share its ``BioModule``). A layer whose weight is also
+    held by a module that is not converted (an ``nn.Embedding``, as with a language model's
+    output head tied to its token embedding, or any other module) is skipped unless
+    ``include_tied`` is True: the mechanisms would otherwise rewrite the embedding too.
+    """
+    modules = list(model.named_modules())
+    holders: Dict[int, List[str]] = {}  # id(parameter) -> names of non-convertible holders
+    for name, module in modules:
+        if is_convertible(module):
+            continue
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append(name or type(module).__name__)
+    convert: List[Tuple[str, nn.Module]] = []
+    shared: List[Tuple[str, nn.Module, str]] = []
+    tied: Dict[str, str] = {}
+    skipped: List[Tuple[str, str, str]] = []
+    owners: Dict[int, Tuple[str, nn.Module]] = {}
+    for name, module in modules:
+        if not is_convertible(module):
+            if any(p is not None for p in module._parameters.values()):
+                skipped.append((name, type(module).__name__, _skip_reason(module)))
+            continue
+        key = _weight_key(module)
+        owner = owners.get(key)
+        if owner is not None:
+            if type(owner[1]) is type(module):
+                shared.append((name, module, owner[0]))
+            else:  # the same tensor read in another layout: one BioModule cannot serve both
+                skipped.append((name, type(module).__name__, f"tied to {owner[0]}"))
+            continue
+        holder: Optional[str] = next(iter(holders.get(key, [])), None)
+        if holder is not None and not include_tied:
+            skipped.append((name, type(module).__name__, f"tied to {holder}"))
+            continue
+        if holder is not None:
+            tied[name] = holder
+        owners[key] = (name, module)
+        convert.append((name, module))
+    return ConversionPlan(convert, shared, tied, skipped)
