@@ -105,7 +105,7 @@ def validate_config(config: BioConfig) -> BioConfig:
         _msg("fuzzy_learning_rate_factor_nu must be positive", c.fuzzy_learning_rate_factor_nu),
     )
     _check(
-        0 <= c.dampening_factor <= 1,
+        0 < c.dampening_factor < 1,  # upstream's range: 0 would zero every rate for ever
         _msg("dampening_factor must be between 0 and 1", c.dampening_factor),
     )
     _check(c.crystal_thresh > 0, _msg("crystal_thresh must be positive", c.crystal_thresh))
@@ -129,7 +129,7 @@ def validate_config(config: BioConfig) -> BioConfig:
             c.weight_splitting_activation_function,
         ),
     )
-    _check(0 <= c.base_lr <= 1, _msg("base_lr must be between 0 and 1", c.base_lr))
+    _check(0 < c.base_lr < 1, _msg("base_lr must be between 0 and 1", c.base_lr))
     _check(c.stability_factor > 0, _msg("stability_factor must be positive", c.stability_factor))
     _check(c.lr_variability > 0, _msg("lr_variability must be positive", c.lr_variability))
     try:

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, validate_config
 from .bio_module import BioModule, bio_forward_hook, check_splitting
+from .compat import ConverterCompat
 from .kernels import philox
 from .layers import is_convertible, out_units, plan_conversion
 from .model_methods import MODEL_METHODS, ModelMethod
@@ -55,7 +56,7 @@ def sync_layer_seeds(model: nn.Module, src: int = 0) -> None:
         bio.layer_seed = philox.stream_key(base, index, 0)
 
 
-class BioConverter:
+class BioConverter(ConverterCompat):
     """Converts models so their layers learn with the bio mechanisms.
 
     Args:

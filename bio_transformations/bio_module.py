@@ -15,8 +15,16 @@ import torch.nn as nn
 
 from . import functional, ops
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution, validate_config
+from .compat import BioModuleCompat
 from .kernels import philox, rng
-from .layers import CONVERTIBLE_LAYERS, is_convertible, out_units, output_channel_dim, unit_major
+from .layers import (
+    CONVERTIBLE_LAYERS,
+    is_convertible,
+    out_units,
+    output_channel_dim,
+    per_unit_shape,
+    unit_major,
+)
 from .ops import OP_IDS  # noqa: F401  (re-exported: its old home)
 from .summary import BioSummary, summarize
 
@@ -87,7 +95,7 @@ def bio_forward_hook(
     return None
 
 
-class BioModule(nn.Module):
+class BioModule(BioModuleCompat, nn.Module):
     """The bio mechanisms of one layer.
 
     Args:
@@ -121,9 +129,11 @@ class BioModule(nn.Module):
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"BioModule needs a layer with a weight tensor, got {type(layer)}")
         self.config = validate_config(config)
-        # A plain attribute (not a submodule, which would make the module tree cyclic); deepcopy
-        # and pickling follow it to the copied layer, unlike a captured lambda.
-        object.__setattr__(self, "_parent_layer", layer)
+        # Called on every access, as upstream: a `lambda: layer` follows a rebinding of `layer`.
+        # A plain attribute (a callable module must not become a submodule: the tree would be
+        # cyclic). The converter passes `functools.partial(identity, layer)`, which deepcopy
+        # and pickling follow to the copied layer.
+        object.__setattr__(self, "_parent_fn", parent)
         # The converter passes seeds agreed across data-parallel ranks; alone, draw one from
         # torch's default generator so torch.manual_seed makes runs repeatable.
         self.layer_seed = philox.new_layer_seed() if layer_seed is None else int(layer_seed)
@@ -146,8 +156,8 @@ class BioModule(nn.Module):
     # -- plumbing ------------------------------------------------------------------------------
 
     def get_parent(self) -> nn.Module:
-        """The wrapped layer."""
-        return self.__dict__["_parent_layer"]
+        """The wrapped layer: ``parent()``, evaluated on every access."""
+        return self.__dict__["_parent_fn"]()
 
     @property
     def rng_step(self) -> int:
@@ -241,13 +251,14 @@ class BioModule(nn.Module):
         unexpected_keys: list,
         error_msgs: list,
     ) -> None:
-        """Also accept checkpoints of the published package: no seed/step state, and Dale signs
-        shaped ``(out, 1)`` or ``(out, in, 1, 1)``."""
+        """Also accept checkpoints of the published package (no seed/step state; Dale signs
+        drawn per ``(out, in)`` pair for convolutions) and this package's earlier one-dimensional
+        signs: any per-unit sign is reshaped to this module's shape."""
         sign_key = prefix + "sign"
         own_sign = self._buffers.get("sign")
         theirs = state_dict.get(sign_key)
         if own_sign is not None and torch.is_tensor(theirs) and theirs.shape != own_sign.shape:
-            state_dict[sign_key] = _upstream_sign(theirs, own_sign, sign_key)
+            state_dict[sign_key] = _loaded_sign(theirs, own_sign, sign_key)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -330,8 +341,16 @@ class BioModule(nn.Module):
         if c.fuzzy_lr_distribution is Distribution.ACTIVITY:
             if c.fuzzy_lr_dynamic and x is not None:
                 layer = self.get_parent()
-                # The layer's own forward, without hooks (no splitting, no second count).
-                self._activity_step(type(layer).forward(layer, x))
+                try:
+                    # The layer's own forward, without hooks (no splitting, no second count).
+                    output = type(layer).forward(layer, x)
+                except NotImplementedError:  # a custom layer with a weight but no forward
+                    logger.debug(
+                        "%s has no forward of its own: no activity counted from x",
+                        type(layer).__name__,
+                    )
+                    return
+                self._activity_step(output)
             return
         functional.update_fuzzy_learning_rates([self._entry()])
 
@@ -379,8 +398,9 @@ class BioModule(nn.Module):
         w = unit_major(layer.weight, layer)  # a view: writing it writes the weight
         units = w.shape[0]
         u = rng.uniform(module.next_key("dale_init"), units, w.device)
-        sign = torch.where(u < 0.5, 1.0, -1.0).to(w.dtype)
-        w.copy_(w.abs() * sign.reshape((-1,) + (1,) * (w.dim() - 1)))
+        # Shaped to broadcast against the weight, as upstream's: user code `sign * weight` works.
+        sign = torch.where(u < 0.5, 1.0, -1.0).to(w.dtype).reshape(per_unit_shape(layer))
+        w.copy_(w.abs() * unit_major(sign, layer))
         if "sign" in module._buffers:
             module.sign = sign
         else:
@@ -422,16 +442,21 @@ class BioModule(nn.Module):
         return summarize([(type(layer).__name__, layer, self)])
 
 
-def _upstream_sign(theirs: torch.Tensor, own: torch.Tensor, key: str) -> torch.Tensor:
-    """One sign per output unit from upstream's ``(out, 1)`` / ``(out, in, 1, 1)`` signs."""
-    if theirs.dim() == 0 or theirs.shape[0] != own.shape[0]:
+def _loaded_sign(theirs: torch.Tensor, own: torch.Tensor, key: str) -> torch.Tensor:
+    """A checkpoint's Dale signs in this module's shape: one sign per output unit, from a
+    1-D ``(out,)`` or any ``(out, 1, ...)`` tensor, or the majority of upstream's per-pair
+    ``(out, in, 1, 1)`` convolution signs."""
+    units = own.numel()
+    if theirs.numel() == units:
+        return theirs.reshape(own.shape).to(own.dtype)
+    if theirs.dim() == 0 or theirs.shape[0] != units:
         raise RuntimeError(
             f"size mismatch for {key}: checkpoint has shape {tuple(theirs.shape)}, this model "
             f"expects one sign per output unit, shape {tuple(own.shape)}"
         )
-    rows = theirs.reshape(theirs.shape[0], -1)
-    majority = torch.where(rows.sum(1) >= 0, 1.0, -1.0).to(own.dtype)
-    if not bool((rows == majority[:, None]).all()):
+    rows = theirs.reshape(units, -1)
+    majority = torch.where(rows.sum(1) >= 0, 1.0, -1.0).to(own.dtype).reshape(own.shape)
+    if not bool((rows == majority.reshape(units, 1)).all()):
         logger.warning(
             "%s: the checkpoint's Dale signs differ within an output unit (upstream drew one "
             "per (out, in) pair for convolutions); using each unit's majority sign",

@@ -33,6 +33,7 @@ __all__ = [
     "out_dim",
     "out_units",
     "output_channel_dim",
+    "per_unit_shape",
     "plan_conversion",
     "unit_major",
 ]
@@ -79,6 +80,15 @@ def out_dim(layer: nn.Module) -> int:
 def out_units(layer: nn.Module) -> int:
     """The number of output units (out_features / out_channels / ``nf``)."""
     return layer.weight.shape[out_dim(layer)]
+
+
+def per_unit_shape(layer: nn.Module) -> Tuple[int, ...]:
+    """The shape of a per-output-unit tensor (Dale's signs) that broadcasts against the weight:
+    ``(out, 1)`` for Linear, ``(out, 1, 1[, 1[, 1]])`` for Conv1d/2d/3d, ``(1, out)`` for a
+    transposed linear layer."""
+    shape = [1] * layer.weight.dim()
+    shape[out_dim(layer)] = out_units(layer)
+    return tuple(shape)
 
 
 def unit_major(t: torch.Tensor, layer: nn.Module) -> torch.Tensor:

@@ -217,9 +217,10 @@ def test_dale_initialisation_and_enforcement():
     conv = nn.Conv2d(3, 8, 3)
     layer, bio = make(conv, apply_dales_principle=True)
     sign = bio.sign
-    assert sign.shape == (8,)  # Fix: one sign per output channel, not per (out, in) pair
+    # Fix: one sign per output channel, not per (out, in) pair; shaped to broadcast as upstream's
+    assert sign.shape == (8, 1, 1, 1)
     w = layer.weight.detach()
-    assert ((w * sign.view(-1, 1, 1, 1)) >= 0).all()
+    assert ((w * sign) >= 0).all()
     with torch.no_grad():
         layer.weight.neg_()
     bio.enforce_dales_principle()

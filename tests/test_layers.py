@@ -117,14 +117,14 @@ def test_transposed_layer_behaves_as_linear_with_transposed_weight():
         torch.testing.assert_close(outs[0], outs[1])
     for c, l in ((conv[0], lin[0]), (conv[2], lin[2])):
         cb, lb = c.bio_mod, l.bio_mod
-        assert cb.sign.shape == (c.nf,) and torch.equal(cb.sign, lb.sign)
+        assert cb.sign.shape == (1, c.nf) and torch.equal(cb.sign.t(), lb.sign)
         assert torch.equal(cb.activation_count, lb.activation_count)
         torch.testing.assert_close(c.weight.t(), l.weight)
         torch.testing.assert_close(
             cb.fuzzy_learning_rate_parameters.t(), lb.fuzzy_learning_rate_parameters
         )
         # Dale: every output unit (a column of the Conv1D weight) keeps its sign.
-        assert bool((c.weight * cb.sign[None, :] >= 0).all())
+        assert bool((c.weight * cb.sign >= 0).all())
         assert cb.activation_count.sum() > 0
         assert not torch.equal(cb.fuzzy_learning_rate_parameters, torch.ones_like(c.weight))
 
@@ -142,7 +142,7 @@ def test_duck_typed_transposed_layer_is_converted():
     model = nn.Sequential(DuckConv1D(4, 3), nn.ReLU(), nn.Linear(4, 2))
     BioConverter(apply_dales_principle=True)(model)
     assert isinstance(model[0].bio_mod, BioModule)
-    assert model[0].bio_mod.sign.shape == (4,)
+    assert model[0].bio_mod.sign.shape == (1, 4)  # broadcasts against the (in, out) weight
     assert bool((model[0].weight * model[0].bio_mod.sign >= 0).all())
 
 
