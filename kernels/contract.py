@@ -72,6 +72,23 @@ class StepParams:
             dampening=float(config.dampening_factor),
         )
 
+    @classmethod
+    def crystallize_only(cls, crystal_thresh: float, dampening: float) -> "StepParams":
+        """The ``crystallize_`` op as a one-stage step."""
+        return cls(crystallize=True, crystal_thresh=crystal_thresh, dampening=dampening)
+
+    @classmethod
+    def volume_only(
+        cls, base_lr: float, stability_factor: float, lr_variability: float
+    ) -> "StepParams":
+        """The ``volume_scale_`` op as a one-stage step."""
+        return cls(
+            volume=True,
+            base_lr=base_lr,
+            stability_factor=stability_factor,
+            lr_variability=lr_variability,
+        )
+
     @property
     def any(self) -> bool:
         """Whether any stage runs."""

@@ -133,8 +133,7 @@ def crystallize_(
     weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
 ) -> None:
     """``torch_backend.crystallize_`` as one compiled loop per layer group."""
-    params = StepParams(crystallize=True, crystal_thresh=crystal_thresh, dampening=dampening)
-    bio_step_(weights, grads, rates, None, params)
+    bio_step_(weights, grads, rates, None, StepParams.crystallize_only(crystal_thresh, dampening))
 
 
 def volume_scale_(
@@ -146,8 +145,5 @@ def volume_scale_(
     lr_variability: float,
 ) -> None:
     """``torch_backend.volume_scale_`` as one compiled loop per layer group."""
-    params = StepParams(
-        volume=True, base_lr=base_lr, stability_factor=stability_factor,
-        lr_variability=lr_variability,
-    )  # fmt: skip
+    params = StepParams.volume_only(base_lr, stability_factor, lr_variability)
     bio_step_(weights, grads, None, keys, params)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import rng
-from .contract import StepParams
+from .contract import OPS, StepParams
 from .rng import box_muller, normal, uniform, uniform4
 from .stats import (
     LOW_PRECISION,
@@ -35,19 +35,7 @@ from .stats import (
 Tensor = torch.Tensor
 Tensors = Sequence[Tensor]
 
-__all__ = [
-    "fuzzy_scale_",
-    "crystallize_",
-    "volume_scale_",
-    "bio_step_",
-    "rejuvenate_",
-    "rejuvenate_legacy_",
-    "rates_init_",
-    "temporal_update_",
-    "weight_adaptive_",
-    "activity_update_",
-    "dale_enforce_",
-]
+__all__ = list(OPS)  # every op of the contract, in its order
 
 
 # ---- the ops, in the contract's order ----------------------------------------------------

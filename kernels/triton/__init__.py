@@ -17,25 +17,12 @@ same tensors (which caches the tables); a replay reuses the keys of the captured
 replays the same random draws.
 """
 
-from .dale import dale_enforce_
+from ..contract import OPS
+# The ops, re-exported under the contract's names (__all__ is built from OPS).
+from .dale import dale_enforce_  # noqa: F401
 from .launch import BLOCK_SIZE, INTERPRETED, KERNEL_DTYPES
-from .rates import activity_update_, rates_init_, temporal_update_, weight_adaptive_
-from .rejuvenate import rejuvenate_, rejuvenate_legacy_
-from .step import bio_step_, crystallize_, fuzzy_scale_, volume_scale_
+from .rates import activity_update_, rates_init_, temporal_update_, weight_adaptive_  # noqa: F401
+from .rejuvenate import rejuvenate_, rejuvenate_legacy_  # noqa: F401
+from .step import bio_step_, crystallize_, fuzzy_scale_, volume_scale_  # noqa: F401
 
-__all__ = [
-    "BLOCK_SIZE",
-    "INTERPRETED",
-    "KERNEL_DTYPES",
-    "fuzzy_scale_",
-    "crystallize_",
-    "volume_scale_",
-    "bio_step_",
-    "rejuvenate_",
-    "rejuvenate_legacy_",
-    "rates_init_",
-    "temporal_update_",
-    "weight_adaptive_",
-    "activity_update_",
-    "dale_enforce_",
-]
+__all__ = ["BLOCK_SIZE", "INTERPRETED", "KERNEL_DTYPES", *OPS]  # every op of the contract

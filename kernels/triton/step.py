@@ -142,8 +142,7 @@ def crystallize_(
     weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
 ) -> None:
     """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
-    params = StepParams(crystallize=True, crystal_thresh=crystal_thresh, dampening=dampening)
-    bio_step_(weights, grads, rates, None, params)
+    bio_step_(weights, grads, rates, None, StepParams.crystallize_only(crystal_thresh, dampening))
 
 
 def volume_scale_(
@@ -158,8 +157,5 @@ def volume_scale_(
 
     Philox: ``z = tl.randn(key, i)``.
     """
-    params = StepParams(
-        volume=True, base_lr=base_lr, stability_factor=stability_factor,
-        lr_variability=lr_variability,
-    )  # fmt: skip
+    params = StepParams.volume_only(base_lr, stability_factor, lr_variability)
     bio_step_(weights, grads, None, keys, params)
