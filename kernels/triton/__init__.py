@@ -18,6 +18,7 @@ replays the same random draws.
 """
 
 from ..contract import OPS
+
 # The ops, re-exported under the contract's names (__all__ is built from OPS).
 from .dale import dale_enforce_  # noqa: F401
 from .launch import BLOCK_SIZE, INTERPRETED, KERNEL_DTYPES
