@@ -89,6 +89,17 @@ MODELS: Tuple[str, ...] = ("mlp64", "resnet")
 MODEL_TITLES = {
     "mlp64": "64-layer MLP of 128x128 Linear layers",
     "resnet": "small ResNet-like conv net (15 Conv2d + 1 Linear)",
+    "fcnet": "the paper's FCNet 784-1000-1000-10, batch 100",
+    "digits_cnn": "the digits CNN of `make run` (8x8 images, batch 32)",
+}
+#: The training-step view: the bio step of these models as a multiple of their plain
+#: forward+backward (contender ``plain``), timed side by side.
+TRAIN_MODELS: Tuple[str, ...] = ("fcnet", "digits_cnn", "mlp64")
+#: (input shape without the batch, number of classes, batch size) of each training-step model.
+TRAIN_BATCHES: Dict[str, Tuple[Tuple[int, ...], int, int]] = {
+    "fcnet": ((784,), 10, 100),
+    "digits_cnn": ((1, 8, 8), 10, 32),
+    "mlp64": ((128,), 128, 100),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -220,16 +231,42 @@ class ResNetLike(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class DigitsCNN(nn.Module):
+    """The CNN of ``bio_transformations.experiment`` (``make run``) for 8x8 digits, written out
+    here because the upstream process cannot import this project's package."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.fc1 = nn.Linear(2 * width * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = nn.functional.max_pool2d(x, 2) if min(x.shape[-2:]) >= 8 else x
+        x = nn.functional.adaptive_avg_pool2d(x, (4, 4)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
 def build_model(name: str, device: str) -> nn.Module:
     """The plain (unconverted) model ``name``, seeded so both processes build the same one."""
     torch.manual_seed(0)
-    if name == "mlp64":
+    if name == "fcnet":
+        model: nn.Module = nn.Sequential(
+            nn.Flatten(), nn.Linear(784, 1000), nn.ReLU(), nn.Linear(1000, 1000), nn.ReLU(),
+            nn.Linear(1000, 10),
+        )  # fmt: skip
+    elif name == "digits_cnn":
+        model = DigitsCNN()
+    elif name == "mlp64":
         layers: List[nn.Module] = []
         for i in range(64):
             layers.append(nn.Linear(128, 128))
             if i < 63:
                 layers.append(nn.ReLU())
-        model: nn.Module = nn.Sequential(*layers)
+        model = nn.Sequential(*layers)
     elif name == "resnet":
         model = ResNetLike()
     else:
@@ -251,6 +288,28 @@ def model_data(model: nn.Module) -> List[Tuple]:
         layer.weight.grad = g.clone()
         out.append((w, g, p))
     return out
+
+
+def train_batch(name: str, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A seeded input batch and labels for the training-step view of model ``name``."""
+    shape, classes, batch = TRAIN_BATCHES[name]
+    gen = _generator(torch.device("cpu"), 99)
+    x = torch.randn((batch, *shape), generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    dev = torch_device(device)
+    return x.to(dev), y.to(dev)
+
+
+def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The plain training step the bio step is compared with: zero the gradients, forward,
+    cross-entropy loss, backward (the optimizer update is not counted)."""
+
+    def step() -> None:
+        with torch.enable_grad():
+            model.zero_grad(set_to_none=False)
+            nn.functional.cross_entropy(model(x), y).backward()
+
+    return step
 
 
 def model_numel(name: str) -> int:

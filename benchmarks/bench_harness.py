@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 UPSTREAM_DIR = os.path.join(HERE, ".upstream")
 UPSTREAM_REQUIREMENT = "pytorch-bio-transformations==0.0.5"
-CONTENDER_FAMILIES = ("upstream", "ours", "compile", "copy")
+CONTENDER_FAMILIES = ("upstream", "ours", "compile", "copy", "plain")
 
 # ---------------------------------------------------------------------------------------------
 # Cases
@@ -39,7 +39,7 @@ CONTENDER_FAMILIES = ("upstream", "ours", "compile", "copy")
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # "op" or "model"
+    kind: str  # "op", "model" or "train" (the model step beside the plain training step)
     op: str
     size: str  # a SIZES label, or a model name
     device: str  # "cpu" or "gpu"
@@ -47,18 +47,18 @@ class Case:
 
     @property
     def id(self) -> str:
-        prefix = "model_" if self.kind == "model" else ""
+        prefix = "" if self.kind == "op" else f"{self.kind}_"
         return f"{prefix}{self.op}-{self.size}-{self.device}-{self.contender}"
 
     @property
     def group(self) -> str:
-        if self.kind == "model":
-            return f"model {self.op} {self.size} {self.device}"
+        if self.kind != "op":
+            return f"{self.kind} {self.op} {self.size} {self.device}"
         return f"{self.op} {self.size} {self.device}"
 
     @property
     def spec(self) -> bc.OpSpec:
-        return (bc.MODEL_OPS if self.kind == "model" else bc.OPS)[self.op]
+        return (bc.OPS if self.kind == "op" else bc.MODEL_OPS)[self.op]
 
     @property
     def family(self) -> str:
@@ -69,7 +69,7 @@ class Case:
         return self.contender.split("_")[1] if self.family == "ours" else None
 
     def numel(self) -> int:
-        if self.kind == "model":
+        if self.kind != "op":
             return _model_numel(self.size)
         return bc.SIZES[self.size]
 
@@ -115,7 +115,17 @@ def all_cases(
             for op in bc.MODEL_OPS:
                 for c in contenders(device, fused=op == "step", op=op):
                     cases.append(Case("model", op, model, device, c))
+        for model in bc.TRAIN_MODELS:
+            for c in train_contenders(device):
+                cases.append(Case("train", "step", model, device, c))
     return [c for c in cases if c.family in families]
+
+
+def train_contenders(device: str) -> List[str]:
+    """The training-step view: the plain step, then each bio step measured beside it."""
+    backends = ["torch", "triton"] if device == "gpu" else ["torch"]
+    ours = [f"ours_{b}{suffix}" for b in backends for suffix in ("", "_fused")]
+    return ["plain", "upstream", *ours, "compile"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,15 +264,24 @@ def copy_case(case: Case) -> Tuple[Callable, Callable]:
     return call, lambda: None
 
 
+def plain_case(case: Case) -> Tuple[Callable, Callable]:
+    """``(call, restore)``: the plain forward+backward of the unconverted model."""
+    model = bc.build_model(case.size, case.device)
+    x, y = bc.train_batch(case.size, case.device)
+    return bc.plain_step(model, x, y), lambda: None
+
+
 def local_case(case: Case) -> Tuple[Callable, Callable]:
     """``(call, restore)`` for a contender that runs in this process."""
     if case.family == "copy":
         return copy_case(case)
+    if case.family == "plain":
+        return plain_case(case)
     if case.family == "compile":
-        if case.kind == "model":
+        if case.kind != "op":
             return compile_model(case.size, case.op, case.device)
         return compile_op(case.op, case.size, case.device)
-    if case.kind == "model":
+    if case.kind != "op":
         return ours_model(case.size, case.op, case.device, fused=case.contender.endswith("fused"))
     return ours_op(case.op, case.size, case.device)
 
@@ -395,12 +414,12 @@ class UpstreamContender:
         case = self.case
         request = {
             "cmd": "prepare",
-            "kind": case.kind,
+            "kind": "op" if case.kind == "op" else "model",
             "op": case.op,
             "device": case.device,
             "threads": threads,
             "plan": plan.__dict__,
-            "model" if case.kind == "model" else "size": case.size,
+            "size" if case.kind == "op" else "model": case.size,
         }
         answer = self.worker().request(request)
         self.info["upstream_version"] = answer["upstream_version"]

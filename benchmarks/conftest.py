@@ -5,7 +5,7 @@ Options (all optional):
 ``--bio-quick``         short rounds (the ``make bench QUICK=1`` mode)
 ``--bio-device``        ``cpu``, ``gpu`` or ``all`` (default; GPU cases skip without CUDA).
                         ``-k gpu`` / ``-k cpu`` select the same way.
-``--bio-contenders``    comma list of ``upstream,ours,compile,copy`` (default: all)
+``--bio-contenders``    comma list of ``upstream,ours,compile,copy,plain`` (default: all)
 ``--bio-sizes``         comma list of size labels (default: 64K,1M,4M on CPU, plus 16M,64M on GPU)
 ``--bio-threads``       torch CPU threads (default 2)
 """
@@ -80,7 +80,7 @@ def pytest_generate_tests(metafunc):
     config = metafunc.config
     device = config.getoption("--bio-device")
     devices = ["cpu", "gpu"] if device == "all" else [device]
-    kind = "model" if metafunc.function.__name__ == "test_model" else "op"
+    kind = {"test_model": "model", "test_train": "train"}.get(metafunc.function.__name__, "op")
     cases = [c for c in bh.all_cases(devices, _families(config), _sizes(config)) if c.kind == kind]
     metafunc.parametrize("case", cases, ids=[c.id for c in cases])
 

@@ -30,7 +30,12 @@ OP_ORDER = [
     "bio_step",
 ]
 MODEL_ORDER = ["mlp64", "resnet"]
+TRAIN_ORDER = ["fcnet", "digits_cnn", "mlp64"]
+KIND_ORDER = ["op", "model", "train"]
+#: The training-step view's target: (model, contender, most multiples of the plain step).
+TRAIN_TARGETS: List[Tuple[str, str, float]] = [("fcnet", "ours_torch_fused", 2.0)]
 CONTENDER_ORDER = [
+    "plain",
     "upstream",
     "ours_torch",
     "ours_torch_fused",
@@ -41,6 +46,7 @@ CONTENDER_ORDER = [
     "copy",
 ]
 CONTENDER_LABELS = {
+    "plain": "plain forward+backward",
     "upstream": "upstream 0.0.5",
     "ours_torch": "ours (torch)",
     "ours_torch_fused": "ours (torch, fused bio_step)",
@@ -51,6 +57,7 @@ CONTENDER_LABELS = {
     "copy": "copy_ (limit)",
 }
 CONTENDER_STYLE = {
+    "plain": ("tab:gray", "", "-"),
     "upstream": ("tab:red", "o", "-"),
     "ours_torch": ("tab:blue", "s", "-"),
     "ours_torch_fused": ("tab:cyan", "s", "--"),
@@ -99,18 +106,23 @@ class Row:
         self.iqr: float = stats["iqr"]
         self.min: float = stats["min"]
         self.rounds: int = stats["rounds"]
-        prefix = "model " if self.kind == "model" else ""
+        prefix = "" if self.kind == "op" else f"{self.kind} "
         self.group: str = f"{prefix}{self.op} {self.size} {self.device}"  # as Case.group
 
     def sort_key(self):
         ops = OP_ORDER if self.kind == "op" else ["step", "rejuvenate"]
+        models = TRAIN_ORDER if self.kind == "train" else MODEL_ORDER
         return (
             self.device,
-            self.kind != "op",
+            KIND_ORDER.index(self.kind) if self.kind in KIND_ORDER else 99,
             ops.index(self.op) if self.op in ops else 99,
-            self.numel if self.kind == "op" else MODEL_ORDER.index(self.size),
+            self.numel if self.kind == "op" else _index(models, self.size),
             CONTENDER_ORDER.index(self.contender) if self.contender in CONTENDER_ORDER else 99,
         )
+
+
+def _index(order: List[str], name: str) -> int:
+    return order.index(name) if name in order else 99
 
 
 def load(path: str) -> Tuple[dict, List[Row]]:
@@ -199,7 +211,7 @@ def results_table(rows: List[Row]) -> List[str]:
         copy = group.get("copy")
         vs_up = ratio(up.median, r.median) if up is not None else None
         of_copy = ratio(copy.median, r.median) if copy is not None else None
-        op = r.op if r.kind == "op" else f"model {r.op}"
+        op = r.op if r.kind == "op" else f"{r.kind} {r.op}"
         size = r.size if r.kind == "op" else f"{r.size} ({r.numel / 1e6:.2f}M)"
         out.append(
             f"| {op} | {size} | {CONTENDER_LABELS.get(r.contender, r.contender)} "
@@ -207,6 +219,35 @@ def results_table(rows: List[Row]) -> List[str]:
             f"| {fmt_ratio(vs_up)} | {fmt_ratio(of_copy)} |"
         )
     return out
+
+
+def train_table(rows: List[Row]) -> List[str]:
+    """The training-step view: each bio step as a multiple of the plain forward+backward of
+    the same model, timed side by side (medians, and minima: the least disturbed rounds)."""
+    groups = by_group(rows)
+    out = [
+        "| model | plain step | bio step | median | x plain (medians) | x plain (minima) "
+        "| target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    found = False
+    for r in rows:
+        plain = groups[r.group].get("plain")
+        if r.kind != "train" or r.contender == "plain" or plain is None:
+            continue
+        found = True
+        target = ""
+        for model, contender, most in TRAIN_TARGETS:
+            if (r.size, r.contender) == (model, contender):
+                met = r.median <= most * plain.median
+                target = f"<= {most:g}x: {'met' if met else '**missed**'}"
+        out.append(
+            f"| {r.size} ({r.numel / 1e6:.2f}M) | {fmt_time(plain.median)} "
+            f"| {CONTENDER_LABELS.get(r.contender, r.contender)} | {fmt_time(r.median)} "
+            f"| {fmt_ratio(ratio(r.median, plain.median))} "
+            f"| {fmt_ratio(ratio(r.min, plain.min))} | {target} |"
+        )
+    return out if found else []
 
 
 def markdown(data: dict, rows: List[Row]) -> str:
@@ -241,6 +282,18 @@ def markdown(data: dict, rows: List[Row]) -> str:
             "",
         ]
         lines += targets + [""]
+    train = train_table(rows)
+    if train:
+        lines += [
+            "## Training-step view (the bio step as a multiple of a plain forward+backward "
+            "of the same model, in this run)",
+            "",
+            "Default settings; ours: `bio_step()` (fused) and the three model methods; "
+            "upstream: its three model methods; torch.compile: the formulas once per layer. "
+            "Below 1 the mechanisms cost less than the step itself.",
+            "",
+        ]
+        lines += train + [""]
     lines += ["## All results", ""]
     lines += results_table(rows)
     lines.append("")
@@ -318,7 +371,43 @@ def plot(rows: List[Row], outdir: str) -> List[str]:
             fig.savefig(path, dpi=100)
             plt.close(fig)
             written.append(path)
+        train_rows = [r for r in rows if r.device == device and r.kind == "train"]
+        if train_rows:
+            written.append(_plot_train(plt, train_rows, device, outdir))
     return written
+
+
+def _plot_train(plt, train_rows: List[Row], device: str, outdir: str) -> str:
+    """Bars: each bio step as a multiple of the plain step of its model."""
+    groups = by_group(train_rows)
+    models = sorted({r.size for r in train_rows}, key=lambda m: _index(TRAIN_ORDER, m))
+    present = sorted(
+        {r.contender for r in train_rows if r.contender != "plain"}, key=_contender_index
+    )
+    fig, ax = plt.subplots(figsize=(8.0, 5.0))
+    width = 0.8 / max(1, len(present))
+    for i, contender in enumerate(present):
+        xs, ys = [], []
+        for j, model in enumerate(models):
+            group = groups.get(f"train step {model} {device}", {})
+            mine, plain = group.get(contender), group.get("plain")
+            if mine is not None and plain is not None:
+                xs.append(j + (i - (len(present) - 1) / 2) * width)
+                ys.append(mine.median / plain.median)
+        color = CONTENDER_STYLE.get(contender, ("gray",))[0]
+        ax.bar(xs, ys, width=width, color=color, label=CONTENDER_LABELS.get(contender, contender))
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels(models)
+    ax.set_ylabel("bio step / plain forward+backward (medians)")
+    ax.set_title(f"training-step view ({device})")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize="small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    fig.tight_layout()
+    path = os.path.join(outdir, f"{device}_train.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _contender_index(name: str) -> int:

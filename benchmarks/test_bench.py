@@ -50,3 +50,7 @@ def test_op(benchmark, case, group_result, pytestconfig):
 
 def test_model(benchmark, case, group_result, pytestconfig):
     _run(benchmark, case, group_result, pytestconfig)
+
+
+def test_train(benchmark, case, group_result, pytestconfig):
+    _run(benchmark, case, group_result, pytestconfig)

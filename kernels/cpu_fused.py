@@ -60,19 +60,16 @@ def _step_core(w, g, p, z, mean_aw, params: StepParams):
     if params.crystallize:
         ag = grad.abs()
         mask = (ag < w.abs() * params.crystal_thresh) | (ag > mean_aw)
-        p.copy_(p * torch.where(mask, params.dampening, 1.0))
-
-
-def _step_core_many(ws, gs, ps, zs, means, params: StepParams):
-    """:func:`_step_core` over a group of layers: one compiled call for the whole group, since
-    per-call overhead dominates for many small layers."""
-    for w, g, p, z, mean_aw in zip(ws, gs, ps, zs, means):
-        _step_core(w, g, p, z, mean_aw, params)
+        p.copy_(torch.where(mask, p * params.dampening, p))  # p*d in p's own dtype, as eager
 
 
 def _compiled():
+    """The one compiled function of this path: :func:`_step_core` on flat tensors with dynamic
+    shapes, so every layer size shares one graph per set of stages and scalars (no recompiles
+    per layer or group shape). Inductor's FX graph cache (on by default, on disk) lets a second
+    process skip the C++ compile; dynamo still traces once per process."""
     if _state["compiled"] is None:
-        _state["compiled"] = torch.compile(_step_core_many, dynamic=True, fullgraph=True)
+        _state["compiled"] = torch.compile(_step_core, dynamic=True, fullgraph=True)
     return _state["compiled"]
 
 
@@ -112,21 +109,34 @@ def bio_step_(
     layers = [i for i, w in enumerate(weights) if w.numel()]
     if not layers or not params.any:
         return
-    ws = [weights[i] for i in layers]
-    gs = [grads[i] for i in layers]
-    none = [None] * len(ws)  # operands a stage that does not run never reads
-    ps = [rates[i] for i in layers] if params.fuzzy or params.crystallize else none
-    # The random numbers come from the eager generator: the stream stays the same.
-    zs = none
-    if params.volume:
-        zs = [normal(keys[i], w.numel(), w.device).view(w.shape) for i, w in zip(layers, ws)]
-    means = abs_means(ws) if params.crystallize else none
-    # One compile per group shape (layer count, flags): allow more than dynamo's default 8
-    # recompiles for this function, or it would silently fall back to unfused eager code.
+    uses_rates = params.fuzzy or params.crystallize
+    flat, other = [], []
+    for i in layers:
+        parts = (weights[i], grads[i]) + ((rates[i],) if uses_rates else ())
+        (flat if all(t.is_contiguous() for t in parts) else other).append(i)
+    means = abs_means([weights[i] for i in flat]) if params.crystallize else [None] * len(flat)
+    step = _compiled()
+    # One graph per set of stages and scalars (each separate op, the fused step): allow more
+    # than dynamo's default 8 before it would silently run the function uncompiled.
     config = torch._dynamo.config  # torch >= 2.6 calls it recompile_limit
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    with config.patch(**{limit: 512}):
-        _compiled()(ws, gs, ps, zs, means, params)
+    with config.patch(**{limit: 64}):
+        _run_layers(step, flat, means, weights, grads, rates, keys, params, uses_rates)
+    if other:  # strided layouts: the torch backend's op
+        torch_backend.bio_step_(
+            [weights[i] for i in other], [grads[i] for i in other],
+            [rates[i] for i in other] if uses_rates else None,
+            [keys[i] for i in other] if params.volume else None, params,
+        )  # fmt: skip
+
+
+def _run_layers(step, flat, means, weights, grads, rates, keys, params, uses_rates) -> None:
+    for i, mean in zip(flat, means):
+        w, g = weights[i].view(-1), grads[i].view(-1)
+        p = rates[i].view(-1) if uses_rates else None
+        # The random numbers come from the eager generator: the stream stays the same.
+        z = normal(keys[i], w.numel(), w.device) if params.volume else None
+        step(w, g, p, z, mean, params)
 
 
 def crystallize_(

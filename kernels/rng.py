@@ -16,7 +16,15 @@ from . import philox, settings
 
 Tensor = torch.Tensor
 
-__all__ = ["box_muller", "generator", "normal", "philox_mode", "uniform", "uniform4"]
+__all__ = [
+    "box_muller",
+    "generator",
+    "normal",
+    "normal_into",
+    "philox_mode",
+    "uniform",
+    "uniform4",
+]
 
 _per_thread = threading.local()
 
@@ -54,6 +62,14 @@ def normal(key: int, n: int, device: torch.device) -> Tensor:
     if philox_mode():
         return philox.randn(key, _counters(n, device))
     return torch.randn(n, generator=generator(key, device), device=device)
+
+
+def normal_into(key: int, out: Tensor) -> Tensor:
+    """:func:`normal` of ``out.numel()`` values written into ``out`` (a contiguous float32
+    tensor): the same numbers, without a fresh allocation per draw on the torch stream."""
+    if philox_mode():
+        return out.copy_(philox.randn(key, _counters(out.numel(), out.device)).view(out.shape))
+    return torch.randn(out.shape, generator=generator(key, out.device), out=out)
 
 
 def uniform4(key: int, n: int, device: torch.device) -> tuple:

@@ -44,20 +44,62 @@ def rows_view(per_unit: Tensor, like: Tensor) -> Tensor:
     return per_unit.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+#: CPU: elements per block of the one-pass statistics (a block's temporaries stay in cache).
+STATS_CHUNK = 1 << 19
+
+
+def _cpu_blocked(t: Tensor) -> bool:
+    """Whether ``t``'s statistics are summed block by block on the CPU (float32/float64,
+    contiguous): ``|t|.sum()`` is vectorized where ``vector_norm(t, 1)`` is not (2-4x faster)."""
+    return (
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and (t.is_contiguous())
+    )
+
+
+def _abs_sum(t: Tensor) -> Tensor:
+    """``sum(|t|)`` as a 0-d tensor in the compute dtype; a function of ``t`` alone (its blocks
+    never depend on what other tensors are in the call)."""
+    if not _cpu_blocked(t):
+        return torch.linalg.vector_norm(t, 1, dtype=compute_dtype(t))
+    flat = t.view(-1)
+    if flat.numel() <= STATS_CHUNK:
+        return torch.abs(flat).sum()
+    scratch = torch.empty(STATS_CHUNK, dtype=t.dtype)
+    partial = [
+        torch.abs(block, out=scratch[: block.numel()]).sum() for block in flat.split(STATS_CHUNK)
+    ]
+    return torch.stack(partial).sum()
+
+
 def abs_means(tensors: Tensors) -> list:
     """``mean(|t|)`` of each tensor as a 0-d tensor on its device, in the compute dtype.
 
-    One pass, no temporary: the L1 norm divided by the element count.
+    One pass per tensor: on the CPU the sum of ``|t|`` block by block (:data:`STATS_CHUNK`),
+    elsewhere the L1 norm; divided by the element count.
     """
-    return [
-        torch.linalg.vector_norm(t, 1, dtype=compute_dtype(t)) / max(t.numel(), 1) for t in tensors
-    ]
+    return [_abs_sum(t) / max(t.numel(), 1) for t in tensors]
 
 
 def clean_weights_(weights: Tensors) -> None:
     """Rejuvenation's view of a weight: NaN counts as 0, values clamped to [-1, 1] (in place)."""
     for w in weights:
         w.nan_to_num_(nan=0.0).clamp_(-1.0, 1.0)
+
+
+def _power_sums(w: Tensor, wf: Tensor) -> tuple:
+    """``(sum w, sum w^2, sum |w|)`` in float64: on the CPU block by block, so the three sums
+    read each block while it is in cache (one pass over memory), elsewhere three reductions."""
+    if not _cpu_blocked(w) or wf.numel() <= STATS_CHUNK:
+        a1 = torch.abs(wf).sum() if _cpu_blocked(w) else torch.linalg.vector_norm(wf, 1)
+        return torch.sum(wf).double(), torch.dot(wf, wf).double(), a1.double()
+    scratch = torch.empty(STATS_CHUNK, dtype=wf.dtype)
+    sums = torch.empty(3, -(-wf.numel() // STATS_CHUNK), dtype=torch.float64)
+    for i, block in enumerate(wf.split(STATS_CHUNK)):
+        sums[0, i] = torch.sum(block)
+        sums[1, i] = torch.dot(block, block)
+        sums[2, i] = torch.abs(block, out=scratch[: block.numel()]).sum()
+    s1, s2, a1 = sums.sum(1).unbind(0)
+    return s1, s2, a1
 
 
 def rejuvenation_stats(w: Tensor) -> tuple:
@@ -72,9 +114,7 @@ def rejuvenation_stats(w: Tensor) -> tuple:
     tiny = 1e-12
     # Three fast one-pass sums (sum w, sum w^2, sum |w|) instead of two-pass variances; the
     # cancellation in E[x^2] - E[x]^2 is done in float64 on the 0-d results.
-    s1 = torch.sum(wf).double()
-    s2 = torch.dot(wf, wf).double()
-    a1 = torch.linalg.vector_norm(wf, 1).double()
+    s1, s2, a1 = _power_sums(w, wf)
     dof = max(n - 1, 1)  # unbiased, as torch.std; one weight: std 0, not NaN
     std = ((s2 - s1 * s1 / n) / dof).clamp_min(0.0).sqrt()
     m = a1 / n

@@ -14,13 +14,13 @@ docstring says which of the four Philox outputs ``r0..r3``
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from . import rng
 from .contract import OPS, StepParams
-from .rng import box_muller, normal, uniform, uniform4
+from .rng import box_muller, normal, normal_into, uniform, uniform4
 from .stats import (
     LOW_PRECISION,
     abs_means,
@@ -56,6 +56,10 @@ def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
 # CPU: elementwise chains run over chunks of this many elements, so their temporaries are
 # reused from the allocator and stay in cache instead of page-faulting in fresh each call.
 CPU_CHUNK = 1 << 19
+# CPU: layers below this many weights are packed into one flat working buffer per group (up to
+# CPU_CHUNK elements a pack), so the per-op dispatch overhead is paid per pack, not per layer.
+PACK_BELOW = 1 << 16
+_FAST_DTYPES = (torch.float32, torch.float64)
 
 
 def _chunks(*tensors: Tensor):
@@ -68,15 +72,141 @@ def _chunks(*tensors: Tensor):
         yield tuple(f[start : start + CPU_CHUNK] for f in flat)
 
 
-def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
-    mean_aw = abs_means([w])[0]  # the shared helper: the Triton backend reads the same number
-    for wc, gc, pc in _chunks(w, g, p):
-        ag = upcast(gc).abs()
-        # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
-        mask = torch.lt(ag, upcast(wc).abs().mul_(thresh))
-        mask.logical_or_(ag > mean_aw)
-        # p * where(mask, d, 1) equals where(mask, p*d, p), with one temporary fewer.
-        pc.mul_(torch.where(mask, damp, 1.0))
+# ---- the one-pass CPU step: every stage on a cache-sized chunk before the next chunk -------
+
+
+def _fast_cpu(*tensors: Optional[Tensor]) -> bool:
+    """Whether the one-pass CPU path runs these: CPU, float32/float64, contiguous."""
+    return all(
+        t is None or (t.device.type == "cpu" and t.dtype in _FAST_DTYPES and t.is_contiguous())
+        for t in tensors
+    )
+
+
+def _volume_chunk(wc: Tensor, gc: Tensor, zc: Tensor, p: StepParams, a: Tensor, b: Tensor):
+    """``g *= |1 + var*z| * base_lr*exp(-s*|w|/(|w|+1))``, the eager formula's exact order,
+    in the scratch buffers ``a`` and ``b``; ``zc`` (float32 draws) is consumed."""
+    m = torch.abs(wc, out=a)
+    m.div_(torch.add(m, 1.0, out=b)).mul_(-p.stability_factor).exp_().mul_(p.base_lr)
+    factor = zc if zc.dtype == m.dtype else b.copy_(zc)  # float64 weights: math in float64
+    factor.mul_(p.lr_variability).add_(1.0).abs_().mul_(m)
+    gc.mul_(factor)
+
+
+def _crystallize_chunk(
+    wc: Tensor, gc: Tensor, pc: Tensor, mean: Tensor, p: StepParams, a: Tensor, b: Tensor
+):
+    """``p *= d`` where ``|g| < t*|w|`` or ``|g| > mean|w|``. The masks are 0/1 floats:
+    comparisons written into a float tensor, and ``lerp``, are vectorized on the CPU where
+    bool masks and ``where`` are 3-5x slower. ``lerp(p, p*d, m)`` is exactly ``p`` for
+    ``m = 0`` and exactly ``p*d`` for ``m = 1``; NaN compares false as in the bool form."""
+    torch.abs(gc, out=a)
+    torch.abs(wc, out=b).mul_(p.crystal_thresh)  # |g|/|w| < t as |g| < t*|w|: no division
+    torch.lt(a, b, out=b)
+    torch.gt(a, mean, out=a)
+    torch.maximum(a, b, out=a)
+    torch.lerp(pc, torch.mul(pc, p.dampening, out=b), a, out=pc)
+
+
+def _stages(wc, gc, pc, zc, mean, p: StepParams, scratch: Tensor) -> None:
+    """Every stage of ``p`` on one chunk (or pack), in place, before moving on."""
+    n = gc.numel()
+    a, b = scratch[0, :n], scratch[1, :n]
+    if p.volume:
+        _volume_chunk(wc, gc, zc, p, a, b)
+    if p.fuzzy:
+        gc.mul_(pc)
+    if p.crystallize:
+        _crystallize_chunk(wc, gc, pc, mean, p, a, b)
+
+
+def _packs(sizes: Sequence[int]) -> List[List[int]]:
+    """Consecutive indices of small layers grouped into packs of at most CPU_CHUNK elements."""
+    packs: List[List[int]] = []
+    total = CPU_CHUNK
+    for i, n in enumerate(sizes):
+        if total + n > CPU_CHUNK:
+            packs.append([])
+            total = 0
+        packs[-1].append(i)
+        total += n
+    return packs
+
+
+def _cpu_step_(ws: list, gs: list, ps: Optional[list], keys, p: StepParams) -> None:
+    """The step on CPU float32/float64 contiguous tensors (one dtype): per large layer one
+    pass over cache-sized chunks running every stage; small layers packed into flat buffers.
+
+    The random draws are each layer's own stream (one ``normal`` per layer, as the separate
+    op draws it); ``mean|w|`` is computed once per layer before the chunk loop (``w`` is not
+    changed by the step), and crystallization sees the gradient after volume and fuzzy scaling.
+    """
+    dtype = ws[0].dtype
+    means = abs_means(ws) if p.crystallize else [None] * len(ws)
+    small = [i for i, w in enumerate(ws) if w.numel() < PACK_BELOW]
+    packs = _packs([ws[i].numel() for i in small])
+    widest = [sum(ws[small[j]].numel() for j in pack) for pack in packs]
+    widest += [min(w.numel(), CPU_CHUNK) for w in ws if w.numel() >= PACK_BELOW]
+    scratch = torch.empty(2, max(widest), dtype=dtype)
+    for i, (w, g) in enumerate(zip(ws, gs)):
+        n = w.numel()
+        if n < PACK_BELOW:
+            continue
+        pf = ps[i].view(-1) if ps is not None else None
+        z = normal(keys[i], n, w.device) if p.volume else None
+        for start in range(0, n, CPU_CHUNK):
+            piece = slice(start, start + CPU_CHUNK)
+            _stages(
+                w.view(-1)[piece], g.view(-1)[piece], pf[piece] if pf is not None else None,
+                z[piece] if z is not None else None, means[i], p, scratch,
+            )  # fmt: skip
+    for pack in packs:
+        _pack_step_([small[j] for j in pack], ws, gs, ps, keys, means, p, scratch)
+
+
+def _pack_step_(idx, ws, gs, ps, keys, means, p: StepParams, scratch: Tensor) -> None:
+    """The stages on a pack of small layers: gather into flat buffers, run, scatter back."""
+    sizes = [ws[i].numel() for i in idx]
+    wf = torch.cat([ws[i].view(-1) for i in idx]) if (p.volume or p.crystallize) else None
+    gf = torch.cat([gs[i].view(-1) for i in idx])
+    pf = torch.cat([ps[i].view(-1) for i in idx]) if (p.fuzzy or p.crystallize) else None
+    zf = None
+    if p.volume:
+        zf = torch.empty(wf.numel(), dtype=torch.float32)
+        for i, zc in zip(idx, zf.split(sizes)):
+            normal_into(keys[i], zc)  # each layer's own stream, as the separate op draws it
+    mf = None
+    if p.crystallize:  # each weight compared with its own layer's mean|w|
+        mf = torch.empty_like(wf)
+        fills = [means[i].expand(n) for i, n in zip(idx, sizes)]
+        torch._foreach_copy_(list(mf.split(sizes)), fills)
+    _stages(wf, gf, pf, zf, mf, p, scratch)
+    if p.volume or p.fuzzy:
+        torch._foreach_copy_([gs[i].view(-1) for i in idx], list(gf.split(sizes)))
+    if p.crystallize:
+        torch._foreach_copy_([ps[i].view(-1) for i in idx], list(pf.split(sizes)))
+
+
+def _run_step(weights, grads, rates, keys, p: StepParams, eager_one) -> None:
+    """Split a group: non-empty CPU float32/float64 contiguous layers take the one-pass path,
+    the rest ``eager_one(i)`` (half types, strided layouts, CUDA tensors under torch)."""
+    fast, other = [], []
+    for i, (w, g) in enumerate(zip(weights, grads)):
+        if w.numel() == 0:
+            continue
+        r = rates[i] if rates is not None and (p.fuzzy or p.crystallize) else None
+        (fast if _fast_cpu(w, g, r) else other).append(i)
+    if fast:
+        _cpu_step_(
+            [weights[i] for i in fast], [grads[i] for i in fast],
+            [rates[i] for i in fast] if rates is not None else None,
+            [keys[i] for i in fast] if keys is not None else None, p,
+        )  # fmt: skip
+    for i in other:
+        eager_one(i)
+
+
+# ---- the general path (any device, dtype and layout) ---------------------------------------
 
 
 def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
@@ -86,17 +216,20 @@ def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float
         # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
         mask = torch.lt(ag, upcast(wc).abs().mul_(thresh))
         mask.logical_or_(ag > mean_aw)
-        # p * where(mask, d, 1) equals where(mask, p*d, p), with one temporary fewer.
-        pc.mul_(torch.where(mask, damp, 1.0))
+        # p * where(mask, d, 1) equals where(mask, p*d, p), with one temporary fewer; d in the
+        # compute dtype (a bare float would make it float32 for float64 rates).
+        pc.mul_(torch.where(mask, torch.full((), damp, dtype=ag.dtype, device=ag.device), 1.0))
 
 
 def crystallize_(
     weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
 ) -> None:
     """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
-    for w, g, p in zip(weights, grads, rates):
-        if w.numel():
-            _crystallize_one(w, g, p, crystal_thresh, dampening)
+    params = StepParams(crystallize=True, crystal_thresh=crystal_thresh, dampening=dampening)
+    _run_step(
+        weights, grads, rates, None, params,
+        lambda i: _crystallize_one(weights[i], grads[i], rates[i], crystal_thresh, dampening),
+    )  # fmt: skip
 
 
 def _volume_one(
@@ -129,9 +262,16 @@ def volume_scale_(
 
     Philox: ``z = tl.randn(key, i)``.
     """
-    for w, g, key in zip(weights, grads, keys):
-        if w.numel():
-            _volume_one(w, g, key, base_lr, stability_factor, lr_variability)
+    params = StepParams(
+        volume=True, base_lr=base_lr, stability_factor=stability_factor,
+        lr_variability=lr_variability,
+    )  # fmt: skip
+    _run_step(
+        weights, grads, None, keys, params,
+        lambda i: _volume_one(
+            weights[i], grads[i], keys[i], base_lr, stability_factor, lr_variability
+        ),
+    )  # fmt: skip
 
 
 def bio_step_(
@@ -143,14 +283,26 @@ def bio_step_(
 ) -> None:
     """Volume scaling, fuzzy scaling and crystallization in that order (each as ``params``
     says); by definition equal to the separate ops called in that order with the same key.
-    ``keys`` is read only for volume scaling, ``rates`` only for the other two stages."""
+    ``keys`` is read only for volume scaling, ``rates`` only for the other two stages.
+
+    On the CPU (float32/float64, contiguous) it is one pass per layer over cache-sized chunks
+    that runs every stage before moving on, with small layers packed into flat buffers
+    (:func:`_cpu_step_`); the separate ops are that same pass with one stage on.
+    """
     p = params
-    if p.volume:
-        volume_scale_(weights, grads, keys, p.base_lr, p.stability_factor, p.lr_variability)
-    if p.fuzzy:
-        fuzzy_scale_(grads, rates)
-    if p.crystallize:
-        crystallize_(weights, grads, rates, p.crystal_thresh, p.dampening)
+    if not p.any:
+        return
+
+    def one_layer(i: int) -> None:
+        w, g = weights[i], grads[i]
+        if p.volume:
+            _volume_one(w, g, keys[i], p.base_lr, p.stability_factor, p.lr_variability)
+        if p.fuzzy:
+            fuzzy_scale_([g], [rates[i]])
+        if p.crystallize:
+            _crystallize_one(w, g, rates[i], p.crystal_thresh, p.dampening)
+
+    _run_step(weights, grads, rates, keys, p, one_layer)
 
 
 def _rejuvenate_dense(w: Tensor, key: int, dre: float) -> Tensor:

@@ -1,0 +1,120 @@
+"""The torch backend's one-pass CPU step: chunks, packs of small layers, and the general path
+give bit-identical results, and the fused step equals the separate ops."""
+
+import pytest
+import torch
+
+from bio_transformations.kernels import StepParams, stats
+from bio_transformations.kernels import torch_backend as tb
+
+STEP = StepParams(True, True, True, 0.1, 2.0, 0.2, 1e-3, 0.6)
+# sizes: packed small layers (several packs at the patched sizes), single-chunk and
+# multi-chunk layers with a ragged last chunk
+SIZES = [(7,), (33, 31), (40, 40), (500,), (64, 64), (3000,), (123, 77)]
+
+
+def layers(dtype, seed=0, special=True):
+    out = []
+    g = torch.Generator().manual_seed(seed)
+    for shape in SIZES:
+        w = (torch.randn(shape, generator=g) * 0.05).to(dtype)
+        grad = (torch.randn(shape, generator=g) * 0.01).to(dtype)
+        p = (1 + 0.2 * (torch.rand(shape, generator=g) - 0.5)).to(dtype)
+        if special and w.numel() > 8:  # zero weights, NaN/inf gradients, exact ties
+            w.view(-1)[:3] = 0.0
+            grad.view(-1)[3] = float("nan")
+            grad.view(-1)[4] = float("inf")
+            grad.view(-1)[5] = 0.0
+        out.append((w, grad, p))
+    return out
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Chunks of 1000 and packs of layers below 2000 weights: every path at test sizes."""
+    monkeypatch.setattr(tb, "CPU_CHUNK", 1000)
+    monkeypatch.setattr(tb, "PACK_BELOW", 2000)
+
+
+def split(data):
+    return [list(t) for t in zip(*data)]
+
+
+def clone(data):
+    return [tuple(t.clone() for t in layer) for layer in data]
+
+
+def general_path(data, params, keys):
+    """The per-layer general path (what non-contiguous and half tensors take)."""
+    for (w, g, p), key in zip(data, keys):
+        if params.volume:
+            tb._volume_one(w, g, key, params.base_lr, params.stability_factor,
+                           params.lr_variability)  # fmt: skip
+        if params.fuzzy:
+            g.mul_(p)
+        if params.crystallize:
+            tb._crystallize_one(w, g, p, params.crystal_thresh, params.dampening)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_one_pass_equals_general_path(dtype, blocks, request):
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    keys = list(range(10, 10 + len(SIZES)))
+    data, ref = layers(dtype), clone(layers(dtype))
+    w, g, p = split(data)
+    tb.bio_step_(w, g, p, keys, STEP)
+    general_path(ref, STEP, keys)
+    for (_, g1, p1), (_, g2, p2) in zip(data, ref):
+        assert torch.equal(g1.nan_to_num(), g2.nan_to_num()) and torch.equal(p1, p2)
+        assert torch.equal(g1.isnan(), g2.isnan())
+
+
+@pytest.mark.parametrize("flags", [(1, 1, 1), (1, 0, 1), (0, 1, 1), (1, 1, 0), (0, 0, 1)])
+def test_fused_equals_separate_ops(small_blocks, flags):
+    volume, fuzzy, crystallize = map(bool, flags)
+    params = StepParams(volume, fuzzy, crystallize, 0.1, 2.0, 0.2, 1e-3, 0.6)
+    keys = list(range(3, 3 + len(SIZES)))
+    data, ref = layers(torch.float32), clone(layers(torch.float32))
+    tb.bio_step_(*split(data)[:3], keys, params)
+    w, g, p = split(ref)
+    if volume:
+        tb.volume_scale_(w, g, keys, 0.1, 2.0, 0.2)
+    if fuzzy:
+        tb.fuzzy_scale_(g, p)
+    if crystallize:
+        tb.crystallize_(w, g, p, 1e-3, 0.6)
+    for (_, g1, p1), (_, g2, p2) in zip(data, ref):
+        assert torch.equal(g1.nan_to_num(), g2.nan_to_num()) and torch.equal(p1, p2)
+
+
+def test_a_layer_draws_the_same_alone_or_in_a_pack(small_blocks):
+    keys = list(range(20, 20 + len(SIZES)))
+    data = layers(torch.float32, special=False)
+    alone = clone(data)
+    tb.volume_scale_(*split(data)[:2], keys, 0.1, 2.0, 0.2)
+    for (w, g, _), key in zip(alone, keys):
+        tb.volume_scale_([w], [g], [key], 0.1, 2.0, 0.2)
+    for (_, g1, _), (_, g2, _) in zip(data, alone):
+        assert torch.equal(g1, g2)
+
+
+def test_mixed_layouts_in_one_group(small_blocks):
+    data = layers(torch.float32, special=False)
+    ref = clone(data)
+    w, g, p = split(data)
+    g[2], p[2] = g[2].t().contiguous().t(), p[2].t().contiguous().t()  # strided layout
+    keys = list(range(len(SIZES)))
+    tb.bio_step_(w, g, p, keys, STEP)
+    general_path(ref, STEP, keys)
+    for a, (_, g2, p2) in zip(zip(g, p), ref):
+        assert torch.equal(a[0], g2) and torch.equal(a[1], p2)
+
+
+def test_blocked_statistics_are_the_reference_values():
+    w = torch.randn(3 * stats.STATS_CHUNK + 5, dtype=torch.float64)
+    torch.testing.assert_close(stats.abs_means([w])[0], w.abs().mean(), rtol=1e-12, atol=0)
+    std, mu, sigma = stats.rejuvenation_stats(w.clamp(-1, 1))
+    torch.testing.assert_close(std, w.clamp(-1, 1).std(), rtol=1e-9, atol=0)
+    assert torch.isfinite(mu) and torch.isfinite(sigma)
