@@ -20,7 +20,7 @@ import torch
 from . import torch_backend
 from .contract import StepParams
 from .rng import normal
-from .stats import abs_means
+from .stats import abs_means, grads_nonzero
 from .torch_backend import (  # noqa: F401  (the ops this path does not change)
     activity_update_,
     dale_enforce_,
@@ -46,7 +46,7 @@ def usable() -> bool:
     return not _state["broken"]
 
 
-def _step_core(w, g, p, z, mean_aw, params: StepParams):
+def _step_core(w, g, p, z, mean_aw, nonzero, params: StepParams):
     """One layer's volume / fuzzy / crystallize as plain tensor math in the eager ops' order."""
     grad = g
     if params.volume:
@@ -59,15 +59,15 @@ def _step_core(w, g, p, z, mean_aw, params: StepParams):
         g.copy_(grad)
     if params.crystallize:
         ag = grad.abs()
-        mask = (ag < w.abs() * params.crystal_thresh) | (ag > mean_aw)
+        mask = ((ag < w.abs() * params.crystal_thresh) | (ag > mean_aw)) & (nonzero > 0)
         p.copy_(p * torch.where(mask, params.dampening, 1.0))
 
 
-def _step_core_many(ws, gs, ps, zs, means, params: StepParams):
+def _step_core_many(ws, gs, ps, zs, means, nonzeros, params: StepParams):
     """:func:`_step_core` over a group of layers: one compiled call for the whole group, since
     per-call overhead dominates for many small layers."""
-    for w, g, p, z, mean_aw in zip(ws, gs, ps, zs, means):
-        _step_core(w, g, p, z, mean_aw, params)
+    for w, g, p, z, mean_aw, nonzero in zip(ws, gs, ps, zs, means, nonzeros):
+        _step_core(w, g, p, z, mean_aw, nonzero, params)
 
 
 def _compiled():
@@ -121,12 +121,14 @@ def bio_step_(
     if params.volume:
         zs = [normal(keys[i], w.numel(), w.device).view(w.shape) for i, w in zip(layers, ws)]
     means = abs_means(ws) if params.crystallize else none
+    # Read before the compiled call scales the gradients, as the eager step does.
+    nonzeros = grads_nonzero(gs) if params.crystallize else none
     # One compile per group shape (layer count, flags): allow more than dynamo's default 8
     # recompiles for this function, or it would silently fall back to unfused eager code.
     config = torch._dynamo.config  # torch >= 2.6 calls it recompile_limit
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     with config.patch(**{limit: 512}):
-        _compiled()(ws, gs, ps, zs, means, params)
+        _compiled()(ws, gs, ps, zs, means, nonzeros, params)
 
 
 def crystallize_(

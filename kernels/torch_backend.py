@@ -26,6 +26,7 @@ from .stats import (
     abs_means,
     activity_stats,
     clean_weights_,
+    grads_nonzero,
     legacy_stats,
     rejuvenation_stats,
     rows_view,
@@ -80,35 +81,41 @@ def _chunks(*tensors: Tensor):
         yield tuple(f[start : start + CPU_CHUNK] for f in flat)
 
 
-def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
+def _crystallize_one(
+    w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float, nonzero: Tensor
+) -> None:
     mean_aw = abs_means([w])[0]  # the shared helper: the Triton backend reads the same number
+    gate = nonzero > 0  # stats.grads_nonzero: an all-zero gradient crystallizes nothing
     for wc, gc, pc in _chunks(w, g, p):
         ag = upcast(gc).abs()
         # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
         mask = torch.lt(ag, upcast(wc).abs().mul_(thresh))
-        mask.logical_or_(ag > mean_aw)
+        mask.logical_or_(ag > mean_aw).logical_and_(gate)
         # p * where(mask, d, 1) equals where(mask, p*d, p), with one temporary fewer.
         pc.mul_(torch.where(mask, damp, 1.0))
 
 
-def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
-    mean_aw = abs_means([w])[0]  # the shared helper: the Triton backend reads the same number
-    for wc, gc, pc in _chunks(w, g, p):
-        ag = upcast(gc).abs()
-        # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
-        mask = torch.lt(ag, upcast(wc).abs().mul_(thresh))
-        mask.logical_or_(ag > mean_aw)
-        # p * where(mask, d, 1) equals where(mask, p*d, p), with one temporary fewer.
-        pc.mul_(torch.where(mask, damp, 1.0))
+def _crystallize(
+    weights: Tensors,
+    grads: Tensors,
+    rates: Tensors,
+    crystal_thresh: float,
+    dampening: float,
+    nonzero: Sequence[Tensor],
+) -> None:
+    for w, g, p, nz in zip(weights, grads, rates, nonzero):
+        if w.numel():
+            _crystallize_one(w, g, p, crystal_thresh, dampening, nz)
 
 
 def crystallize_(
     weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
 ) -> None:
-    """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
-    for w, g, p in zip(weights, grads, rates):
-        if w.numel():
-            _crystallize_one(w, g, p, crystal_thresh, dampening)
+    """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``.
+
+    A layer whose gradient is all zero keeps its rates (``stats.grads_nonzero``)."""
+    grads = list(grads)
+    _crystallize(weights, grads, rates, crystal_thresh, dampening, grads_nonzero(grads))
 
 
 def _volume_one(
@@ -157,12 +164,15 @@ def bio_step_(
     says); by definition equal to the separate ops called in that order with the same key.
     ``keys`` is read only for volume scaling, ``rates`` only for the other two stages."""
     p = params
+    grads = list(grads)
+    # The zero-gradient gate is read from the gradient the step was given (before scaling).
+    nonzero = grads_nonzero(grads) if p.crystallize else None
     if p.volume:
         volume_scale_(weights, grads, keys, p.base_lr, p.stability_factor, p.lr_variability)
     if p.fuzzy:
         fuzzy_scale_(grads, rates)
     if p.crystallize:
-        crystallize_(weights, grads, rates, p.crystal_thresh, p.dampening)
+        _crystallize(weights, grads, rates, p.crystal_thresh, p.dampening, nonzero)
 
 
 def _rejuvenate_dense(w: Tensor, key: int, dre: float) -> Tensor:
