@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from . import functional, ops
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution, validate_config
+from .head import dry_run_active
 from .kernels import philox, rng
 from .layers import CONVERTIBLE_LAYERS, is_convertible, out_units, output_channel_dim, unit_major
 from .ops import OP_IDS  # noqa: F401  (re-exported: its old home)
@@ -70,7 +71,7 @@ def bio_forward_hook(
     change the behaviour without stacking hooks.
     """
     bio = module._modules.get("bio_mod")
-    if not isinstance(bio, BioModule):
+    if not isinstance(bio, BioModule) or dry_run_active():
         return None
     cfg = bio.config
     if (
@@ -371,20 +372,31 @@ class BioModule(nn.Module):
     @torch.no_grad()
     def dalian_network_initialization(module: nn.Module) -> None:
         """Dale's principle at initialisation: every output unit gets one random sign, its
-        weights become ``|w| * sign``, and the sign is stored as buffer ``sign``."""
+        weights become ``|w| * sign``, and the sign is stored as buffer ``sign``.
+
+        The marked output layer gets its signs (so checkpoints have the same keys) but keeps
+        its weights: Dale's principle does not constrain it."""
         layer = module.get_parent() if isinstance(module, BioModule) else None
         if layer is None or not is_convertible(layer):
             target = type(layer) if layer is not None else type(module)
             raise AttributeError(f"Can not use dalians network initialization on {target}")
-        w = unit_major(layer.weight, layer)  # a view: writing it writes the weight
+        w = unit_major(layer.weight, layer)
         units = w.shape[0]
         u = rng.uniform(module.next_key("dale_init"), units, w.device)
         sign = torch.where(u < 0.5, 1.0, -1.0).to(w.dtype)
-        w.copy_(w.abs() * sign.reshape((-1,) + (1,) * (w.dim() - 1)))
         if "sign" in module._buffers:
             module.sign = sign
         else:
             module.register_buffer("sign", sign)
+        if not module.is_last_module:
+            module.apply_dale_signs()
+
+    @torch.no_grad()
+    def apply_dale_signs(self) -> None:
+        """``w = |w| * sign`` per output unit, with this layer's stored signs."""
+        layer = self.get_parent()
+        w = unit_major(layer.weight, layer)  # a view: writing it writes the weight
+        w.copy_(w.abs() * self.sign.reshape((-1,) + (1,) * (w.dim() - 1)))
 
     @torch.no_grad()
     def enforce_dales_principle(self) -> None:

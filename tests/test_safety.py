@@ -70,3 +70,181 @@ def test_zero_gradient_rule_on_the_fused_cpu_loop():
             torch.testing.assert_close(b, a, rtol=0, atol=0)
     finally:
         cpu_fused._state.update(saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 2: the output layer, found from the forward pass
+# ---------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.bn(self.conv1(x)))))
+
+
+class ResNetStyle(nn.Module):
+    """Stem, residual blocks, pooled classifier: the head is nested nowhere near the stem."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.blocks = nn.Sequential(Block(8), Block(8))
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class NetOut(nn.Module):
+    """``self.net = Sequential(...)`` plus ``self.out``: upstream's rule never marks ``out``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return torch.log_softmax(self.out(self.net(x)), dim=-1)
+
+
+class HeadFirst(nn.Module):
+    """The head is registered before the trunk: module order alone gets it wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(16, 4)
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16))
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.trunk(x)))
+
+
+def _logits(model):
+    x = torch.randn(5, 3, 6, 6) if isinstance(model, ResNetStyle) else torch.randn(5, 6)
+    return model(x)
+
+
+def _marked(model):
+    return sorted(n for n, m in model.named_modules() if getattr(m, "last_module_token", False))
+
+
+def _assert_head_free(model, head):
+    # Dale's principle leaves the head alone: its rows keep mixed signs
+    w = getattr(model, head).weight
+    assert ((w > 0).any(1) & (w < 0).any(1)).all()
+    model.enforce_dales_principle()
+    assert ((w > 0).any(1) & (w < 0).any(1)).all()
+    # every other layer is constrained: one sign per output unit
+    for name, layer in model._bio_layers:
+        if name != head:
+            rows = layer.weight.reshape(layer.weight.shape[0], -1)
+            assert ((rows >= 0).all(1) | (rows <= 0).all(1)).all(), name
+
+
+@pytest.mark.parametrize("cls, head", [(ResNetStyle, "fc"), (NetOut, "out")])
+def test_head_found_by_forward_order_gives_distinct_logits(cls, head):
+    torch.manual_seed(0)
+    model = BioConverter(weight_splitting_Gamma=2, apply_dales_principle=True)(cls())
+    out = _logits(model)
+    assert _marked(model) == [head]
+    assert not torch.allclose(out[:, 0], out[:, 1])  # not summed in pairs
+    _assert_head_free(model, head)
+    assert model.bio_summary().rows[-1]["note"] == "output layer"
+
+
+def test_head_registered_first_is_found_at_the_first_forward_pass():
+    """Module order guesses ``trunk.2``; the dry run moves the mark to ``classifier``. Dale
+    had rewritten the classifier at conversion, which is said; naming the head avoids it."""
+    torch.manual_seed(0)
+    model = BioConverter(weight_splitting_Gamma=2, apply_dales_principle=True)(HeadFirst())
+    assert _marked(model) == ["trunk.2"]
+    with pytest.warns(UserWarning, match="head='classifier'"):
+        out = _logits(model)
+    assert _marked(model) == ["classifier"]
+    assert not torch.allclose(out[:, 0], out[:, 1])
+    # trunk.2 is an ordinary layer again: split, and Dale applied with its drawn signs
+    rows = model.trunk[2].weight
+    assert ((rows >= 0).all(1) | (rows <= 0).all(1)).all()
+    model = BioConverter(weight_splitting_Gamma=2, apply_dales_principle=True, head="classifier")(
+        HeadFirst()
+    )
+    out = _logits(model)
+    assert not torch.allclose(out[:, 0], out[:, 1])
+    _assert_head_free(model, "classifier")
+
+
+def test_head_named_or_predicate_or_none():
+    model = BioConverter(weight_splitting_Gamma=2, head="out")(NetOut())
+    assert _marked(model) == ["out"]
+    model = BioConverter(head=lambda name, m: name == "net.2")(NetOut())
+    assert _marked(model) == ["net.2"]
+    with pytest.warns(None) if False else _no_warning():
+        model = BioConverter(weight_splitting_Gamma=2, head=None)(NetOut())
+        out = _logits(model)
+    assert _marked(model) == []
+    assert torch.equal(out[:, 0], out[:, 1])  # asked for: the output is split too
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        BioConverter(head="nope")(NetOut())
+    with pytest.raises(TypeError, match="head must be"):
+        BioConverter(head=3)
+
+
+def test_user_mark_is_kept():
+    model = NetOut()
+    BioConverter.set_last_module_token_for_module(model.net[2])
+    BioConverter()(model)
+    _logits(model)
+    assert _marked(model) == ["net.2"]
+
+
+def test_exclude_leaves_modules_plain():
+    model = BioConverter(exclude="net")(NetOut())
+    assert not hasattr(model.net[0], "bio_mod") and hasattr(model.out, "bio_mod")
+    assert ("net.0", "Linear", "excluded") in model._bio_plan.skipped
+    model = BioConverter(exclude=lambda name, m: name == "out")(NetOut())
+    assert hasattr(model.net[0], "bio_mod") and not hasattr(model.out, "bio_mod")
+    with pytest.raises(ValueError, match="exclude: no module named"):
+        BioConverter(exclude=["net", "missing"])(NetOut())
+
+
+def test_no_head_warns_for_a_bare_transformer_block():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    with pytest.warns(UserWarning, match="MultiheadAttention"):
+        model = BioConverter(weight_splitting_Gamma=2)(layer)
+    with pytest.warns(UserWarning, match="no output layer"):
+        model(torch.randn(2, 3, 8))
+    assert _marked(model) == []  # linear2 feeds a residual sum: it is not the output layer
+    assert model.linear2.bio_mod.config.weight_splitting_Gamma == 2
+
+
+def test_head_search_does_not_touch_state_or_rng():
+    torch.manual_seed(0)
+    model = BioConverter(weight_splitting_Gamma=2)(ResNetStyle())
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    x = torch.randn(2, 3, 6, 6)
+    state = torch.get_rng_state()
+    from bio_transformations.head import find_output_layer
+
+    found = find_output_layer(model, (x,), {})
+    assert found.output_module == "fc"
+    assert found.ran[0] == "stem.0" and found.ran[-1] == "fc"
+    assert torch.equal(torch.get_rng_state(), state)
+    for k, v in buffers.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+import contextlib  # noqa: E402
+import warnings  # noqa: E402
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
