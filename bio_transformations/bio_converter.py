@@ -26,6 +26,7 @@ from .kernels import philox
 from .layers import Selector, is_convertible, out_units, plan_conversion, select_modules
 from .model_methods import MODEL_METHODS, ModelMethod
 from .summary import conversion_line
+from .unconvert import install_plain_load_report
 
 __all__ = ["BioConverter", "agreed_seed", "sync_layer_seeds"]
 
@@ -195,6 +196,7 @@ class BioConverter:
         object.__setattr__(model, "_bio_layers", layers)
         object.__setattr__(model, "_bio_plan", plan)
         _install_head_search(model, search)
+        install_plain_load_report(model)
         logger.info("%s", conversion_line(plan))
         self._warn_no_ops(model, plan)
         if attach_methods:

@@ -243,7 +243,8 @@ class BioModule(nn.Module):
         error_msgs: list,
     ) -> None:
         """Also accept checkpoints of the published package: no seed/step state, and Dale signs
-        shaped ``(out, 1)`` or ``(out, in, 1, 1)``."""
+        shaped ``(out, 1)`` or ``(out, in, 1, 1)``; and plain checkpoints (no key of this
+        module at all), which leave this module's state as it is."""
         sign_key = prefix + "sign"
         own_sign = self._buffers.get("sign")
         theirs = state_dict.get(sign_key)
@@ -253,6 +254,14 @@ class BioModule(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         extra_key = prefix + "_extra_state"
+        if not any(key.startswith(prefix) for key in state_dict):
+            # A plain (e.g. pretrained) checkpoint: keep this layer's bio state; the model
+            # logs one INFO line for the whole load (bio_transformations.unconvert).
+            from .unconvert import note_plain_load
+
+            missing_keys[:] = [k for k in missing_keys if not k.startswith(prefix)]
+            note_plain_load(prefix)
+            return
         if extra_key in missing_keys:
             # An upstream checkpoint: keep this layer's seed and step counters.
             missing_keys.remove(extra_key)

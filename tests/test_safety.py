@@ -248,3 +248,137 @@ def _no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 3: attention modules
+# ---------------------------------------------------------------------------------------------
+
+
+def test_multihead_attention_weights_are_skipped_with_a_warning():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.attn(x, x, x)[0].mean(1))
+
+    with pytest.warns(UserWarning, match="in_proj_weight and out_proj"):
+        model = BioConverter(weight_splitting_Gamma=2)(Attn())
+    assert not hasattr(model.attn.out_proj, "bio_mod") and hasattr(model.out, "bio_mod")
+    reasons = {name: reason for name, _, reason in model._bio_plan.skipped}
+    assert reasons == {"attn": "attention", "attn.out_proj": "in attention"}
+    model(torch.randn(2, 4, 8))
+    assert _marked(model) == ["out"]
+
+
+def test_transformer_encoder_layer_hooks_run_and_linear2_is_not_the_head():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0)
+    with pytest.warns(UserWarning):
+        model = BioConverter(weight_splitting_Gamma=2)(layer)
+    seen = []
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def keep_real(module, inputs, output):  # the dry run shows hooks fake tensors, once
+        if not isinstance(output, FakeTensor):
+            seen.append(output)
+
+    model.linear2.register_forward_hook(keep_real)
+    with pytest.warns(UserWarning, match="no output layer"):
+        model(torch.randn(2, 3, 8))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 8))  # hooks keep the fast path off: linear2's hook runs
+    assert len(seen) == 2
+    assert torch.equal(seen[1][..., 0], seen[1][..., 1])  # split
+    assert not getattr(model.linear2, "last_module_token", False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 4: no silent no-ops
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [nn.ReLU(), nn.Sequential(nn.LayerNorm(4), nn.Tanh())])
+def test_nothing_converted_warns(model):
+    with pytest.warns(UserWarning, match="no layer of .* was converted"):
+        BioConverter()(model)
+
+
+@pytest.mark.parametrize("distribution", ["activity", "temporal"])
+def test_static_dynamic_distribution_warns(distribution):
+    with pytest.warns(UserWarning, match="fuzzy_lr_dynamic=True"):
+        BioConverter(fuzzy_lr_distribution=distribution)(nn.Linear(3, 2))
+    with _no_warning():
+        BioConverter(fuzzy_lr_distribution=distribution, fuzzy_lr_dynamic=True)(nn.Linear(3, 2))
+
+
+def test_dale_warns_that_it_rewrites_weights():
+    with pytest.warns(UserWarning, match="pretrained weights are changed"):
+        BioConverter(apply_dales_principle=True)(NetOut())
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("1", True), ("true", True), ("Yes", True), ("on", True), ("0", False), ("false", False)]
+    + [("no", False), ("OFF", False), (" off ", False)],
+)
+def test_boolean_settings_accept_the_usual_words(text, value):
+    from bio_transformations.kernels.settings import Settings
+
+    assert Settings.from_environ({"BIO_CPU_FUSED": text}).cpu_fused is value
+
+
+@pytest.mark.parametrize("text", ["2", "enable", "disabled", "y", "tru"])
+def test_boolean_settings_reject_anything_else(text):
+    from bio_transformations.kernels.settings import Settings
+
+    with pytest.raises(ValueError, match="BIO_CPU_FUSED must be a boolean"):
+        Settings.from_environ({"BIO_CPU_FUSED": text})
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 8: unconvert, plain checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unconvert_leaves_a_plain_model():
+    from bio_transformations import plain_state_dict, unconvert
+
+    torch.manual_seed(0)
+    plain_keys = set(NetOut().state_dict())
+    model = BioConverter(weight_splitting_Gamma=2)(NetOut())
+    x = torch.randn(3, 6)
+    model(x)
+    assert unconvert(model) is model
+    assert set(model.state_dict()) == plain_keys
+    assert not any(hasattr(model, name) for name in ("crystallize", "bio_step", "_bio_layers"))
+    for module in model.modules():
+        assert not hasattr(module, "bio_mod") and not module._forward_hooks
+        assert not getattr(module, "last_module_token", False)
+    out = model.net(x)  # no splitting any more
+    assert not torch.equal(out[:, 0], out[:, 1])
+    fresh = NetOut()
+    fresh.load_state_dict(model.state_dict())  # strict
+    converted = BioConverter()(NetOut())
+    NetOut().load_state_dict(plain_state_dict(converted.state_dict()))
+
+
+def test_converted_model_loads_a_plain_checkpoint_with_one_info_line(caplog):
+    pretrained = NetOut()
+    model = BioConverter(fuzzy_learning_rate_factor_nu=0.3)(NetOut())
+    rates = model.out.bio_mod.fuzzy_learning_rate_parameters.clone()
+    seed = model.out.bio_mod.layer_seed
+    with caplog.at_level("INFO", logger="bio_transformations"):
+        result = model.load_state_dict(pretrained.state_dict())  # strict=True
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(model.out.weight, pretrained.out.weight)
+    assert torch.equal(model.out.bio_mod.fuzzy_learning_rate_parameters, rates)
+    assert model.out.bio_mod.layer_seed == seed
+    lines = [r for r in caplog.records if "without bio state" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "INFO"
+    assert "3 converted layer(s)" in lines[0].getMessage()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
