@@ -382,3 +382,45 @@ def test_converted_model_loads_a_plain_checkpoint_with_one_info_line(caplog):
     assert len(lines) == 1 and lines[0].levelname == "INFO"
     assert "3 converted layer(s)" in lines[0].getMessage()
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 7: packaging and the triton version check
+# ---------------------------------------------------------------------------------------------
+
+
+def test_triton_is_not_a_hard_requirement():
+    from importlib.metadata import requires
+
+    requirements = requires("bio-transformations")  # the installed metadata
+    hard = [r for r in requirements if "extra ==" not in r]
+    assert hard and not [r for r in hard if r.startswith("triton")]
+    assert [r for r in requirements if r.startswith("triton>=3.6") and 'extra == "triton"' in r]
+
+
+@pytest.mark.parametrize(
+    "text, parsed",
+    [
+        ("3.6.0", (3, 6, 0)),
+        ("3.8.0+git1a2b", (3, 8, 0)),
+        ("3.10", (3, 10)),
+        ("3.6.0rc1", (3, 6, 0)),
+    ],
+)
+def test_version_parsing(text, parsed):
+    assert kernels._version_tuple(text) == parsed
+
+
+def test_old_triton_falls_back_to_torch_with_one_info_line(monkeypatch, caplog):
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", "3.0.0")
+    monkeypatch.setattr(kernels, "_triton_module", None)
+    monkeypatch.setattr(kernels, "_triton_import_error", None)
+    with caplog.at_level("INFO", logger="bio_transformations"):
+        assert not kernels.triton_available()
+        assert not kernels.triton_available()  # remembered: said once
+        assert kernels.backend_for("cuda") == "torch"
+    lines = [r for r in caplog.records if "older than 3.6" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "INFO"
+    with kernels.use_backend("triton"), pytest.raises(kernels.BackendError, match="older than"):
+        kernels.backend_for("cuda")
