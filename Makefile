@@ -11,9 +11,12 @@ TRITON_PIN ?= triton==3.8.0
 
 install: $(STAMP)
 
+# Triton (for the interpreter tests of the Triton kernels) only where wheels exist.
+TRITON_EXTRA := $(if $(filter Linux/x86_64,$(shell uname -s)/$(shell uname -m)),$(TRITON_PIN),)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_PIN)
+	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_EXTRA)
 	$(PY) -m pip install -q -e '.[test,experiment,docs]'
 	touch $(STAMP)
 

@@ -17,6 +17,7 @@ from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribut
 from .bio_converter import BioConverter, sync_layer_seeds
 from .bio_module import BioModule
 from .kernels import BackendError, backend_for, get_backend, set_backend, use_backend
+from .unconvert import plain_state_dict, unconvert
 
 __version__ = "0.1.0"
 
@@ -32,7 +33,9 @@ __all__ = [
     "backend_for",
     "get_backend",
     "kernels",
+    "plain_state_dict",
     "set_backend",
     "sync_layer_seeds",
+    "unconvert",
     "use_backend",
 ]

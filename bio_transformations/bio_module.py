@@ -16,6 +16,7 @@ import torch.nn as nn
 from . import functional, ops
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution, validate_config
 from .compat import BioModuleCompat
+from .head import dry_run_active
 from .kernels import philox, rng
 from .layers import (
     CONVERTIBLE_LAYERS,
@@ -78,7 +79,7 @@ def bio_forward_hook(
     change the behaviour without stacking hooks.
     """
     bio = module._modules.get("bio_mod")
-    if not isinstance(bio, BioModule):
+    if not isinstance(bio, BioModule) or dry_run_active():
         return None
     cfg = bio.config
     if (
@@ -252,8 +253,9 @@ class BioModule(BioModuleCompat, nn.Module):
         error_msgs: list,
     ) -> None:
         """Also accept checkpoints of the published package (no seed/step state; Dale signs
-        drawn per ``(out, in)`` pair for convolutions) and this package's earlier one-dimensional
-        signs: any per-unit sign is reshaped to this module's shape."""
+        drawn per ``(out, in)`` pair for convolutions), this package's earlier one-dimensional
+        signs (any per-unit sign is reshaped to this module's shape), and plain checkpoints (no
+        key of this module at all), which leave this module's state as it is."""
         sign_key = prefix + "sign"
         own_sign = self._buffers.get("sign")
         theirs = state_dict.get(sign_key)
@@ -263,6 +265,14 @@ class BioModule(BioModuleCompat, nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         extra_key = prefix + "_extra_state"
+        if not any(key.startswith(prefix) for key in state_dict):
+            # A plain (e.g. pretrained) checkpoint: keep this layer's bio state; the model
+            # logs one INFO line for the whole load (bio_transformations.unconvert).
+            from .unconvert import note_plain_load
+
+            missing_keys[:] = [k for k in missing_keys if not k.startswith(prefix)]
+            note_plain_load(prefix)
+            return
         if extra_key in missing_keys:
             # An upstream checkpoint: keep this layer's seed and step counters.
             missing_keys.remove(extra_key)
@@ -390,21 +400,32 @@ class BioModule(BioModuleCompat, nn.Module):
     @torch.no_grad()
     def dalian_network_initialization(module: nn.Module) -> None:
         """Dale's principle at initialisation: every output unit gets one random sign, its
-        weights become ``|w| * sign``, and the sign is stored as buffer ``sign``."""
+        weights become ``|w| * sign``, and the sign is stored as buffer ``sign``.
+
+        The marked output layer gets its signs (so checkpoints have the same keys) but keeps
+        its weights: Dale's principle does not constrain it."""
         layer = module.get_parent() if isinstance(module, BioModule) else None
         if layer is None or not is_convertible(layer):
             target = type(layer) if layer is not None else type(module)
             raise AttributeError(f"Can not use dalians network initialization on {target}")
-        w = unit_major(layer.weight, layer)  # a view: writing it writes the weight
+        w = unit_major(layer.weight, layer)
         units = w.shape[0]
         u = rng.uniform(module.next_key("dale_init"), units, w.device)
         # Shaped to broadcast against the weight, as upstream's: user code `sign * weight` works.
         sign = torch.where(u < 0.5, 1.0, -1.0).to(w.dtype).reshape(per_unit_shape(layer))
-        w.copy_(w.abs() * unit_major(sign, layer))
         if "sign" in module._buffers:
             module.sign = sign
         else:
             module.register_buffer("sign", sign)
+        if not module.is_last_module:
+            module.apply_dale_signs()
+
+    @torch.no_grad()
+    def apply_dale_signs(self) -> None:
+        """``w = |w| * sign`` per output unit, with this layer's stored signs."""
+        layer = self.get_parent()
+        w = unit_major(layer.weight, layer)  # a view: writing it writes the weight
+        w.copy_(w.abs() * unit_major(self.sign, layer))
 
     @torch.no_grad()
     def enforce_dales_principle(self) -> None:

@@ -20,7 +20,7 @@ stored.
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,9 @@ import torch.nn as nn
 __all__ = [
     "CONVERTIBLE_LAYERS",
     "ConversionPlan",
+    "Selector",
+    "in_attention",
+    "select_modules",
     "is_convertible",
     "is_transposed_linear",
     "out_dim",
@@ -104,7 +107,66 @@ def output_channel_dim(layer: nn.Module, output: torch.Tensor) -> int:
     return 1
 
 
+#: Modules whose forward reads their sub-layers' weights directly, without calling those
+#: layers: a converted sub-layer's forward hook (weight splitting, activity tracking) would
+#: never run, so its layers are skipped, with a warning.
+ATTENTION = (nn.MultiheadAttention,)
+
+#: Which modules a converter option names: a module name, several names, or a predicate
+#: ``(name, module) -> bool``.
+Selector = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+def select_modules(model: nn.Module, selector: Optional[Selector], option: str) -> Set[str]:
+    """The names of the modules of ``model`` that ``selector`` picks, with their descendants.
+
+    Raises:
+        ValueError: a name that is not a module of ``model`` (the message lists some that are).
+        TypeError: ``selector`` is neither names nor a callable.
+    """
+    if selector is None:
+        return set()
+    modules = dict(model.named_modules())
+    if callable(selector):
+        roots = [name for name, module in modules.items() if selector(name, module)]
+    elif isinstance(selector, str) or (
+        isinstance(selector, Sequence) and all(isinstance(n, str) for n in selector)
+    ):
+        roots = [selector] if isinstance(selector, str) else list(selector)
+        unknown = [n for n in roots if n not in modules]
+        if unknown:
+            known = ", ".join(repr(n) for n in list(modules)[1:12])
+            raise ValueError(
+                f"{option}: no module named {', '.join(map(repr, unknown))} in "
+                f"{type(model).__name__}; module names are as in named_modules(), e.g. {known}"
+            )
+    else:
+        raise TypeError(
+            f"{option} must be a module name, a list of names or a callable (name, module) -> "
+            f"bool, got {type(selector).__name__}"
+        )
+    return {name for name in modules for root in roots if _within(name, root)}
+
+
+def _within(name: str, root: str) -> bool:
+    return root == "" or name == root or name.startswith(root + ".")
+
+
+def in_attention(model: nn.Module) -> Dict[str, str]:
+    """``{name: attention module name}`` for every module inside an attention module
+    (:data:`ATTENTION`), such as ``nn.MultiheadAttention``'s ``out_proj``."""
+    inside: Dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ATTENTION):
+            for sub, _ in module.named_modules(prefix=name):
+                if sub != name:
+                    inside.setdefault(sub, name)
+    return inside
+
+
 def _skip_reason(module: nn.Module) -> str:
+    if isinstance(module, ATTENTION):
+        return "attention"
     if isinstance(module, _EMBEDDING):
         return "embedding"
     if isinstance(module, _NORMALISATION) or type(module).__name__.endswith("Norm"):
@@ -123,22 +185,33 @@ class ConversionPlan(NamedTuple):
         tied: ``{name: holder name}`` for converted layers whose weight is also held by a
             module that is not converted (converted only with ``include_tied=True``).
         skipped: ``(name, type name, reason)`` of the modules holding parameters that are not
-            converted; reason is ``embedding``, ``normalisation``, ``unsupported`` or
-            ``tied to <holder>``.
+            converted; reason is ``embedding``, ``normalisation``, ``attention``,
+            ``in attention``, ``excluded``, ``unsupported`` or ``tied to <holder>``.
+        attention: names of the attention modules (``nn.MultiheadAttention``) whose weights
+            stay plain: their forward uses ``in_proj_weight`` and ``out_proj.weight`` directly.
     """
 
     convert: List[Tuple[str, nn.Module]]
     shared: List[Tuple[str, nn.Module, str]]
     tied: Dict[str, str]
     skipped: List[Tuple[str, str, str]]
+    attention: List[str] = []
 
 
 def _weight_key(layer: nn.Module) -> int:
     return id(layer.weight)
 
 
-def plan_conversion(model: nn.Module, include_tied: bool = False) -> ConversionPlan:
+def plan_conversion(
+    model: nn.Module, include_tied: bool = False, exclude: Optional[Selector] = None
+) -> ConversionPlan:
     """Decide which layers of ``model`` are converted.
+
+    ``exclude`` (module names or a predicate ``(name, module) -> bool``) leaves the named
+    modules and everything inside them plain; they are listed as skipped (``excluded``).
+    Layers inside ``nn.MultiheadAttention`` are never converted (``in attention``): its
+    forward reads ``out_proj.weight`` without calling ``out_proj``, so the layer's hook
+    could not run.
 
     Tied weights: a parameter held by several convertible layers is converted once (the first
     holder in module order; the others share its ``BioModule``). A layer whose weight is also
@@ -146,10 +219,12 @@ def plan_conversion(model: nn.Module, include_tied: bool = False) -> ConversionP
     output head tied to its token embedding, or any other module) is skipped unless
     ``include_tied`` is True: the mechanisms would otherwise rewrite the embedding too.
     """
+    excluded = select_modules(model, exclude, "exclude")
+    attention_parts = in_attention(model)
     modules = list(model.named_modules())
     holders: Dict[int, List[str]] = {}  # id(parameter) -> names of non-convertible holders
     for name, module in modules:
-        if is_convertible(module):
+        if is_convertible(module) and name not in excluded and name not in attention_parts:
             continue
         for param in module._parameters.values():
             if param is not None:
@@ -159,7 +234,17 @@ def plan_conversion(model: nn.Module, include_tied: bool = False) -> ConversionP
     tied: Dict[str, str] = {}
     skipped: List[Tuple[str, str, str]] = []
     owners: Dict[int, Tuple[str, nn.Module]] = {}
+    attention = [name for name, module in modules if isinstance(module, ATTENTION)]
     for name, module in modules:
+        has_params = any(p is not None for p in module._parameters.values())
+        if name in excluded:
+            if has_params:
+                skipped.append((name, type(module).__name__, "excluded"))
+            continue
+        if name in attention_parts:
+            if has_params:
+                skipped.append((name, type(module).__name__, "in attention"))
+            continue
         if not is_convertible(module):
             if any(p is not None for p in module._parameters.values()):
                 skipped.append((name, type(module).__name__, _skip_reason(module)))
@@ -180,4 +265,4 @@ def plan_conversion(model: nn.Module, include_tied: bool = False) -> ConversionP
             tied[name] = holder
         owners[key] = (name, module)
         convert.append((name, module))
-    return ConversionPlan(convert, shared, tied, skipped)
+    return ConversionPlan(convert, shared, tied, skipped, attention)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from types import ModuleType
 from typing import Iterator, Optional
 
@@ -33,6 +34,7 @@ from .settings import BACKENDS, Settings
 
 __all__ = [
     "BACKENDS",
+    "MIN_TRITON",
     "OPS",
     "BackendError",
     "Settings",
@@ -74,10 +76,48 @@ _triton_module: Optional[ModuleType] = None
 _triton_import_error: Optional[BaseException] = None
 
 
+#: The oldest triton the kernels run on: they pass tuples and jit functions as arguments.
+MIN_TRITON = (3, 6)
+
+
+def _version_tuple(text: str) -> tuple:
+    """``"3.6.0+git1234"`` -> ``(3, 6, 0)``: the leading numeric parts of a version string."""
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+        if digits.end() < len(piece):  # "0rc1": a pre-release of this number
+            break
+    return tuple(parts)
+
+
+def _check_triton_version() -> None:
+    """Raise ImportError when the installed triton is older than :data:`MIN_TRITON`."""
+    import triton
+
+    version = getattr(triton, "__version__", "0")
+    if _version_tuple(version) < MIN_TRITON:
+        raise ImportError(
+            f"triton {version} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest the "
+            "Triton kernels run on"
+        )
+
+
 def _load_triton() -> Optional[ModuleType]:
     """Import the Triton backend once; remember why it failed if it did."""
     global _triton_module, _triton_import_error
     if _triton_module is None and _triton_import_error is None:
+        try:
+            _check_triton_version()
+        except ImportError as exc:
+            _triton_import_error = exc
+            if "older than" in str(exc):  # installed but too old: say it once
+                logger.info("%s; the torch backend runs every op", exc)
+            else:
+                logger.debug("Triton backend unavailable: %r", exc)
+            return None
         try:
             from . import triton as triton_backend
 
@@ -140,7 +180,8 @@ def _require_triton(device: torch.device) -> None:
     if not triton_available():
         raise BackendError(
             "BIO_BACKEND=triton was requested but Triton cannot be imported "
-            f"({_triton_import_error!r}). Install triton (pip install 'triton>=3.6'), "
+            f"({_triton_import_error!r}). Install triton (pip install 'triton>=3.6', or the "
+            "package's [triton] extra), "
             "or use BIO_BACKEND=torch (or auto)."
         )
     if not _triton_can_run(device):

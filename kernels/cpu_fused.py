@@ -20,7 +20,7 @@ import torch
 from . import torch_backend
 from .contract import StepParams
 from .rng import normal
-from .stats import abs_means
+from .stats import abs_means, grads_nonzero
 from .torch_backend import (  # noqa: F401  (the ops this path does not change)
     activity_update_,
     dale_enforce_,
@@ -46,7 +46,7 @@ def usable() -> bool:
     return not _state["broken"]
 
 
-def _step_core(w, g, p, z, mean_aw, params: StepParams):
+def _step_core(w, g, p, z, mean_aw, nonzero, params: StepParams):
     """One layer's volume / fuzzy / crystallize as plain tensor math in the eager ops' order."""
     grad = g
     if params.volume:
@@ -59,7 +59,8 @@ def _step_core(w, g, p, z, mean_aw, params: StepParams):
         g.copy_(grad)
     if params.crystallize:
         ag = grad.abs()
-        mask = (ag < w.abs() * params.crystal_thresh) | (ag > mean_aw)
+        # nonzero: stats.grads_nonzero, an all-zero gradient crystallizes nothing (as eager)
+        mask = ((ag < w.abs() * params.crystal_thresh) | (ag > mean_aw)) & (nonzero > 0)
         p.copy_(torch.where(mask, p * params.dampening, p))  # p*d in p's own dtype, as eager
 
 
@@ -115,13 +116,15 @@ def bio_step_(
         parts = (weights[i], grads[i]) + ((rates[i],) if uses_rates else ())
         (flat if all(t.is_contiguous() for t in parts) else other).append(i)
     means = abs_means([weights[i] for i in flat]) if params.crystallize else [None] * len(flat)
+    # Read before the compiled step scales the gradients, as the eager step does.
+    gates = grads_nonzero([grads[i] for i in flat]) if params.crystallize else [None] * len(flat)
     step = _compiled()
     # One graph per set of stages and scalars (each separate op, the fused step): allow more
     # than dynamo's default 8 before it would silently run the function uncompiled.
     config = torch._dynamo.config  # torch >= 2.6 calls it recompile_limit
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     with config.patch(**{limit: 64}):
-        _run_layers(step, flat, means, weights, grads, rates, keys, params, uses_rates)
+        _run_layers(step, flat, means, gates, weights, grads, rates, keys, params, uses_rates)
     if other:  # strided layouts: the torch backend's op
         torch_backend.bio_step_(
             [weights[i] for i in other], [grads[i] for i in other],
@@ -130,13 +133,13 @@ def bio_step_(
         )  # fmt: skip
 
 
-def _run_layers(step, flat, means, weights, grads, rates, keys, params, uses_rates) -> None:
-    for i, mean in zip(flat, means):
+def _run_layers(step, flat, means, gates, weights, grads, rates, keys, params, uses_rates):
+    for i, mean, gate in zip(flat, means, gates):
         w, g = weights[i].view(-1), grads[i].view(-1)
         p = rates[i].view(-1) if uses_rates else None
         # The random numbers come from the eager generator: the stream stays the same.
         z = normal(keys[i], w.numel(), w.device) if params.volume else None
-        step(w, g, p, z, mean, params)
+        step(w, g, p, z, mean, gate, params)
 
 
 def crystallize_(

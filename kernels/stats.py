@@ -22,6 +22,7 @@ __all__ = [
     "activity_stats",
     "clean_weights_",
     "compute_dtype",
+    "grads_nonzero",
     "legacy_stats",
     "rejuvenation_stats",
     "rows_view",
@@ -78,6 +79,19 @@ def abs_means(tensors: Tensors) -> list:
     elsewhere the L1 norm; divided by the element count.
     """
     return [_abs_sum(t) / max(t.numel(), 1) for t in tensors]
+
+
+def grads_nonzero(grads: Tensors) -> list:
+    """Per layer, ``1`` if its gradient has an element that is not zero (NaN counts), else ``0``:
+    0-d tensors on the device, in the compute dtype.
+
+    Crystallization reads it as a gate: a layer whose gradient is all zero this step (unused,
+    with ``zero_grad(set_to_none=False)``) keeps its rates. Decided on the device, no sync.
+    """
+    return [
+        (torch.linalg.vector_norm(g, 0, dtype=compute_dtype(g)) > 0).to(compute_dtype(g))
+        for g in grads
+    ]
 
 
 def clean_weights_(weights: Tensors) -> None:

@@ -26,6 +26,7 @@ from .stats import (
     abs_means,
     activity_stats,
     clean_weights_,
+    grads_nonzero,
     legacy_stats,
     rejuvenation_stats,
     rows_view,
@@ -94,21 +95,24 @@ def _volume_chunk(wc: Tensor, gc: Tensor, zc: Tensor, p: StepParams, a: Tensor, 
 
 
 def _crystallize_chunk(
-    wc: Tensor, gc: Tensor, pc: Tensor, mean: Tensor, p: StepParams, a: Tensor, b: Tensor
+    wc: Tensor, gc: Tensor, pc: Tensor, mean: Tensor, gate: Tensor, p: StepParams, a, b
 ):
-    """``p *= d`` where ``|g| < t*|w|`` or ``|g| > mean|w|``. The masks are 0/1 floats:
-    comparisons written into a float tensor, and ``lerp``, are vectorized on the CPU where
-    bool masks and ``where`` are 3-5x slower. ``lerp(p, p*d, m)`` is exactly ``p`` for
-    ``m = 0`` and exactly ``p*d`` for ``m = 1``; NaN compares false as in the bool form."""
+    """``p *= d`` where ``|g| < t*|w|`` or ``|g| > mean|w|``, and the layer's gradient is not
+    all zero (``gate``, 0 or 1). The masks are 0/1 floats: comparisons written into a float
+    tensor, and ``lerp``, are vectorized on the CPU where bool masks and ``where`` are 3-5x
+    slower. ``lerp(p, p*d, m)`` is exactly ``p`` for ``m = 0`` and exactly ``p*d`` for
+    ``m = 1``; NaN compares false as in the bool form."""
     torch.abs(gc, out=a)
     torch.abs(wc, out=b).mul_(p.crystal_thresh)  # |g|/|w| < t as |g| < t*|w|: no division
     torch.lt(a, b, out=b)
     torch.gt(a, mean, out=a)
     torch.maximum(a, b, out=a)
+    if gate is not None:
+        a.mul_(gate)
     torch.lerp(pc, torch.mul(pc, p.dampening, out=b), a, out=pc)
 
 
-def _stages(wc, gc, pc, zc, mean, p: StepParams, scratch: Tensor) -> None:
+def _stages(wc, gc, pc, zc, mean, gate, p: StepParams, scratch: Tensor) -> None:
     """Every stage of ``p`` on one chunk (or pack), in place, before moving on."""
     n = gc.numel()
     a, b = scratch[0, :n], scratch[1, :n]
@@ -117,7 +121,7 @@ def _stages(wc, gc, pc, zc, mean, p: StepParams, scratch: Tensor) -> None:
     if p.fuzzy:
         gc.mul_(pc)
     if p.crystallize:
-        _crystallize_chunk(wc, gc, pc, mean, p, a, b)
+        _crystallize_chunk(wc, gc, pc, mean, gate, p, a, b)
 
 
 def _packs(sizes: Sequence[int]) -> List[List[int]]:
@@ -133,13 +137,15 @@ def _packs(sizes: Sequence[int]) -> List[List[int]]:
     return packs
 
 
-def _cpu_step_(ws: list, gs: list, ps: Optional[list], keys, p: StepParams) -> None:
+def _cpu_step_(ws: list, gs: list, ps: Optional[list], keys, p: StepParams, gates) -> None:
     """The step on CPU float32/float64 contiguous tensors (one dtype): per large layer one
     pass over cache-sized chunks running every stage; small layers packed into flat buffers.
 
     The random draws are each layer's own stream (one ``normal`` per layer, as the separate
     op draws it); ``mean|w|`` is computed once per layer before the chunk loop (``w`` is not
-    changed by the step), and crystallization sees the gradient after volume and fuzzy scaling.
+    changed by the step), and crystallization sees the gradient after volume and fuzzy scaling;
+    ``gates`` (``stats.grads_nonzero`` of the gradients before the step) keeps the rates of a
+    layer whose gradient is all zero.
     """
     dtype = ws[0].dtype
     means = abs_means(ws) if p.crystallize else [None] * len(ws)
@@ -158,13 +164,13 @@ def _cpu_step_(ws: list, gs: list, ps: Optional[list], keys, p: StepParams) -> N
             piece = slice(start, start + CPU_CHUNK)
             _stages(
                 w.view(-1)[piece], g.view(-1)[piece], pf[piece] if pf is not None else None,
-                z[piece] if z is not None else None, means[i], p, scratch,
+                z[piece] if z is not None else None, means[i], gates[i], p, scratch,
             )  # fmt: skip
     for pack in packs:
-        _pack_step_([small[j] for j in pack], ws, gs, ps, keys, means, p, scratch)
+        _pack_step_([small[j] for j in pack], ws, gs, ps, keys, means, gates, p, scratch)
 
 
-def _pack_step_(idx, ws, gs, ps, keys, means, p: StepParams, scratch: Tensor) -> None:
+def _pack_step_(idx, ws, gs, ps, keys, means, gates, p: StepParams, scratch: Tensor) -> None:
     """The stages on a pack of small layers: gather into flat buffers, run, scatter back."""
     sizes = [ws[i].numel() for i in idx]
     wf = torch.cat([ws[i].view(-1) for i in idx]) if (p.volume or p.crystallize) else None
@@ -175,12 +181,17 @@ def _pack_step_(idx, ws, gs, ps, keys, means, p: StepParams, scratch: Tensor) ->
         zf = torch.empty(wf.numel(), dtype=torch.float32)
         for i, zc in zip(idx, zf.split(sizes)):
             normal_into(keys[i], zc)  # each layer's own stream, as the separate op draws it
-    mf = None
+    mf = gate = None
     if p.crystallize:  # each weight compared with its own layer's mean|w|
         mf = torch.empty_like(wf)
         fills = [means[i].expand(n) for i, n in zip(idx, sizes)]
         torch._foreach_copy_(list(mf.split(sizes)), fills)
-    _stages(wf, gf, pf, zf, mf, p, scratch)
+        # Each weight gated by its own layer's "gradient not all zero" (no host read).
+        gate = torch.empty_like(wf)
+        torch._foreach_copy_(
+            list(gate.split(sizes)), [gates[i].expand(n) for i, n in zip(idx, sizes)]
+        )
+    _stages(wf, gf, pf, zf, mf, gate, p, scratch)
     if p.volume or p.fuzzy:
         torch._foreach_copy_([gs[i].view(-1) for i in idx], list(gf.split(sizes)))
     if p.crystallize:
@@ -189,7 +200,9 @@ def _pack_step_(idx, ws, gs, ps, keys, means, p: StepParams, scratch: Tensor) ->
 
 def _run_step(weights, grads, rates, keys, p: StepParams, eager_one) -> None:
     """Split a group: non-empty CPU float32/float64 contiguous layers take the one-pass path,
-    the rest ``eager_one(i)`` (half types, strided layouts, CUDA tensors under torch)."""
+    the rest ``eager_one(i, gate)`` (half types, strided layouts, CUDA tensors under torch)."""
+    # Whether each layer's gradient has a non-zero element, before any stage scales it.
+    gates = grads_nonzero(grads) if p.crystallize else [None] * len(grads)
     fast, other = [], []
     for i, (w, g) in enumerate(zip(weights, grads)):
         if w.numel() == 0:
@@ -200,22 +213,25 @@ def _run_step(weights, grads, rates, keys, p: StepParams, eager_one) -> None:
         _cpu_step_(
             [weights[i] for i in fast], [grads[i] for i in fast],
             [rates[i] for i in fast] if rates is not None else None,
-            [keys[i] for i in fast] if keys is not None else None, p,
+            [keys[i] for i in fast] if keys is not None else None, p, [gates[i] for i in fast],
         )  # fmt: skip
     for i in other:
-        eager_one(i)
+        eager_one(i, gates[i])
 
 
 # ---- the general path (any device, dtype and layout) ---------------------------------------
 
 
-def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
+def _crystallize_one(
+    w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float, gate: Tensor
+) -> None:
     mean_aw = abs_means([w])[0]  # the shared helper: the Triton backend reads the same number
     for wc, gc, pc in _chunks(w, g, p):
         ag = upcast(gc).abs()
         # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
         mask = torch.lt(ag, upcast(wc).abs().mul_(thresh))
-        mask.logical_or_(ag > mean_aw)
+        # stats.grads_nonzero: a layer whose gradient is all zero crystallizes nothing.
+        mask.logical_or_(ag > mean_aw).logical_and_(gate > 0)
         # p * where(mask, d, 1) equals where(mask, p*d, p), with one temporary fewer; d in the
         # compute dtype (a bare float would make it float32 for float64 rates).
         pc.mul_(torch.where(mask, torch.full((), damp, dtype=ag.dtype, device=ag.device), 1.0))
@@ -224,11 +240,16 @@ def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float
 def crystallize_(
     weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
 ) -> None:
-    """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
-    params = StepParams(crystallize=True, crystal_thresh=crystal_thresh, dampening=dampening)
+    """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``.
+
+    A layer whose gradient is all zero (unused this step) keeps its rates
+    (``stats.grads_nonzero``)."""
+    params = StepParams.crystallize_only(crystal_thresh, dampening)
     _run_step(
         weights, grads, rates, None, params,
-        lambda i: _crystallize_one(weights[i], grads[i], rates[i], crystal_thresh, dampening),
+        lambda i, gate: _crystallize_one(
+            weights[i], grads[i], rates[i], crystal_thresh, dampening, gate
+        ),
     )  # fmt: skip
 
 
@@ -262,13 +283,10 @@ def volume_scale_(
 
     Philox: ``z = tl.randn(key, i)``.
     """
-    params = StepParams(
-        volume=True, base_lr=base_lr, stability_factor=stability_factor,
-        lr_variability=lr_variability,
-    )  # fmt: skip
+    params = StepParams.volume_only(base_lr, stability_factor, lr_variability)
     _run_step(
         weights, grads, None, keys, params,
-        lambda i: _volume_one(
+        lambda i, gate: _volume_one(
             weights[i], grads[i], keys[i], base_lr, stability_factor, lr_variability
         ),
     )  # fmt: skip
@@ -293,14 +311,14 @@ def bio_step_(
     if not p.any:
         return
 
-    def one_layer(i: int) -> None:
+    def one_layer(i: int, gate: Optional[Tensor]) -> None:
         w, g = weights[i], grads[i]
         if p.volume:
             _volume_one(w, g, keys[i], p.base_lr, p.stability_factor, p.lr_variability)
         if p.fuzzy:
             fuzzy_scale_([g], [rates[i]])
         if p.crystallize:
-            _crystallize_one(w, g, rates[i], p.crystal_thresh, p.dampening)
+            _crystallize_one(w, g, rates[i], p.crystal_thresh, p.dampening, gate)
 
     _run_step(weights, grads, rates, keys, p, one_layer)
 

@@ -626,3 +626,39 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     vector_loads = json.loads(proc.stdout.strip().splitlines()[-1])
     assert vector_loads["_fuzzy_kernel"] > 0, vector_loads
     assert vector_loads["_step_kernel"] > 0, vector_loads
+
+
+# ---------------------------------------------------------------------------------------------
+# The zero-gradient rule: both backends read stats.grads_nonzero
+# ---------------------------------------------------------------------------------------------
+
+
+def _zero_grads(ts):
+    """Layer 1 gets an all-zero gradient, layer 3 an all -0.0 one; the others keep theirs."""
+    ts[1]["g"].zero_()
+    ts[3]["g"].fill_(-0.0)
+    return ts
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flags", [(False, False, True), (True, True, True)], ids=["alone", "step"])
+def test_all_zero_gradient_is_not_crystallized(dtype, flags):
+    """A layer whose gradient is all zero keeps its rates, on both backends, in one launch
+    with layers that are crystallized as usual."""
+    results = []
+    for B in (tb, trb):
+        ts = _zero_grads(_tensors(SIZES + LAYOUTS, dtype))
+        before = [t["p"].clone() for t in ts]
+        w, g, p = ([t[k] for t in ts] for k in "wgp")
+        if flags == (False, False, True):
+            B.crystallize_(w, g, p, 0.05, 0.6)
+        else:
+            B.bio_step_(w, g, p, _keys(len(ts), 1), _params(*flags))
+        assert torch.equal(p[1], before[1]) and torch.equal(p[3], before[3])
+        assert not torch.equal(p[4], before[4])  # a layer with a gradient is crystallized
+        results.append(p)
+    if flags == (False, False, True):
+        assert_bitwise(results[0], results[1])
+    else:  # after the volume draw: decisions may differ at the threshold only (test_bio_step)
+        for a, b in zip(*results):
+            assert int((a != b).sum()) <= 1 + 1e-3 * a.numel()

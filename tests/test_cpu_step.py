@@ -6,6 +6,7 @@ import torch
 
 from bio_transformations.kernels import StepParams, stats
 from bio_transformations.kernels import torch_backend as tb
+from bio_transformations.kernels.stats import grads_nonzero
 
 STEP = StepParams(True, True, True, 0.1, 2.0, 0.2, 1e-3, 0.6)
 # sizes: packed small layers (several packs at the patched sizes), single-chunk and
@@ -47,13 +48,14 @@ def clone(data):
 def general_path(data, params, keys):
     """The per-layer general path (what non-contiguous and half tensors take)."""
     for (w, g, p), key in zip(data, keys):
+        gate = grads_nonzero([g])[0]  # before any stage scales the gradient
         if params.volume:
             tb._volume_one(w, g, key, params.base_lr, params.stability_factor,
                            params.lr_variability)  # fmt: skip
         if params.fuzzy:
             g.mul_(p)
         if params.crystallize:
-            tb._crystallize_one(w, g, p, params.crystal_thresh, params.dampening)
+            tb._crystallize_one(w, g, p, params.crystal_thresh, params.dampening, gate)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

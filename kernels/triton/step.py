@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..contract import StepParams
-from ..stats import abs_means
+from ..stats import abs_means, grads_nonzero
 from .launch import exp, for_tile, launch, logical, operand, round_to, tile
 
 Tensor = torch.Tensor
@@ -46,7 +46,7 @@ def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
 @triton.jit
 def _step_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
     w_ptr, g_ptr, p_ptr = ptrs
-    key, mean_aw, base_lr, neg_stability, variability, thresh, damp = values
+    key, mean_aw, nonzero, base_lr, neg_stability, variability, thresh, damp = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     VOLUME: tl.constexpr = FLAGS[2]
@@ -69,6 +69,7 @@ def _step_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.const
     if CRYSTALLIZE:
         ag = tl.abs(g)
         hit = (ag < thresh * aw) | (ag > mean_aw)  # |g|/|w| < t as |g| < t*|w|, like torch
+        hit = hit & (tl.zeros_like(ag) + nonzero > 0.0)  # all-zero gradient: no crystallizing
         damped = tl.where(hit, p * damp, p)
         tl.store(p_ptr + offs, round_to(damped, p_ptr.dtype.element_ty), mask=mask)
 
@@ -91,9 +92,11 @@ def _step_kernel(
     if VOLUME:
         key = tl.load(keys + t)
     mean_aw = 0.0
+    nonzero = 0.0
     if CRYSTALLIZE:
-        mean_aw = tl.load(stats + t)  # stats.abs_means, computed on the device
-    values = (key, mean_aw, base_lr, neg_stability, variability, thresh, damp)
+        mean_aw = tl.load(stats + 2 * t)  # stats.abs_means, computed on the device
+        nonzero = tl.load(stats + 2 * t + 1)  # stats.grads_nonzero, of the unscaled gradient
+    values = (key, mean_aw, nonzero, base_lr, neg_stability, variability, thresh, damp)
     for_tile(
         _step_body,
         (w_ptr, g_ptr, p_ptr),
@@ -128,7 +131,11 @@ def bio_step_(
     launch(
         _step_kernel, elems, written=written,
         keys=list(keys) if p.volume else None,
-        stats=[[m] for m in abs_means(weights)] if p.crystallize else None,
+        stats=(
+            [[m, nz] for m, nz in zip(abs_means(weights), grads_nonzero(grads))]
+            if p.crystallize
+            else None
+        ),
         # Without rates the kernel's P0 is None (it goes first: it follows the witnesses).
         scalars=(() if uses_rates else (None,)) + (
             float(p.base_lr), -float(p.stability_factor), float(p.lr_variability),
