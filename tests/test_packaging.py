@@ -26,6 +26,8 @@ def test_wheel_contains_kernels(tmp_path):
         "bio_transformations/kernels/torch_backend.py",
         "bio_transformations/kernels/triton_backend.py",
         "bio_transformations/kernels/philox.py",
+        "bio_transformations/experiments/__main__.py",
+        "bio_transformations/experiments/cli.py",
     ):
         assert expected in names, expected
     assert not any(n.startswith("kernels/") for n in names)  # no top-level 'kernels' package

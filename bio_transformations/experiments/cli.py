@@ -315,6 +315,7 @@ def _inversion(args: Any, opts: dict[str, Any], device: torch.device) -> dict:
         "mean_image_mse": mean_image_mse,
         "test_acc_after_training": {r["variant"]: r["test_acc_after_training"] for r in results},
         "seconds_per_variant": {r["variant"]: r["seconds"] for r in results},
+        "cpu_seconds_per_variant": {r["variant"]: r["cpu_seconds"] for r in results},
         "attacks": rows,
         "_images": {r["variant"]: r["images"] for r in results},
         "_originals": x,
@@ -359,7 +360,9 @@ def _markdown(config: dict, learning: dict | None, inversion: dict | None) -> tu
         f"{config['backend_active']}, {config['jobs']} worker process(es) x 1 thread, torch "
         f"{config['torch_version']}, wall time {config['total_wall_seconds']:.0f} s "
         f"(learning {config['learning_wall_seconds']:.0f} s, inversion "
-        f"{config['inversion_wall_seconds']:.0f} s).",
+        f"{config['inversion_wall_seconds']:.0f} s; CPU time summed over workers: learning "
+        f"{config['learning_cpu_seconds'] or 0:.0f} s, inversion "
+        f"{config['inversion_cpu_seconds'] or 0:.0f} s).",
         "",
         tables,
         "",
@@ -367,9 +370,9 @@ def _markdown(config: dict, learning: dict | None, inversion: dict | None) -> tu
         "seed counts). Δ pp: difference of means to the baseline; p: Welch's t-test of the "
         "final accuracies against the baseline's. Epochs to: mean first epoch at which test "
         "accuracy reached 90% of the baseline's final mean (seeds that never did are counted "
-        "apart). Gap: final train minus test accuracy. s / run: training time per run (no "
-        "evaluation), cost: that time over the baseline's. Timings depend on the machine's "
-        "load.",
+        "apart). Gap: final train minus test accuracy. CPU s / run: CPU time of one run "
+        "(single-threaded worker; training plus per-epoch evaluation), cost: that over the "
+        "baseline's. Wall times (in results.json) depend on the machine's load.",
         "",
         "Inversion: reconstruction MSE per attacked digit (pixels in [0, 1]), mean ± std over "
         "targets, its ratio to the baseline under the same attack (x base), and mean PSNR. "
@@ -392,19 +395,21 @@ def _figures(out: Path, config: dict, learning: dict | None, inversion: dict | N
         plot_inversion_bars(
             out / "inversion.png", inversion["attacks"], inversion["mean_image_mse"]
         )
+        # One row per variant and attacker: the digits at initialisation, then after training.
         grids = {}
         for variant, images in inversion["_images"].items():
-            for state in ("init", "trained"):
-                for attacker in ("blind", "informed"):
-                    img = images.get((state, "gradient_matching", attacker))
-                    if img is not None:
-                        grids[f"{variant} {state} {attacker}"] = img[:, 0]
+            for attacker in ("blind", "informed"):
+                pair = [images.get((s, "gradient_matching", attacker)) for s in ("init", "trained")]
+                if all(img is not None for img in pair):
+                    grids[f"{variant} {attacker}"] = np.concatenate([img[:, 0] for img in pair])
         originals = np.asarray(inversion["_originals"][:, 0])
+        t = originals.shape[0]
         plot_reconstructions(
             out / "reconstructions.png",
-            originals,
+            np.concatenate([originals, originals]),
             grids,
-            "gradient-matching reconstructions (batch 1) per variant, model state and attacker",
+            f"gradient-matching reconstructions (batch 1): left {t} at initialisation, "
+            f"right {t} after {inversion['spec']['train_epochs']} epochs of training",
         )
 
 
@@ -522,6 +527,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             total_wall_seconds=t_end - t_start,
             learning_wall_seconds=t_mid - t_start,
             inversion_wall_seconds=t_end - t_mid,
+            # Summed over the worker processes: divided by --jobs, the wall time of a machine
+            # with that many free cores.
+            learning_cpu_seconds=None
+            if learning is None
+            else sum(
+                r["run_cpu_seconds"]
+                for runs in learning["runs"].values()
+                for recs in runs.values()
+                for r in recs
+            ),
+            inversion_cpu_seconds=None
+            if inversion is None
+            else sum(inversion["cpu_seconds_per_variant"].values()),
         )
         markdown, tables = _markdown(config, learning, inversion)
         payload: dict[str, Any] = {"config": config}

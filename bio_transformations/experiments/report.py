@@ -74,7 +74,7 @@ def summarize_learning(
     Args:
         runs: ``variant -> [per-seed record]``; each record holds the per-epoch lists
             ``test_acc``, ``train_acc``, ``test_loss``, ``train_loss`` and ``epoch_seconds``, and
-            ``run_seconds``.
+            ``run_seconds`` and ``run_cpu_seconds``.
         baseline: The reference variant for the threshold, deltas, p-values and cost ratio; if
             it is not among ``runs`` those entries are ``None``.
 
@@ -84,12 +84,13 @@ def summarize_learning(
     base = runs.get(baseline)
     base_acc = [float(r["test_acc"][-1]) for r in base] if base else None
     threshold = THRESHOLD_FRACTION * float(np.mean(base_acc)) if base_acc else None
-    base_seconds = float(np.mean([r["run_seconds"] for r in base])) if base else None
+    base_cpu = float(np.mean([r["run_cpu_seconds"] for r in base])) if base else None
     summary: dict[str, dict[str, Any]] = {}
     for variant, records in runs.items():
         acc = [float(r["test_acc"][-1]) for r in records]
         gap = [float(r["train_acc"][-1] - r["test_acc"][-1]) for r in records]
         seconds = [float(r["run_seconds"]) for r in records]
+        cpu = [float(r["run_cpu_seconds"]) for r in records]
         reached = (
             [_first_epoch_at_least(r["test_acc"], threshold) for r in records]
             if threshold is not None
@@ -115,9 +116,8 @@ def summarize_learning(
             "epochs_to_threshold_mean": float(np.mean(hits)) if hits else None,
             "seeds_reaching_threshold": None if reached is None else len(hits),
             "run_seconds_mean": float(np.mean(seconds)),
-            "cost_vs_baseline": None
-            if not base_seconds
-            else float(np.mean(seconds)) / base_seconds,
+            "run_cpu_seconds_mean": float(np.mean(cpu)),
+            "cost_vs_baseline": None if not base_cpu else float(np.mean(cpu)) / base_cpu,
         }
     return summary
 
@@ -152,7 +152,7 @@ def learning_table(summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[
         "p (Welch)",
         f"epochs to{thr}",
         "train−test gap pp",
-        "s / run",
+        "CPU s / run",
         "cost",
     ]
     rows = []
@@ -167,7 +167,7 @@ def learning_table(summary: dict[str, dict[str, Any]]) -> tuple[list[str], list[
                 _fmt_p(s["p_welch_vs_baseline"]),
                 _fmt_epochs(s),
                 f"{100 * s['train_test_gap_mean']:.1f}{SEP}{100 * s['train_test_gap_std']:.1f}",
-                f"{s['run_seconds_mean']:.2f}",
+                f"{s['run_cpu_seconds_mean']:.2f}",
                 "n/a" if cost is None else f"{cost:.2f}x",
             ]
         )
