@@ -124,6 +124,8 @@ def test_quick_inversion_rows(quick_run: tuple[Path, str]) -> None:
         # baseline (no private factors) has only the blind one.
         assert ("fuzzy", "gradient_matching", 4, state, "informed") in rows
         assert ("baseline", "gradient_matching", 4, state, "informed") not in rows
+    checks = {(c["attack"], c["state"]): c for c in inv["baseline_checks"]}
+    assert checks[("analytic", "init")]["reconstructs_baseline"] is True
     n_targets = cli.QUICK["inversion_targets"]
     assert all(len(r["mse"]) == n_targets for r in inv["attacks"])
 

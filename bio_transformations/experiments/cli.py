@@ -32,6 +32,7 @@ from .data import DATASETS, DataError, Dataset, check_data_dir, load_dataset, lo
 from .inversion import AttackConfig, InversionSpec, invert_variant
 from .models import DEFAULT_VARIANTS, MODELS, VARIANTS
 from .report import (
+    baseline_checks,
     format_table,
     inversion_table,
     learning_table,
@@ -317,6 +318,7 @@ def _inversion(args: Any, opts: dict[str, Any], device: torch.device) -> dict:
         "seconds_per_variant": {r["variant"]: r["seconds"] for r in results},
         "cpu_seconds_per_variant": {r["variant"]: r["cpu_seconds"] for r in results},
         "attacks": rows,
+        "baseline_checks": baseline_checks(rows, mean_image_mse),
         "_images": {r["variant"]: r["images"] for r in results},
         "_originals": x,
     }
@@ -352,6 +354,16 @@ def _markdown(config: dict, learning: dict | None, inversion: dict | None) -> tu
             )
             parts += ["", f"### {label}", ""]
             parts.append(format_table(*inversion_table(inversion["attacks"], state)))
+            verdicts = [
+                f"{'GIA' if c['attack'] == 'gradient_matching' else 'analytic'} batch "
+                f"{c['batch']} "
+                + ("reconstructs it" if c["reconstructs_baseline"] else "does NOT (that column "
+                   "compares nothing)")
+                for c in inversion["baseline_checks"]
+                if c["state"] == state
+            ]  # fmt: skip
+            parts += ["", "Baseline check (MSE under 1/4 of the mean-image guess's): "
+                      + "; ".join(verdicts) + "."]  # fmt: skip
     tables = "\n".join(parts)
     notes = [
         "# bio-transformations experiment results",

@@ -18,6 +18,7 @@ import numpy as np
 __all__ = [
     "SEP",
     "format_table",
+    "baseline_checks",
     "inversion_table",
     "learning_table",
     "sanitize",
@@ -199,6 +200,31 @@ def summarize_inversion(
     return out
 
 
+def _fmt_mse(x: float) -> str:
+    return f"{x:.4f}" if x >= 1e-3 else f"{x:.1e}"
+
+
+def baseline_checks(
+    rows: list[dict[str, Any]], mean_image_mse: float, baseline: str = "baseline"
+) -> list[dict[str, Any]]:
+    """Whether each attack reconstructs the plain baseline (mean MSE under a quarter of the
+    mean-image guess's): where it does not, a higher error for a variant means nothing."""
+    checks = []
+    for r in rows:
+        if r["variant"] == baseline and r["attacker"] == "blind":
+            checks.append(
+                {
+                    "attack": r["attack"],
+                    "batch": r["batch"],
+                    "state": r["state"],
+                    "baseline_mse_mean": r["mse_mean"],
+                    "mean_image_mse": mean_image_mse,
+                    "reconstructs_baseline": r["mse_mean"] < 0.25 * mean_image_mse,
+                }
+            )
+    return checks
+
+
 def inversion_table(rows: list[dict[str, Any]], state: str) -> tuple[list[str], list[list[str]]]:
     """One row per (variant, attacker), one column per attack, for one model state."""
     columns = []
@@ -233,7 +259,8 @@ def inversion_table(rows: list[dict[str, Any]], state: str) -> tuple[list[str], 
                 line.append(f"exact (< {EXACT_MSE:g})")
                 continue
             line.append(
-                f"{r['mse_mean']:.4f}{SEP}{r['mse_std']:.4f}{ratio_txt}, {r['psnr_mean']:.1f}"
+                f"{_fmt_mse(r['mse_mean'])}{SEP}{_fmt_mse(r['mse_std'])}{ratio_txt}, "
+                f"{r['psnr_mean']:.1f}"
             )
         out.append(line)
     return header, out
