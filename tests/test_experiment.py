@@ -443,3 +443,26 @@ def test_experiment_dependencies_only_in_the_subpackage() -> None:
                 names = [node.module]
             offenders += [f"{path}: {n}" for n in names if n.split(".")[0] in extra]
     assert offenders == []
+
+
+def test_option_variants_dale_and_activity_train(digits) -> None:
+    """The optional variants run through the same training step: Dale keeps every hidden
+    weight's sign, activity-dependent rates stay a per-weight factor of the shared update."""
+    from bio_transformations.experiments.data import Dataset
+    from bio_transformations.experiments.training import OPTIMIZERS, train_one
+
+    small = Dataset("small", digits.x_train[:200], digits.y_train[:200], digits.x_test[:50],
+                    digits.y_test[:50], 10)  # fmt: skip
+    for name in ("dale", "activity"):
+        model = _model(digits, name)
+        rec = train_one(model, VARIANTS[name], small, model_name="fcnet",
+                        optimizer=OPTIMIZERS["sgd"], epochs=1, seed=0,
+                        device=torch.device("cpu"))  # fmt: skip
+        assert math.isfinite(rec["train_loss"][0])
+        if name == "dale":
+            sign = model.fc1.bio_mod.sign.view(-1, 1)
+            assert bool((model.fc1.weight * sign >= 0).all())
+        else:
+            shared, factors = shared_update(model, VARIANTS[name], digits.x_test[:1],
+                                            digits.y_test[:1])  # fmt: skip
+            assert not torch.equal(factors["fc1.weight"], torch.ones_like(factors["fc1.weight"]))
