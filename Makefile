@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m bio_transformations.experiment $(ARGS)
+	$(PY) -m bio_transformations.experiments $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -30,6 +30,8 @@ def test_wheel_contains_kernels(tmp_path):
         "bio_transformations/kernels/settings.py",
         "bio_transformations/functional.py",
         "bio_transformations/kernels/philox.py",
+        "bio_transformations/experiments/__main__.py",
+        "bio_transformations/experiments/cli.py",
     ):
         assert expected in names, expected
     assert not any(n.startswith("kernels/") for n in names)  # no top-level 'kernels' package
