@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch pinned for a fast CPU install on these machines; pyproject states the real range.
 TORCH_PIN ?= torch==2.13.0
+# Triton ships wheels for Linux x86-64 only (pyproject's marker says the same); elsewhere the
+# torch backend runs alone.
+ifeq ($(shell uname -s)-$(shell uname -m),Linux-x86_64)
 TRITON_PIN ?= triton==3.8.0
+else
+TRITON_PIN ?=
+endif
 
 .PHONY: install run test lint docs bench soak clean
 
