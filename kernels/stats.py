@@ -94,7 +94,8 @@ def legacy_stats(w: Tensor, dre: float) -> tuple:
     return max_aw, max_aw / dre
 
 
-def activity_stats(counts: Tensor) -> tuple:
-    """``(mean(c), mean(c) clamped to >= 1e-30)`` of a layer's per-unit activity counts."""
-    mean_c = counts.to(torch.float32).mean()
+def activity_stats(counts: Tensor, dtype: torch.dtype = torch.float32) -> tuple:
+    """``(mean(c), mean(c) clamped to >= 1e-30)`` of a layer's per-unit activity counts, in
+    ``dtype`` (float32, the kernels' compute dtype, unless the rates are float64)."""
+    mean_c = counts.to(dtype).mean()
     return mean_c, mean_c.clamp_min(1e-30)
