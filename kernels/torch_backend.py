@@ -26,6 +26,7 @@ from .stats import (
     abs_means,
     activity_stats,
     clean_weights_,
+    compute_dtype,
     legacy_stats,
     rejuvenation_stats,
     rows_view,
