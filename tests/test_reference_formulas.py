@@ -27,14 +27,11 @@ import pytest
 import torch
 from scipy import stats as sps
 
+# The RNG and statistics helpers, and the bio step's parameter record: imported here only.
+from bio_transformations.kernels import StepParams
+from bio_transformations.kernels import rng as rng_helpers
+from bio_transformations.kernels import stats as stat_helpers
 from bio_transformations.kernels import torch_backend as tb
-
-# The RNG and statistics helpers: one place to change if they move module.
-try:  # the split layout: kernels/rng.py and kernels/stats.py
-    from bio_transformations.kernels import rng as rng_helpers
-    from bio_transformations.kernels import stats as stat_helpers
-except ImportError:  # everything in torch_backend
-    rng_helpers = stat_helpers = tb
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HALF = [torch.float16, torch.bfloat16]
@@ -46,9 +43,10 @@ P_MIN = 1e-4
 
 
 @pytest.fixture(params=["torch", "philox"])
-def rng(request, monkeypatch):
-    """Both random-number modes of the torch backend."""
-    monkeypatch.setenv("BIO_RNG", request.param)
+def rng(request, bio_settings):
+    """Both random-number modes of the torch backend (``BIO_RNG``)."""
+    bio_settings(rng=request.param)
+    assert rng_helpers.philox_mode() == (request.param == "philox")
     return request.param
 
 
@@ -241,7 +239,7 @@ def test_bio_step_is_volume_then_fuzzy_then_crystallize(dtype, rng):
     mask, near = crystal_mask64(w, g_expected, 0.3)
     assert int(near.sum()) == 0 and mask.sum() > 20 and (~mask).sum() > 20
     p_expected = torch.where(mask, p.to(ct) * DAMPENING, p.to(ct)).to(dtype)
-    tb.bio_step_([w], [g], [p], [33], True, True, True, 0.1, 2.0, 0.3, 0.3, DAMPENING)
+    tb.bio_step_([w], [g], [p], [33], StepParams(True, True, True, 0.1, 2.0, 0.3, 0.3, DAMPENING))
     assert_same(g, g_expected)
     assert_same(p, p_expected)
 
@@ -272,11 +270,10 @@ def test_temporal_update(dtype, rng):
     assert_same(p, expected.to(dtype))
 
 
-def test_temporal_update_without_noise_draws_nothing(monkeypatch):
+def test_temporal_update_without_noise_is_the_decay_alone():
     _, _, p = inputs((10, 10), torch.float32)
     expected = (1.0 + (p - 1.0) * 0.9).clamp(0.5, 2.0)
-    monkeypatch.setattr(rng_helpers, "uniform", None)  # a draw would fail
-    tb.temporal_update_([p], None, 0.9, 0.0, 0.5, 2.0)
+    tb.temporal_update_([p], None, 0.9, 0.0, 0.5, 2.0)  # no keys: nothing may be drawn
     assert_same(p, expected)
 
 
@@ -410,11 +407,11 @@ def test_rejuvenation_law(rng, dtype):
     assert torch.equal(w.double()[~replaced], before[~replaced])  # kept weights: cleaned only
 
 
-def test_rejuvenation_dense_path_exact(monkeypatch):
+def test_rejuvenation_dense_path_exact(bio_settings):
     """The dense path with the documented Philox outputs: ``r0`` decides, ``r1 < 0.5`` is a
     positive sign, the magnitude is ``exp(mu + sigma*n)`` with ``n`` the first Box-Muller
     normal of ``(r2, r3)``, clamped to [-1, 1]."""
-    monkeypatch.setenv("BIO_RNG", "philox")
+    bio_settings(rng="philox")
     w = rejuvenation_inputs(4000)
     w[::13] *= 25.0  # magnitudes past 1 after the clamp too
     before = cleaned(w)
@@ -441,10 +438,10 @@ def test_rejuvenation_counts_per_tensor(rng):
     assert counts.tolist() == [int((w.double() != b).sum()) for w, b in zip(ws, before)]
 
 
-def test_rejuvenate_legacy_exact(monkeypatch):
+def test_rejuvenate_legacy_exact(bio_settings):
     """Threshold ``|N(0, max|w|/dre)|`` from the first Box-Muller normal of ``(r0, r1)``;
     replaced weights become ``(2*r2 - 1)*max|w|``."""
-    monkeypatch.setenv("BIO_RNG", "philox")
+    bio_settings(rng="philox")
     w, _, _ = inputs((50, 40), torch.float32)
     max_aw = w.abs().amax()
     u0, u1, u2, _ = (u.view(w.shape) for u in rng_helpers.uniform4(47, w.numel(), CPU))
