@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bio_transformations import BioConverter, Distribution, kernels, set_backend
+from bio_transformations import BioConverter, Distribution, kernels
 from bio_transformations.kernels import StepParams, philox, stats
 from bio_transformations.kernels import torch_backend as tb
 
@@ -558,8 +558,9 @@ def _model():
 
 
 def _train(backend: str, steps: int = 3):
-    set_backend(backend)
-    try:
+    # use_backend, not set_backend: the autouse philox setting is a per-context override, which
+    # a process-wide set_backend would not reach (the "triton" run would silently run torch).
+    with kernels.use_backend(backend):
         model = _model()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         gen = torch.Generator().manual_seed(1)
@@ -583,8 +584,6 @@ def _train(backend: str, steps: int = 3):
         rates = [b.fuzzy_learning_rate_parameters for b in model.modules() if hasattr(b, "sign")]
         assert len(rates) == 3
         return [p.detach() for p in model.parameters()], grads, rates
-    finally:
-        set_backend("auto")
 
 
 def _close_or_rare(ref, got, what):
@@ -613,8 +612,8 @@ def test_model_ops_never_read_device_values(monkeypatch):
         raise AssertionError("a model-level op read a tensor value on the host")
 
     for backend in ("torch", "triton"):
-        set_backend(backend)
-        try:
+        _launches.clear()
+        with kernels.use_backend(backend):
             model = _model()
             x = torch.randn(4, 3, 6, 6, device=DEVICE)
             model(x).sum().backward()
@@ -630,8 +629,7 @@ def test_model_ops_never_read_device_values(monkeypatch):
                 model.rejuvenate_weights()
                 model.rejuvenate_weights_old()
                 model.enforce_dales_principle()
-        finally:
-            set_backend("auto")
+        assert (backend == "triton") == bool(_launches), dict(_launches)
 
 
 # ---------------------------------------------------------------------------------------------
