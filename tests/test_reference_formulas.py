@@ -443,11 +443,198 @@ def test_rejuvenate_legacy_exact(bio_settings):
     replaced weights become ``(2*r2 - 1)*max|w|``."""
     bio_settings(rng="philox")
     w, _, _ = inputs((50, 40), torch.float32)
-    max_aw = w.abs().amax()
+    w[0, 0] = float("nan")  # counts as 0
+    w_clean = torch.nan_to_num(w, nan=0.0)
+    max_aw = w_clean.abs().amax()
     u0, u1, u2, _ = (u.view(w.shape) for u in rng_helpers.uniform4(47, w.numel(), CPU))
     threshold = torch.abs(rng_helpers.box_muller(u0, u1) * (max_aw / 4.0))
-    replace = w.abs() < threshold
-    expected = torch.where(replace, (2.0 * u2 - 1.0) * max_aw, w)
+    replace = w_clean.abs() < threshold
+    expected = torch.where(replace, (2.0 * u2 - 1.0) * max_aw, w_clean)
     count = int(tb.rejuvenate_legacy_([w], [47], 4.0)[0])
     assert_same(w, expected)
     assert count == int(replace.sum()) > 50
+
+
+# ---------------------------------------------------------------------------------------------
+# Edges the formulas above do not reach (found by mutation testing, docs/testing.rst): bounds
+# that clamp, ties, single-element and empty tensors in lists, layouts, documented samplers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rate_updates_clamp_to_both_bounds(rng):
+    lo, hi = 0.97, 1.03  # inside the noise range: both bounds are hit
+    _, _, p = inputs((40, 30), torch.float32)
+    w = inputs((40, 30), torch.float32, seed=1)[0]
+    c = torch.arange(40)
+    ops = {
+        "temporal": lambda q: tb.temporal_update_([q], [3], 0.9, 0.2, lo, hi),
+        "adaptive": lambda q: tb.weight_adaptive_([q], [w], [3], 0.2, lo, hi),
+        "activity": lambda q: tb.activity_update_([q], [c], [3], 0.2, lo, hi),
+        "uniform": lambda q: tb.rates_init_([q], [3], "uniform", 0.2, lo, hi),
+    }
+    for name, op in ops.items():
+        q = p.clone()
+        op(q)
+        assert float(q.min()) == pytest.approx(lo) and float(q.max()) == pytest.approx(hi), name
+        assert ((q > lo) & (q < hi)).any(), name
+    for lo_, hi_, want in ((1.2, 2.0, 1.2), (0.5, 0.8, 0.8)):
+        q = p.clone()
+        tb.rates_init_([q], [3], "baseline", 0.2, lo_, hi_)
+        assert torch.equal(q, torch.full_like(q, want))
+
+
+def test_ops_on_lists_with_empty_and_single_element_tensors(rng):
+    """Each tensor of a list gets what it would get alone, after an empty one, and a single
+    element counts (no skipping after an empty tensor, none of a one-element tensor)."""
+    shapes = [(0,), (1,), (6, 5)]
+    keys = [11, 12, 13]
+
+    def run(op, ps, ks):
+        ws = [torch.full(s, 0.3) for s in (p.shape for p in ps)]
+        cs = [torch.arange(p.shape[0]) if p.dim() else torch.zeros(0) for p in ps]
+        if op == "temporal":
+            tb.temporal_update_(ps, ks, 0.9, 0.05, 0.5, 2.0)
+        elif op == "adaptive":
+            tb.weight_adaptive_(ps, ws, ks, 0.2, 0.5, 2.0)
+        elif op == "activity":
+            tb.activity_update_(ps, cs, ks, 0.2, 0.5, 2.0)
+        else:
+            tb.rates_init_(ps, ks, op, 0.2, 0.5, 2.0)
+
+    for op in ("temporal", "adaptive", "activity", "uniform", "normal", "gamma", "beta"):
+        together = [torch.full(s, 1.1) for s in shapes]
+        run(op, together, keys)
+        for s, key, got in zip(shapes[1:], keys[1:], together[1:]):
+            alone = [torch.full(s, 1.1)]
+            run(op, alone, [key])
+            assert torch.equal(got, alone[0]), op
+            assert not torch.equal(got, torch.full(s, 1.1)), op  # it was updated
+    for op in (tb.rejuvenate_, tb.rejuvenate_legacy_):
+        ws = [torch.empty(0), torch.tensor([0.0]), torch.linspace(-0.5, 0.5, 30)]
+        counts = op(ws, keys, 4.0)
+        assert counts.dtype == torch.int64 and counts.shape == (3,)
+        assert counts[0] == 0 and counts[2] > 0
+        none = op([], [], 4.0)
+        assert none.dtype == torch.int64 and none.shape == (0,)
+    # a lone zero weight: probability exp(0) = 1, always replaced
+    assert tb.rejuvenate_([torch.tensor([0.0])], [5], 4.0).tolist() == [1]
+
+
+def test_temporal_update_with_noise_needs_keys():
+    with pytest.raises(AssertionError, match="temporal_update_ needs keys when noise is drawn"):
+        tb.temporal_update_([torch.ones(3)], None, 0.9, 0.1, 0.5, 2.0)
+
+
+def test_unknown_rate_distribution_names_the_valid_ones():
+    with pytest.raises(
+        ValueError, match="valid: baseline, uniform, normal, lognormal, gamma, beta"
+    ):
+        tb.rates_init_([torch.ones(3)], [1], "cauchy", 0.1, 0.5, 2.0)
+
+
+@pytest.mark.parametrize("distribution", ["gamma", "beta"])
+def test_gamma_and_beta_use_torch_samplers_seeded_by_the_key(distribution):
+    """Documented: torch's global samplers seeded with ``key`` (global state left alone)."""
+    nu, key = 0.3, 2**40 + 7
+    p = torch.empty(500)
+    tb.rates_init_([p], [key], distribution, nu, 0.0, 5.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(key)
+        conc = torch.full((500,), 1.0 / nu)
+        if distribution == "gamma":
+            want = torch._standard_gamma(conc) * nu
+        else:
+            want = 1.0 + (2.0 * torch.distributions.Beta(conc, conc).sample() - 1.0) * nu
+    assert torch.equal(p, want.clamp(0.0, 5.0))
+    other = torch.empty(500)
+    tb.rates_init_([other], [key + 1], distribution, nu, 0.0, 5.0)
+    assert not torch.equal(p, other)
+
+
+def test_crystallize_ties_are_not_dampened():
+    """``|g| > mean|w|`` is strict: a gradient exactly at the mean keeps its rate."""
+    w = torch.tensor([0.5, -0.25, 0.25, 1.0])  # mean|w| = 0.5 exactly
+    g = torch.tensor([0.5, 0.5, -0.5, 0.5])
+    p = torch.ones(4)
+    tb.crystallize_([w], [g], [p], 1e-3, DAMPENING)
+    assert torch.equal(p, torch.ones(4))
+
+
+def test_small_tensor_statistics():
+    assert float(stat_helpers.abs_means([torch.tensor([-0.75])])[0]) == 0.75
+    two = torch.tensor([0.1, -0.3])
+    std, mu, sigma = stat_helpers.rejuvenation_stats(two)
+    want = lognormal_fit64(two)
+    for got, exp in zip((std, mu, sigma), want):
+        assert float(got) == pytest.approx(exp, rel=1e-5)
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 1, 0, 2], [0, 1, 0, 0, 0]])
+def test_activity_mean_below_one(counts, rng):
+    """Fewer than one activation per unit on average: the ratio still uses the mean."""
+    c = torch.tensor(counts)
+    p = torch.ones(5, 4, dtype=torch.float64)
+    tb.activity_update_([p], [c], [2], 0.2, 0.0, 2.0)
+    u = uniforms(2, p).double()
+    f = activity_factor(c, torch.float64)
+    assert_same(p, (1.0 + (2.0 * u - 1.0) * 0.2 * f[:, None]).clamp(0.0, 2.0))
+
+
+def test_activity_mean_not_representable_in_float32():
+    c = torch.arange(40) ** 3
+    c[0] += 1  # mean 15210.025: float64 rates get the float64 mean
+    p = torch.ones(40, 3, dtype=torch.float64)
+    tb.activity_update_([p], [c], [2], 0.2, 0.0, 2.0)
+    u = uniforms(2, p).double()
+    f = activity_factor(c, torch.float64)
+    assert_same(p, (1.0 + (2.0 * u - 1.0) * 0.2 * f[:, None]).clamp(0.0, 2.0))
+
+
+def test_rejuvenated_values_are_clamped_to_unit_range(rng):
+    """Weights near +-1: the fitted log-normal often exceeds 1, and the new values are clamped
+    to exactly +-1, with both signs."""
+    gen = torch.Generator().manual_seed(8)
+    w = torch.where(torch.rand(4000, generator=gen) < 0.5, 0.95, -0.95)
+    w += 0.05 * torch.rand(4000, generator=gen)
+    w[::3] = 0.0  # and some zeros, which are replaced for sure
+    before = w.clone()
+    tb.rejuvenate_([w], [9], 0.5)
+    new = w[w != before]
+    assert new.numel() > 1000 and (new.abs() <= 1.0).all()
+    assert (new == 1.0).sum() > 10 and (new == -1.0).sum() > 10
+
+
+def test_sparse_rejuvenation_of_a_non_contiguous_weight():
+    """A transposed weight is rejuvenated as its contiguous copy would be (written back)."""
+    w = rejuvenation_inputs(1200).view(40, 30)
+    t = w.clone().t()
+    assert not t.is_contiguous()
+    contiguous = t.contiguous()
+    tb.rejuvenate_([t], [4], DRE)
+    tb.rejuvenate_([contiguous], [4], DRE)
+    assert torch.equal(t, contiguous)
+    assert not torch.equal(t, cleaned(w).float().t())
+
+
+def test_box_muller_is_the_cosine_branch():
+    """``box_muller(u1, u2) = sqrt(-2 log max(u1, 1e-7)) * cos(2 pi u2)`` (Triton's first)."""
+    gen = torch.Generator().manual_seed(1)
+    u1, u2 = torch.rand(2, 1000, generator=gen)
+    u1[0] = 0.0  # clamped below at 1e-7
+    r = np.sqrt(-2.0 * np.log(np.maximum(u1.double().numpy(), 1e-7)))
+    want = r * np.cos(2 * np.pi * u2.double().numpy())
+    got = rng_helpers.box_muller(u1, u2).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_torch_generators_are_kept_per_thread_and_device():
+    import threading
+
+    first = rng_helpers.generator(1, CPU)
+    assert rng_helpers.generator(2, CPU) is first  # one per thread and device, reseeded
+    assert first.initial_seed() == 2
+    other = []
+    thread = threading.Thread(target=lambda: other.append(rng_helpers.generator(3, CPU)))
+    thread.start()
+    thread.join()
+    assert other[0] is not first and other[0].device == CPU
