@@ -701,8 +701,9 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
-        [sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, "-c", _AOT], env=env, cwd=tmp_path,  # cwd: see test_config
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("this triton install has no ptxas")
     assert proc.returncode == 0, proc.stderr[-3000:]
