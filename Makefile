@@ -5,9 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch pinned for a fast CPU install on these machines; pyproject states the real range.
 TORCH_PIN ?= torch==2.13.0
+# Triton ships wheels for Linux x86-64 only (pyproject's marker says the same); elsewhere the
+# torch backend runs alone.
+ifeq ($(shell uname -s)-$(shell uname -m),Linux-x86_64)
 TRITON_PIN ?= triton==3.8.0
+else
+TRITON_PIN ?=
+endif
 
-.PHONY: install run test lint docs bench soak clean
+.PHONY: install run test lint docs bench soak mutate clean
 
 install: $(STAMP)
 
@@ -43,5 +49,20 @@ bench: $(STAMP)
 soak: $(STAMP)
 	$(PY) benchmarks/soak.py $(ARGS)
 
+# Mutation testing of the torch reference, its statistics and RNG helpers (mutmut; the modules
+# and tests are listed under [tool.mutmut] in pyproject.toml). Runs in build/mutate, a copy of
+# the repo laid out as installed (kernels/ -> bio_transformations/kernels/), so the mutated
+# modules are the ones the tests import. One thread per test process: mutmut forks.
+MUTATE_DIR := build/mutate
+mutate: $(STAMP)
+	$(PY) -m pip install -q -e '.[mutate]'
+	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)
+	cp -r bio_transformations tests pyproject.toml $(MUTATE_DIR)/
+	rm -rf $(MUTATE_DIR)/bio_transformations/kernels && cp -r kernels $(MUTATE_DIR)/bio_transformations/kernels
+	cd $(MUTATE_DIR) && export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PATH=$(abspath $(VENV))/bin:$$PATH && \
+		mutmut run --max-children $(or $(JOBS),2) ; mutmut results > survivors.txt ; \
+		mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+	@echo "survivors: $(MUTATE_DIR)/survivors.txt (mutmut show NAME in $(MUTATE_DIR))"
+
 clean:
-	rm -rf $(VENV) docs/_build .pytest_cache .benchmarks
+	rm -rf $(VENV) docs/_build .pytest_cache .benchmarks build/mutate

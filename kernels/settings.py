@@ -10,9 +10,10 @@ environment          field                        values
 ===================  ===========================  ==========================================
 
 The environment is read the first time a setting is needed. In code, :func:`configure`
-changes the process-wide values and :func:`override` changes them for a ``with`` block in the
-current thread (or asyncio task) only: it is built on :mod:`contextvars`, so an override in one
-thread never leaks into another.
+changes the process-wide values and :func:`override` changes the fields it names for a ``with``
+block in the current thread (or asyncio task) only: it is built on :mod:`contextvars`, so an
+override in one thread never leaks into another. Fields an override does not name keep
+following the process-wide values (a ``configure`` inside the block still takes effect there).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class Settings:
 
 _lock = threading.Lock()
 _global: Optional[Settings] = None
-_local: contextvars.ContextVar[Optional[Settings]] = contextvars.ContextVar(
+# The fields overridden in this context (nested overrides merge), or None.
+_local: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar(
     "bio_settings", default=None
 )
 
@@ -102,9 +104,9 @@ def _process_wide() -> Settings:
 
 
 def current() -> Settings:
-    """The settings in force here: this context's :func:`override`, else the process-wide ones."""
+    """The settings in force here: the process-wide ones with this context's overrides."""
     local = _local.get()
-    return local if local is not None else _process_wide()
+    return _process_wide() if not local else dataclasses.replace(_process_wide(), **local)
 
 
 def configure(**changes: object) -> Settings:
@@ -122,9 +124,9 @@ def configure(**changes: object) -> Settings:
 @contextlib.contextmanager
 def override(**changes: object) -> Iterator[Settings]:
     """Context manager: these settings inside the block, in this thread/task only."""
-    settings = dataclasses.replace(current(), **changes)
-    token = _local.set(settings)
+    Settings(**{**dataclasses.asdict(current()), **changes})  # validate before entering
+    token = _local.set({**(_local.get() or {}), **changes})
     try:
-        yield settings
+        yield current()
     finally:
         _local.reset(token)

@@ -128,7 +128,7 @@ def rejuvenation_stats(w: Tensor) -> tuple:
     tiny = 1e-12
     # Three fast one-pass sums (sum w, sum w^2, sum |w|) instead of two-pass variances; the
     # cancellation in E[x^2] - E[x]^2 is done in float64 on the 0-d results.
-    s1, s2, a1 = _power_sums(w, wf)
+    s1, s2, a1 = _power_sums(wf, wf)  # wf: logical order, so any layout sums alike
     dof = max(n - 1, 1)  # unbiased, as torch.std; one weight: std 0, not NaN
     std = ((s2 - s1 * s1 / n) / dof).clamp_min(0.0).sqrt()
     m = a1 / n
@@ -148,7 +148,8 @@ def legacy_stats(w: Tensor, dre: float) -> tuple:
     return max_aw, max_aw / dre
 
 
-def activity_stats(counts: Tensor) -> tuple:
-    """``(mean(c), mean(c) clamped to >= 1e-30)`` of a layer's per-unit activity counts."""
-    mean_c = counts.to(torch.float32).mean()
+def activity_stats(counts: Tensor, dtype: torch.dtype = torch.float32) -> tuple:
+    """``(mean(c), mean(c) clamped to >= 1e-30)`` of a layer's per-unit activity counts, in
+    ``dtype`` (float32, the kernels' compute dtype, unless the rates are float64)."""
+    mean_c = counts.to(dtype).mean()
     return mean_c, mean_c.clamp_min(1e-30)

@@ -26,6 +26,7 @@ from .stats import (
     abs_means,
     activity_stats,
     clean_weights_,
+    compute_dtype,
     grads_nonzero,
     legacy_stats,
     rejuvenation_stats,
@@ -433,16 +434,16 @@ def rates_init_(
             f"unknown rate distribution {distribution!r}; valid: {', '.join(RATE_DISTRIBUTIONS)}"
         )
     for p, key in zip(rates, keys):
-        n, dev = p.numel(), p.device
+        n, dev, ct = p.numel(), p.device, compute_dtype(p)
         if distribution == "baseline" or n == 0:
             p.fill_(1.0).clamp_(lo, hi)
             continue
         if distribution == "uniform":
-            value = 1.0 + (2.0 * uniform(key, n, dev) - 1.0) * nu
+            value = 1.0 + (2.0 * uniform(key, n, dev).to(ct) - 1.0) * nu
         elif distribution == "normal":
-            value = 1.0 + nu * normal(key, n, dev)
+            value = 1.0 + nu * normal(key, n, dev).to(ct)
         elif distribution == "lognormal":
-            value = torch.exp(-0.5 * nu * nu + nu * normal(key, n, dev))
+            value = torch.exp(-0.5 * nu * nu + nu * normal(key, n, dev).to(ct))
         elif distribution == "gamma":
             shape = torch.full((n,), 1.0 / nu, device=dev)
             value = _torch_sampled(key, p, torch._standard_gamma, shape) * nu
@@ -450,7 +451,7 @@ def rates_init_(
             shape = torch.full((n,), 1.0 / nu, device=dev)
             beta = _torch_sampled(key, p, _beta_sample, shape)
             value = 1.0 + (2.0 * beta - 1.0) * nu
-        p.copy_(value.clamp(lo, hi).view(p.shape))
+        p.copy_(value.to(ct).clamp(lo, hi).view(p.shape))
 
 
 def temporal_update_(
@@ -478,7 +479,7 @@ def temporal_update_(
             value = upcast(pc) - 1.0  # 1 + (p-1)*decay [+ noise*(2U-1)], in place
             value.mul_(decay).add_(1.0)
             if uc is not None:
-                value.add_(uc.mul_(2.0).sub_(1.0).mul_(noise))
+                value.add_(uc.to(value.dtype).mul_(2.0).sub_(1.0).mul_(noise))
             pc.copy_(value.clamp_(lo, hi))
 
 
@@ -514,11 +515,11 @@ def activity_update_(
     for p, c, key in zip(rates, counts, keys):
         if p.numel() == 0:
             continue
-        cf = c.to(torch.float32)
-        mean_c, denominator = activity_stats(c)
+        cf = c.to(compute_dtype(p))  # float64 rates: float64 math
+        mean_c, denominator = activity_stats(c, cf.dtype)
         ratio = torch.where(mean_c > 0, cf / denominator, torch.ones_like(cf))
         factor = 2.0 - torch.clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
-        u = uniform(key, p.numel(), p.device).view(p.shape)
+        u = uniform(key, p.numel(), p.device).view(p.shape).to(cf.dtype)
         p.copy_((1.0 + (2.0 * u - 1.0) * nu * rows_view(factor, p)).clamp(lo, hi))
 
 

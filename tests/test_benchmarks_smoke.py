@@ -36,7 +36,9 @@ def test_one_tiny_benchmark_runs_and_records(tmp_path):
         "-k", "test_op and fuzzy", f"--benchmark-json={out}", "--benchmark-quiet",
     ]  # fmt: skip
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    # cwd outside the checkout: `python -m` puts cwd first on sys.path, where the repository's
+    # bio_transformations/ (without its kernels/) would shadow a non-editable install.
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "fuzzy 64K cpu" in done.stdout  # the progress line of the group
     data = json.loads(out.read_text())

@@ -128,11 +128,15 @@ def test_parent_checks():
         BioModule(lambda: 3)
 
 
-def test_validation_survives_python_O():
+def test_validation_survives_python_O(tmp_path):
     code = (
         "from bio_transformations import BioConverter\n"
         "try:\n    BioConverter(base_lr=5.0)\nexcept ValueError as e:\n    print('raised', e)\n"
     )
-    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True)
+    # cwd outside the checkout: `python -c` puts cwd first on sys.path, where the repository's
+    # bio_transformations/ (without its kernels/) would shadow an installed (non-editable) copy
+    out = subprocess.run(
+        [sys.executable, "-O", "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert "raised base_lr must be between 0 and 1 (got 5.0)" in out.stdout

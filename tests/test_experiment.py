@@ -354,11 +354,11 @@ def test_data_dir_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert not (tmp_path / "o").exists(), "no output before the data is known to be good"
 
 
-def test_module_entry_point_exit_code() -> None:
+def test_module_entry_point_exit_code(tmp_path) -> None:
     """``python -m bio_transformations.experiments`` exits 2 with a one-line message."""
     proc = subprocess.run(
         [sys.executable, "-m", "bio_transformations.experiments", "--variants", "nope"],
-        cwd=ROOT,
+        cwd=tmp_path,  # not the checkout: its folder would shadow a non-editable install
         capture_output=True,
         text=True,
         timeout=120,

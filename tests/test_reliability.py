@@ -1,15 +1,14 @@
 """Reliability: upstream checkpoints, missing gradients, data-parallel replicas, properties."""
 
 import logging
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from process_group import run_ranks
 
 from bio_transformations import BioConverter, Distribution, sync_layer_seeds
 from bio_transformations.kernels import StepParams
@@ -60,50 +59,64 @@ def test_skip_missing_grads_on_request():
     assert model["unused"].weight.grad is None
 
 
-def _ddp_worker(rank, world_size, init_file, out_file):
-    torch.manual_seed(100 + rank)  # ranks seeded differently on purpose
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+def _ddp_worker(ctx):
+    torch.manual_seed(100 + ctx.rank)  # ranks seeded differently on purpose
+    ctx.join()
+    model = small_model(
+        fuzzy_lr_distribution=Distribution.TEMPORAL,
+        fuzzy_lr_dynamic=True,
+        fuzzy_lr_update_freq=1,
+        apply_dales_principle=True,
     )
-    try:
-        model = small_model(
-            fuzzy_lr_distribution=Distribution.TEMPORAL,
-            fuzzy_lr_dynamic=True,
-            fuzzy_lr_update_freq=1,
-            apply_dales_principle=True,
-        )
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-        for _ in range(4):
-            x = torch.randn(8, 1, 6, 6)  # different data per rank
-            opt.zero_grad()
-            ddp(x).pow(2).mean().backward()
-            model.volume_dependent_lr()
-            model.fuzzy_learning_rates()
-            model.crystallize()
-            model.bio_step()
-            model.update_fuzzy_learning_rates()
-            opt.step()
-            model.enforce_dales_principle()
-            model.rejuvenate_weights()
-        flat = torch.cat(
-            [t.double().flatten() for t in model.state_dict().values() if torch.is_tensor(t)]
-        )
-        gathered = [torch.empty_like(flat) for _ in range(world_size)]
-        dist.all_gather(gathered, flat)
-        if rank == 0:
-            same = all(torch.equal(gathered[0], g) for g in gathered[1:])
-            with open(out_file, "w") as f:
-                f.write("identical" if same else "diverged")
-    finally:
-        dist.destroy_process_group()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    for _ in range(4):
+        x = torch.randn(8, 1, 6, 6)  # different data per rank
+        opt.zero_grad()
+        ddp(x).pow(2).mean().backward()
+        model.volume_dependent_lr()
+        model.fuzzy_learning_rates()
+        model.crystallize()
+        model.bio_step()
+        model.update_fuzzy_learning_rates()
+        opt.step()
+        model.enforce_dales_principle()
+        model.rejuvenate_weights()
+    return {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_ddp_replicas_stay_identical(tmp_path):
-    out = tmp_path / "result.txt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
-    assert out.read_text() == "identical"
+def test_ddp_replicas_stay_identical():
+    first, second = run_ranks(_ddp_worker)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def _seed_sync_worker(ctx):
+    # Converted before torch.distributed is up, from differently seeded generators: the layer
+    # seeds differ between ranks until sync_layer_seeds makes them agree.
+    torch.manual_seed(200 + ctx.rank)
+    model = small_model()
+    layers = (model[0], model[2], model[4])
+    before = [m.bio_mod.layer_seed for m in layers]
+    ctx.join()
+    sync_layer_seeds(model)
+    after = [m.bio_mod.layer_seed for m in layers]
+    # The same stream on both ranks from now on: the same replacement draw for the same weight.
+    with torch.no_grad():
+        model[2].weight.copy_(torch.linspace(-0.3, 0.3, 6 * 64).view(6, 64))
+    model.rejuvenate_weights()
+    return before, after, model[2].weight.detach().clone()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_sync_layer_seeds_makes_ranks_agree():
+    (before0, after0, w0), (before1, after1, w1) = run_ranks(_seed_sync_worker)
+    assert all(a != b for a, b in zip(before0, before1))  # they differed before the call
+    assert after0 == after1  # and agree after it
+    assert len(set(after0)) == 3  # each layer keeps its own stream
+    assert torch.equal(w0, w1)
 
 
 def test_sync_layer_seeds_without_distributed_is_a_no_op_derivation():
@@ -149,7 +162,6 @@ def test_ops_stay_finite_and_in_bounds(rows, cols, scale, nu, lo, span, dre, key
     assert (w.abs() <= 1).all()
 
 
-@pytest.mark.skipif(os.name != "posix", reason="file-based process group init is POSIX here")
 def test_spawn_guard():
-    # mp.spawn needs a picklable module-level worker: keep it that way.
-    assert _ddp_worker.__module__ == __name__
+    # Spawned ranks import their worker by name: keep the workers at module level.
+    assert _ddp_worker.__module__ == _seed_sync_worker.__module__ == __name__
