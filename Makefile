@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_PIN)
-	$(PY) -m pip install -q -e '.[test,experiment,docs]'
+	$(PY) -m pip install -q -e '.[test,lightning,transformers,experiment,docs]'
 	touch $(STAMP)
 
 run: $(STAMP)
