@@ -315,4 +315,3 @@ def attach_all(model: nn.Module, optimizers: Sequence[Any], **options: Any) -> L
             f"{type(model).__name__} (convert the model with BioConverter before training)"
         )
     return handles
-
