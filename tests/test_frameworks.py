@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,3 +301,20 @@ def test_the_library_imports_without_the_frameworks():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ok", "lightning", "ok", "transformers"]
+
+
+# -- the docs' examples ------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+
+
+@pytest.mark.parametrize("name", ["train_accelerate", "train_lightning", "train_hugging_face"])
+def test_the_docs_examples_run(name, capsys):
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert "optimizer steps: 4" in capsys.readouterr().out
