@@ -190,6 +190,19 @@ def _sync_fn(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def _timed(fn: Callable[[], None], total: list, sync: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` adding its wall-clock time (device work included) to ``total[0]``."""
+
+    def run() -> None:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        total[0] += time.perf_counter() - t0
+
+    return run
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000
@@ -254,11 +267,26 @@ def train_one(
         "epoch_seconds": [],
         "bio_seconds": [],
     }
+    # The mechanisms run through attach(): around every optimizer step, in the documented
+    # order (volume scaling, fuzzy rates, crystallisation; rejuvenation after the last step of
+    # each epoch). The timer wraps exactly the work the hooks do.
+    steps_per_epoch = -(-n // batch_size)
+    handle = None
+    bio_time = [0.0]
+    if step_bio or variant.rejuv:
+        from .attachment import attach
+
+        handle = attach(
+            model, opt, volume=variant.vdlr, fuzzy=variant.fuzzy, crystallize=variant.crystal,
+            rejuvenate_every=steps_per_epoch if variant.rejuv else 0,
+        )  # fmt: skip
+        handle.before_step = _timed(handle.before_step, bio_time, sync)
+        handle.after_step = _timed(handle.after_step, bio_time, sync)
     for _epoch in range(epochs):
         model.train()
         perm = torch.randperm(n, generator=gen).to(device)
         loss_sum = torch.zeros((), device=device)
-        bio_s = 0.0
+        bio_time[0] = 0.0
         sync()
         t_epoch = time.perf_counter()
         for i in range(0, n, batch_size):
@@ -267,27 +295,9 @@ def train_one(
             loss = F.cross_entropy(out, y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if step_bio:
-                sync()
-                t0 = time.perf_counter()
-                # Order from the package docs: volume-dependent scaling, then the fuzzy
-                # per-weight rates, then crystallisation (which damps rates for the next step).
-                if variant.vdlr:
-                    model.volume_dependent_lr()
-                if variant.fuzzy:
-                    model.fuzzy_learning_rates()
-                if variant.crystal:
-                    model.crystallize()
-                sync()
-                bio_s += time.perf_counter() - t0
             opt.step()
             loss_sum += loss.detach() * idx.shape[0]
-        if variant.rejuv:
-            sync()
-            t0 = time.perf_counter()
-            model.rejuvenate_weights()
-            sync()
-            bio_s += time.perf_counter() - t0
+        bio_s = bio_time[0]
         sched.step()
         sync()
         rec["epoch_seconds"].append(time.perf_counter() - t_epoch)
@@ -299,6 +309,8 @@ def train_one(
         if progress is not None:
             progress.set_postfix(acc=f"{100 * test_acc:.1f}%", loss=f"{test_loss:.3f}")
             progress.update(1)
+    if handle is not None:
+        handle.remove()
     return rec
 
 
