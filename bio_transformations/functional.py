@@ -162,14 +162,15 @@ def volume_dependent_lr(
 @torch.no_grad()
 def bio_step(
     entries: Sequence[Entry],
-    volume: bool = True,
+    volume: bool = False,
     fuzzy: bool = True,
     crystallize: bool = True,
     frozen: str = "skip",
     skip_missing_grads: bool = False,
 ) -> None:
-    """Volume scaling, fuzzy scaling and crystallization fused in one pass per layer group;
-    equal to ``volume_dependent_lr``, ``fuzzy_learning_rates``, ``crystallize`` in that order."""
+    """Volume scaling (only when asked, like ``attach()``), fuzzy scaling and crystallization
+    fused in one pass per layer group; equal to ``volume_dependent_lr``,
+    ``fuzzy_learning_rates``, ``crystallize`` in that order."""
     if not (volume or fuzzy or crystallize):
         return
     selected = _with_grads(entries, frozen, skip_missing_grads)

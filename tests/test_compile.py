@@ -21,7 +21,7 @@ def test_bio_methods_compile_fullgraph_and_match_eager():
         model.volume_dependent_lr()
         model.fuzzy_learning_rates()
         model.crystallize()
-        model.bio_step()
+        model.bio_step(volume=True)
 
     def after_step(model):
         model.enforce_dales_principle()
