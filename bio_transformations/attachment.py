@@ -11,6 +11,12 @@ converted layers whose weights this optimizer updates, through
 * after the step: Dale's principle where the config applies it, then rejuvenation every
   ``rejuvenate_every`` optimizer steps.
 
+That is ``scale="grad"`` (SGD and other non-adaptive optimizers). With adaptive optimizers
+(Adam, AdamW, RMSprop, Adagrad, ...), which cancel a per-element factor on the gradient,
+``scale="update"``: the pre-hook keeps a copy of the weights and the post-hook scales the update
+by the rates (and the volume factor), crystallizes from the true gradient and updates the rates
+(``functional.scale_updates``), before Dale and rejuvenation.
+
 Why optimizer hooks give "the step that actually runs":
 
 * ``torch.amp.GradScaler.step(optimizer)`` unscales the gradients first (unless ``unscale_`` was
@@ -32,6 +38,7 @@ dict, so a resumed run keeps the cadence.
 from __future__ import annotations
 
 import functools
+import re
 import weakref
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -43,7 +50,7 @@ from .bio_module import BioModule
 from .functional import Entry
 from .model_methods import bio_layers
 
-__all__ = ["BioAttachment", "attach", "attach_all", "torch_optimizer"]
+__all__ = ["BioAttachment", "attach", "attach_all", "scale_mode", "torch_optimizer"]
 
 # BioModule -> the live attachment acting on its layer: each layer's mechanisms run once a step.
 _CLAIMS: "weakref.WeakKeyDictionary[BioModule, BioAttachment]" = weakref.WeakKeyDictionary()
@@ -66,6 +73,36 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
             f"got {type(optimizer).__name__}"
         )
     return optimizer
+
+
+# Optimizers that divide each element's step by a running statistic of its own gradient (or
+# take its sign): a constant per-element factor on the gradient cancels in their update.
+_ADAPTIVE = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+    torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
+    torch.optim.SparseAdam, torch.optim.Rprop,
+)  # fmt: skip
+# The same families in other libraries, by class name (bitsandbytes, timm, apex, ...).
+_ADAPTIVE_NAME = re.compile(
+    r"adam|adagrad|adadelta|adafactor|rmsprop|rprop|lamb|lars|lion|sophia|shampoo|prodigy|came",
+    re.IGNORECASE,
+)
+
+
+def scale_mode(optimizer: Any, scale: str = "auto") -> str:
+    """Where :func:`attach` applies the rates for ``optimizer``: ``"update"`` for adaptive
+    optimizers (Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad, Adadelta, SparseAdam,
+    Rprop, and classes whose name says adam, adagrad, adadelta, adafactor, rmsprop, rprop,
+    lamb, lars, lion, sophia, shampoo, prodigy or came), ``"grad"`` otherwise (SGD and the
+    rest); ``scale="update"`` or ``"grad"`` overrides the detection."""
+    if scale not in ("auto", "update", "grad"):
+        raise ValueError(f"scale must be 'auto', 'update' or 'grad', got {scale!r}")
+    if scale != "auto":
+        return scale
+    opt = torch_optimizer(optimizer)
+    if isinstance(opt, _ADAPTIVE) or _ADAPTIVE_NAME.search(type(opt).__name__):
+        return "update"
+    return "grad"
 
 
 def _owned_layers(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[Entry]:
@@ -96,6 +133,7 @@ class BioAttachment:
         update_rates: bool = True,
         rejuvenate_every: int = 0,
         enforce_dales: Optional[bool] = None,
+        scale: str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach() needs an nn.Module, got {type(model).__name__}")
@@ -106,6 +144,8 @@ class BioAttachment:
         if enforce_dales not in (None, True, False):
             raise TypeError(f"enforce_dales must be None, True or False, got {enforce_dales!r}")
         self.optimizer = torch_optimizer(optimizer)
+        self.scale = scale_mode(self.optimizer, scale)
+        self._before: Optional[tuple] = None  # update mode: (entries, weights before the step)
         self.volume, self.fuzzy, self.crystallize = bool(volume), bool(fuzzy), bool(crystallize)
         self.update_rates = bool(update_rates)
         self.rejuvenate_every = rejuvenate_every
@@ -153,7 +193,15 @@ class BioAttachment:
     @torch.no_grad()
     def before_step(self) -> None:
         """What runs before the parameter update (the gradients are final here)."""
-        if self.volume or self.fuzzy or self.crystallize:
+        scaling = self.volume or self.fuzzy or self.crystallize
+        if self.scale == "update":
+            # Keep the weights the gradient was computed at: the update is scaled after the
+            # step (one copy of each weight with a gradient, held during the step).
+            if scaling:
+                entries = functional._with_grads(self.entries, "skip", True)
+                self._before = (entries, [e[1].weight.detach().clone() for e in entries])
+            return
+        if scaling:
             functional.bio_step(
                 self.entries, self.volume, self.fuzzy, self.crystallize,
                 frozen="skip", skip_missing_grads=True,
@@ -163,7 +211,15 @@ class BioAttachment:
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """What runs after the parameter update: Dale, the step count, rejuvenation."""
+        """What runs after the parameter update: in update mode the scaling of the update and
+        the rate updates, then Dale, the step count, rejuvenation."""
+        if self.scale == "update":
+            if self._before is not None:
+                entries, before = self._before
+                self._before = None
+                functional.scale_updates(entries, before, self.volume, self.fuzzy, self.crystallize)
+            if self.update_rates:
+                functional.update_fuzzy_learning_rates(self.entries)
         if self._dale_entries:
             functional.enforce_dales_principle(self._dale_entries)
         due = []
@@ -197,7 +253,10 @@ class BioAttachment:
     def __repr__(self) -> str:
         names = ", ".join(name for name, _, _ in self.entries)
         state = "attached" if self.attached else "removed"
-        return f"<BioAttachment {state}: {type(self.optimizer).__name__} on [{names}]>"
+        return (
+            f"<BioAttachment {state}: {type(self.optimizer).__name__} on [{names}], "
+            f"scaling the {'update' if self.scale == 'update' else 'gradient'}>"
+        )
 
 
 def _check_amp_state(optimizer: torch.optim.Optimizer) -> bool:
@@ -257,6 +316,7 @@ def attach(
     update_rates: bool = True,
     rejuvenate_every: int = 0,
     enforce_dales: Optional[bool] = None,
+    scale: str = "auto",
 ) -> BioAttachment:
     """Run the bio mechanisms around every step of ``optimizer`` that actually runs.
 
@@ -276,6 +336,13 @@ def attach(
         enforce_dales: Dale's principle after each step; ``None`` (default) on the layers whose
             config applies it, ``True`` on every attached layer (error if one has no signs),
             ``False`` never.
+        scale: where the rates and the volume factor apply. ``"grad"``: to the gradient,
+            before the step (SGD and other non-adaptive optimizers). ``"update"``: to the
+            parameter update, after the step, ``w = w0 + (w - w0) * v * p`` (adaptive
+            optimizers such as Adam, AdamW, RMSprop, Adagrad, which divide each element's step
+            by its own gradient statistics and so cancel a per-element factor on the gradient);
+            crystallization then decides from the true gradient. ``"auto"`` (default) picks by
+            the optimizer's family (:func:`scale_mode`).
 
     Before the step (after ``GradScaler`` unscaling and any clipping, never for a step the
     scaler skips, once per accumulated step): volume scaling, fuzzy scaling, crystallization,
@@ -293,7 +360,7 @@ def attach(
     return BioAttachment(
         model, optimizer, volume=volume, fuzzy=fuzzy, crystallize=crystallize,
         update_rates=update_rates, rejuvenate_every=rejuvenate_every,
-        enforce_dales=enforce_dales,
+        enforce_dales=enforce_dales, scale=scale,
     )  # fmt: skip
 
 

@@ -43,13 +43,14 @@ class CallbackCore:
         update_rates: bool = True,
         rejuvenate_every: int = 0,
         enforce_dales: Optional[bool] = None,
+        scale: str = "auto",
     ):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
         self.model = model
         self.options: Dict[str, Any] = dict(
             volume=volume, fuzzy=fuzzy, crystallize=crystallize, update_rates=update_rates,
-            rejuvenate_every=rejuvenate_every, enforce_dales=enforce_dales,
+            rejuvenate_every=rejuvenate_every, enforce_dales=enforce_dales, scale=scale,
         )  # fmt: skip
         self.handles: List[BioAttachment] = []
 

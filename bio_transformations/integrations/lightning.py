@@ -34,7 +34,7 @@ __all__ = ["BioCallback"]
 class BioCallback(CallbackCore, pl.Callback):
     """:func:`bio_transformations.attach` for a Lightning ``Trainer``, with the same options
     (keyword only): ``volume``, ``fuzzy``, ``crystallize``, ``update_rates``,
-    ``rejuvenate_every``, ``enforce_dales``, and ``model`` (the module to search for
+    ``rejuvenate_every``, ``enforce_dales``, ``scale``, and ``model`` (the module to search for
     converted layers; default the ``LightningModule``).
 
     The rejuvenation cadence counts optimizer steps in each layer's saved state, so resuming

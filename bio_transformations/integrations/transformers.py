@@ -33,8 +33,9 @@ __all__ = ["BioCallback"]
 class BioCallback(CallbackCore, TrainerCallback):
     """:func:`bio_transformations.attach` for a Hugging Face ``Trainer``, with the same options
     (keyword only): ``volume``, ``fuzzy``, ``crystallize``, ``update_rates``,
-    ``rejuvenate_every``, ``enforce_dales``, and ``model`` (the module to search for converted
-    layers; default the Trainer's model).
+    ``rejuvenate_every``, ``enforce_dales``, ``scale``, and ``model`` (the module to search for
+    converted layers; default the Trainer's model). The Trainer's default optimizer is AdamW,
+    so ``scale="auto"`` scales its updates (:func:`~bio_transformations.attachment.scale_mode`).
 
     The rejuvenation cadence counts optimizer steps in each layer's saved state (a tensor, so
     the Trainer's safetensors checkpoints keep it): ``resume_from_checkpoint`` keeps it.
