@@ -23,7 +23,7 @@ TRITON_EXTRA := $(if $(filter Linux/x86_64,$(shell uname -s)/$(shell uname -m)),
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_EXTRA)
-	$(PY) -m pip install -q -e '.[test,experiment,docs]'
+	$(PY) -m pip install -q -e '.[test,lightning,transformers,experiment,docs]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -13,6 +13,7 @@ except ImportError as exc:  # a source checkout: kernels/ is mapped into the pac
         "installed as bio_transformations.kernels. Install the package first, e.g. "
         "`pip install -e .` in the repository (or `make install`)."
     ) from exc
+from .attachment import BioAttachment, attach
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution
 from .bio_converter import BioConverter, sync_layer_seeds
 from .bio_module import BioModule
@@ -24,12 +25,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_BIO_CONFIG",
     "BackendError",
+    "BioAttachment",
     "BioConfig",
     "BioConfigError",
     "BioConverter",
     "BioModule",
     "Distribution",
     "__version__",
+    "attach",
     "backend_for",
     "get_backend",
     "kernels",

@@ -29,7 +29,13 @@ from .layers import (
 from .ops import OP_IDS  # noqa: F401  (re-exported: its old home)
 from .summary import BioSummary, summarize
 
-__all__ = ["BioModule", "CONVERTIBLE_LAYERS", "split_output"]
+__all__ = [
+    "BioModule",
+    "CONVERTIBLE_LAYERS",
+    "EXTRA_STATE_FIELDS",
+    "EXTRA_STATE_VERSION",
+    "split_output",
+]
 
 logger = logging.getLogger("bio_transformations")
 
@@ -47,6 +53,27 @@ _INITIAL_RATES = {
     Distribution.TEMPORAL: "uniform",
     Distribution.ACTIVITY: "baseline",
 }
+
+#: The fields of a layer's saved extra state (``bio_mod._extra_state``), one int64 each.
+EXTRA_STATE_FIELDS = (
+    "version",
+    "layer_seed",
+    "rng_step",
+    "update_count",
+    "rates_filled",
+    "activity_calls",
+    "optimizer_steps",
+)
+#: The extra-state format written now (version 1 was a dict, without ``optimizer_steps``).
+EXTRA_STATE_VERSION = 2
+_M64 = (1 << 64) - 1
+
+
+def _seed_to_int64(seed: int) -> int:
+    """A 64-bit unsigned seed as the int64 with the same bits (``& 2**64-1`` reads it back)."""
+    seed &= _M64
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
 
 _SPLIT_ERROR = "weight_splitting_Gamma (G) must evenly divide the number of features (C)."
 
@@ -145,6 +172,8 @@ class BioModule(BioModuleCompat, nn.Module):
         self._update_count_t = torch.zeros((), dtype=torch.int64)
         self._rates_filled_t = torch.zeros((), dtype=torch.int64)
         self._activity_calls_t = torch.zeros((), dtype=torch.int64)  # CPU, like _rng_step
+        # Optimizer steps seen by attach() (its rejuvenation cadence), CPU like the others.
+        self._optimizer_steps_t = torch.zeros((), dtype=torch.int64)
         rates = torch.ones_like(weight, requires_grad=False)
         self.register_buffer("fuzzy_learning_rate_parameters", rates)
         if self.config.fuzzy_lr_distribution is Distribution.ACTIVITY:
@@ -221,26 +250,74 @@ class BioModule(BioModuleCompat, nn.Module):
             nu = nu * (1.0 - 0.5 * c.fuzzy_lr_layer_index / c.fuzzy_lr_total_layers)
         return nu
 
-    def get_extra_state(self) -> dict:
-        """Host-side state saved in the state dict: seed, counters and flags."""
-        return {
-            "version": 1,
-            "layer_seed": self.layer_seed,
-            "rng_step": self.rng_step,
-            "update_count": self._update_count,
-            "rates_filled": self._rates_filled,
-            "activity_calls": self._activity_calls,
-        }
+    def get_extra_state(self) -> torch.Tensor:
+        """Host-side state saved in the state dict, as one int64 tensor (so the state dict holds
+        tensors only and ``safetensors`` can save it): the fields of :data:`EXTRA_STATE_FIELDS`
+        in that order; the 64-bit layer seed is stored as its bit pattern."""
+        values = [
+            EXTRA_STATE_VERSION,
+            _seed_to_int64(self.layer_seed),
+            self.rng_step,
+            self._update_count,
+            int(self._rates_filled),
+            self._activity_calls,
+            self.optimizer_steps,
+        ]
+        return torch.tensor(values, dtype=torch.int64)
 
     def set_extra_state(self, state: Any) -> None:
-        """Restore what :meth:`get_extra_state` saved."""
-        if not isinstance(state, dict) or "layer_seed" not in state:
+        """Restore what :meth:`get_extra_state` saved (also the dict of format version 1)."""
+        if isinstance(state, dict):
+            self._set_extra_state_v1(state)
+            return
+        if (
+            not torch.is_tensor(state)
+            or state.dtype != torch.int64
+            or state.dim() != 1
+            or state.numel() < 1
+        ):
+            raise RuntimeError(f"unrecognised BioModule extra state: {state!r}")
+        values = state.tolist()  # read once at load time (a device tensor syncs here only)
+        if values[0] != EXTRA_STATE_VERSION or len(values) != len(EXTRA_STATE_FIELDS):
+            raise RuntimeError(
+                f"unrecognised BioModule extra state: version {values[0]} with {len(values)} "
+                f"fields (this version reads version {EXTRA_STATE_VERSION}, "
+                f"{len(EXTRA_STATE_FIELDS)} fields)"
+            )
+        fields = dict(zip(EXTRA_STATE_FIELDS, values))
+        self.layer_seed = fields["layer_seed"] & _M64
+        self.rng_step = fields["rng_step"]
+        self._update_count = fields["update_count"]
+        self._rates_filled = bool(fields["rates_filled"])
+        self._activity_calls = fields["activity_calls"]
+        self.optimizer_steps = fields["optimizer_steps"]
+
+    def _set_extra_state_v1(self, state: dict) -> None:
+        """The dict this package saved before the state dict held tensors only; it has no
+        optimizer step count (``attach()`` did not exist), which starts again at 0."""
+        if "layer_seed" not in state:
             raise RuntimeError(f"unrecognised BioModule extra state: {state!r}")
         self.layer_seed = int(state["layer_seed"])
         self.rng_step = int(state["rng_step"])
         self._update_count = int(state.get("update_count", 0))
         self._rates_filled = bool(state.get("rates_filled", False))
         self._activity_calls = int(state.get("activity_calls", 0))
+        self.optimizer_steps = 0
+        logger.warning(
+            "%s: checkpoint in the old dict format has no optimizer step count; attach()'s "
+            "rejuvenation cadence counts from 0 for this layer",
+            type(self.get_parent()).__name__,
+        )
+
+    @property
+    def optimizer_steps(self) -> int:
+        """How many optimizer steps :func:`bio_transformations.attach` has seen update this
+        layer; it drives the rejuvenation cadence and is saved in the state dict."""
+        return int(self._optimizer_steps_t)
+
+    @optimizer_steps.setter
+    def optimizer_steps(self, value: int) -> None:
+        self._optimizer_steps_t.fill_(int(value))
 
     def _load_from_state_dict(
         self,
@@ -318,9 +395,10 @@ class BioModule(BioModuleCompat, nn.Module):
         functional.volume_dependent_lr([self._entry()], frozen="keep")
 
     @torch.no_grad()
-    def bio_step(self, volume: bool = True, fuzzy: bool = True, crystallize: bool = True) -> None:
-        """Volume scaling, fuzzy scaling and crystallization in one fused pass (each optional);
-        the same result as calling them one after another in that order."""
+    def bio_step(self, volume: bool = False, fuzzy: bool = True, crystallize: bool = True) -> None:
+        """Volume scaling (off unless asked: it cuts the effective learning rate about tenfold),
+        fuzzy scaling and crystallization in one fused pass; the same result as calling them
+        one after another in that order."""
         functional.bio_step(
             [self._entry()], volume, fuzzy, crystallize, frozen="raise" if crystallize else "keep"
         )

@@ -38,6 +38,7 @@ __all__ = [
     "fuzzy_learning_rates",
     "rejuvenate_weights",
     "rejuvenate_weights_old",
+    "scale_updates",
     "update_fuzzy_learning_rates",
     "volume_dependent_lr",
 ]
@@ -162,14 +163,15 @@ def volume_dependent_lr(
 @torch.no_grad()
 def bio_step(
     entries: Sequence[Entry],
-    volume: bool = True,
+    volume: bool = False,
     fuzzy: bool = True,
     crystallize: bool = True,
     frozen: str = "skip",
     skip_missing_grads: bool = False,
 ) -> None:
-    """Volume scaling, fuzzy scaling and crystallization fused in one pass per layer group;
-    equal to ``volume_dependent_lr``, ``fuzzy_learning_rates``, ``crystallize`` in that order."""
+    """Volume scaling (only when asked, like ``attach()``), fuzzy scaling and crystallization
+    fused in one pass per layer group; equal to ``volume_dependent_lr``,
+    ``fuzzy_learning_rates``, ``crystallize`` in that order."""
     if not (volume or fuzzy or crystallize):
         return
     selected = _with_grads(entries, frozen, skip_missing_grads)
@@ -178,6 +180,43 @@ def bio_step(
             group[0][2].config, volume=volume, fuzzy=fuzzy, crystallize=crystallize
         )
         ops.bio_step_(_weights(group), _grads(group), _rates(group), *_streams(group), params)
+
+
+@torch.no_grad()
+def scale_updates(
+    entries: Sequence[Entry],
+    before: Sequence[torch.Tensor],
+    volume: bool = False,
+    fuzzy: bool = True,
+    crystallize: bool = True,
+) -> None:
+    """The rates and the volume factor applied to the optimizer's *update* instead of the
+    gradient (for adaptive optimizers, which cancel a constant factor on the gradient):
+    ``w = before + (w - before) * v * p``, then crystallization decided from the true gradient
+    and ``before`` (the weights the gradient was computed at). ``before[i]`` is a copy of the
+    weight of ``entries[i]`` taken before the step (read, not changed). Each entry needs a
+    gradient."""
+    if not entries:
+        return
+    index = {id(layer): i for i, (_, layer, _) in enumerate(entries)}
+    for group in _groups(entries, *_VOLUME_FIELDS, *_CRYSTAL_FIELDS).values():
+        cfg = group[0][2].config
+        olds = [before[index[id(layer)]] for _, layer, _ in group]
+        weights = _weights(group)
+        deltas = [w.sub_(old) for w, old in zip(weights, olds)]  # the weights hold the update
+        if volume:
+            ops.volume_scale_(
+                olds, deltas, *_streams(group),
+                cfg.base_lr, cfg.stability_factor, cfg.lr_variability,
+            )  # fmt: skip
+        if fuzzy:
+            ops.fuzzy_scale_(deltas, _rates(group))
+        for w, old in zip(weights, olds):
+            w.add_(old)
+        if crystallize:
+            ops.crystallize_(
+                olds, _grads(group), _rates(group), cfg.crystal_thresh, cfg.dampening_factor
+            )
 
 
 def _rejuvenate(entries: Sequence[Entry], op: Callable) -> None:

@@ -600,7 +600,7 @@ def _train(backend: str, steps: int = 3, build=_model):
                 model.fuzzy_learning_rates()
                 model.crystallize()
             else:
-                model.bio_step()
+                model.bio_step(volume=True)
             model.update_fuzzy_learning_rates()
             grads.append([p.grad.clone() for p in model.parameters()])
             opt.step()
@@ -643,14 +643,14 @@ def test_model_ops_never_read_device_values(monkeypatch):
             model = _model()
             x = torch.randn(4, 3, 6, 6, device=DEVICE)
             model(x).sum().backward()
-            model.bio_step()  # warm-up: one-time host checks (e.g. philox's) happen here
+            model.bio_step(volume=True)  # warm-up: one-time host checks (e.g. philox's) happen here
             with monkeypatch.context() as m:
                 for name in ("item", "tolist", "cpu"):
                     m.setattr(torch.Tensor, name, refuse)
                 model.volume_dependent_lr()
                 model.fuzzy_learning_rates()
                 model.crystallize()
-                model.bio_step()
+                model.bio_step(volume=True)
                 model.update_fuzzy_learning_rates()
                 model.rejuvenate_weights()
                 model.rejuvenate_weights_old()

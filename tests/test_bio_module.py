@@ -89,7 +89,7 @@ def test_bio_step_equals_separate_calls():
     g_sep, p_sep = layer.weight.grad.clone(), bio.fuzzy_learning_rate_parameters.clone()
     bio.load_state_dict({**state, "_extra_state": extra})
     layer.weight.grad = g.clone()
-    bio.bio_step()
+    bio.bio_step(volume=True)
     assert torch.equal(layer.weight.grad, g_sep)
     assert torch.equal(bio.fuzzy_learning_rate_parameters, p_sep)
 

@@ -246,7 +246,7 @@ def test_shared_weight_gets_each_mechanism_once(monkeypatch):
     )  # scaled once, not twice
     model.crystallize()
     model.volume_dependent_lr()
-    model.bio_step()
+    model.bio_step(volume=True)
     model.update_fuzzy_learning_rates()
     model.rejuvenate_weights()
     model.rejuvenate_weights_old()

@@ -53,7 +53,7 @@ def test_skip_missing_grads_on_request():
     BioConverter()(model)
     model["used"](torch.randn(2, 3)).sum().backward()
     with pytest.raises(RuntimeError, match="'unused'.*skip_missing_grads=True"):
-        model.bio_step()
+        model.bio_step(volume=True)
     model.bio_step(skip_missing_grads=True)
     model.fuzzy_learning_rates(skip_missing_grads=True)
     assert model["unused"].weight.grad is None
@@ -77,7 +77,7 @@ def _ddp_worker(ctx):
         model.volume_dependent_lr()
         model.fuzzy_learning_rates()
         model.crystallize()
-        model.bio_step()
+        model.bio_step(volume=True)
         model.update_fuzzy_learning_rates()
         opt.step()
         model.enforce_dales_principle()

@@ -56,7 +56,7 @@ def test_channels_last_weights():
         memory_format=torch.channels_last
     )
     model(torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)).sum().backward()
-    model.bio_step()
+    model.bio_step(volume=True)
     model.rejuvenate_weights()
     assert torch.isfinite(conv.weight).all()
 
@@ -140,7 +140,7 @@ def _step(model):
     model.volume_dependent_lr()
     model.fuzzy_learning_rates()
     model.crystallize()
-    model.bio_step()
+    model.bio_step(volume=True)
     model.update_fuzzy_learning_rates()
     model.rejuvenate_weights()
     model.rejuvenate_weights_old()
@@ -172,7 +172,7 @@ def test_model_ops_do_not_sync(monkeypatch):
     model.volume_dependent_lr()
     model.fuzzy_learning_rates()
     model.crystallize()
-    model.bio_step()
+    model.bio_step(volume=True)
     model.update_fuzzy_learning_rates()
     model.enforce_dales_principle()
 
@@ -187,7 +187,7 @@ def test_resume_from_state_dict_is_bit_identical():
         for x in batches:
             opt.zero_grad()
             model(x).pow(2).mean().backward()
-            model.bio_step()
+            model.bio_step(volume=True)
             model.update_fuzzy_learning_rates()
             opt.step()
             model.rejuvenate_weights()

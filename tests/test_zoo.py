@@ -230,7 +230,7 @@ def test_gpt2_tied_head_included_on_request(caplog):
     assert "included though tied: lm_head (to transformer.wte)" in line
     assert model.lm_head.weight is model.transformer.wte.weight
     loss_fn(model).backward()
-    model.bio_step()  # the shared weight is scaled once (bio_layers lists it once)
+    model.bio_step(volume=True)  # the shared weight is scaled once (bio_layers lists it once)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "vit"])
@@ -288,7 +288,7 @@ def test_gpt2_trains_on_the_triton_backend(caplog):
             for _ in range(2):
                 opt.zero_grad()
                 model(tokens, labels=tokens).loss.backward()
-                model.bio_step()
+                model.bio_step(volume=True)
                 opt.step()
                 model.rejuvenate_weights()
                 model.enforce_dales_principle()
