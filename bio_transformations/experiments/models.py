@@ -65,7 +65,7 @@ class CNN(nn.Module):
 
 @dataclass(frozen=True)
 class Variant:
-    """Which bio mechanisms one run uses (the calls are made by ``training.bio_optimizer_step``).
+    """Which bio mechanisms one run uses (``training.attach_mechanisms`` attaches them).
 
     Attributes:
         convert: Convert the model with a ``BioConverter`` at all (False: plain baseline).

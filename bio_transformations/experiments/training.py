@@ -1,10 +1,12 @@
 """Training: the optimisers, the per-step bio calls, one run, and many runs in worker processes.
 
-The bio calls of a training step live in :func:`bio_optimizer_step` (and the gradient part in
-:func:`scale_gradients`, which the inversion attack reuses so that the attacker sees exactly the
-update a client applies). The order is the package's documented one: volume scaling, fuzzy
-scaling, crystallization and the rate update before ``optimizer.step()``; Dale's principle and
-rejuvenation after it.
+Training attaches the variant's mechanisms to the optimizer with
+:func:`bio_transformations.attach` (:func:`attach_mechanisms`), so they run around every
+``optimizer.step()`` in the package's documented order: volume scaling, fuzzy scaling,
+crystallization and the rate update before the step; Dale's principle and, after the last step
+of each epoch, rejuvenation after it. :func:`scale_gradients` makes the same gradient-side calls
+by hand: the inversion attack uses it so that the attacker sees exactly the update a client
+applies.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bio_transformations import attach
+from bio_transformations.attachment import BioAttachment
+
 from .data import Dataset
 from .models import VARIANTS, Variant, build_model
 
@@ -24,7 +29,7 @@ __all__ = [
     "OPTIMIZERS",
     "OptimizerSpec",
     "RunSpec",
-    "bio_optimizer_step",
+    "attach_mechanisms",
     "evaluate",
     "parallel_map",
     "run_spec",
@@ -89,18 +94,18 @@ def scale_gradients(model: nn.Module, variant: Variant) -> None:
         model.update_fuzzy_learning_rates()
 
 
-def bio_optimizer_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, variant: Variant, *, epoch_end: bool
-) -> None:
-    """One training step's bio calls around ``optimizer.step()`` (the only place the training
-    loop calls the mechanisms): gradient mechanisms, the step, then Dale's principle and, at the
-    end of an epoch, rejuvenation."""
-    scale_gradients(model, variant)
-    optimizer.step()
-    if variant.dale:
-        model.enforce_dales_principle()
-    if variant.rejuv and epoch_end:
-        model.rejuvenate_weights()
+def attach_mechanisms(
+    model: nn.Module, optimizer: torch.optim.Optimizer, variant: Variant, *, steps_per_epoch: int
+) -> BioAttachment | None:
+    """Attach the variant's mechanisms to ``optimizer`` (None for the plain baseline): the
+    gradient mechanisms before each step, Dale's principle after it (as the variant's converter
+    configures it), rejuvenation after the last step of each epoch."""
+    if not variant.convert:
+        return None
+    return attach(
+        model, optimizer, volume=variant.volume, fuzzy=variant.fuzzy,
+        crystallize=variant.crystal, rejuvenate_every=steps_per_epoch if variant.rejuv else 0,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -157,27 +162,32 @@ def train_one(
     bs = optimizer.batch_size
     keys = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds")
     rec: dict[str, Any] = {"seed": seed, **{k: [] for k in keys}}
-    for _epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
-        sync()
-        t0 = time.perf_counter()
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            bio_optimizer_step(model, opt, variant, epoch_end=i + bs >= n)
-        if sched is not None:
-            sched.step()
-        sync()
-        rec["epoch_seconds"].append(time.perf_counter() - t0)
-        for split, (x, y) in (("train", (x_tr, y_tr)), ("test", (x_te, y_te))):
-            loss_value, acc = evaluate(model, x, y)
-            rec[f"{split}_loss"].append(loss_value)
-            rec[f"{split}_acc"].append(acc)
-        if progress is not None:
-            progress()
+    handle = attach_mechanisms(model, opt, variant, steps_per_epoch=-(-n // bs))
+    try:
+        for _epoch in range(epochs):
+            model.train()
+            perm = torch.randperm(n, generator=gen).to(device)
+            sync()
+            t0 = time.perf_counter()
+            for i in range(0, n, bs):
+                idx = perm[i : i + bs]
+                loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if sched is not None:
+                sched.step()
+            sync()
+            rec["epoch_seconds"].append(time.perf_counter() - t0)
+            for split, (x, y) in (("train", (x_tr, y_tr)), ("test", (x_te, y_te))):
+                loss_value, acc = evaluate(model, x, y)
+                rec[f"{split}_loss"].append(loss_value)
+                rec[f"{split}_acc"].append(acc)
+            if progress is not None:
+                progress()
+    finally:
+        if handle is not None:
+            handle.remove()
     return rec
 
 
