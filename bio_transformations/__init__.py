@@ -17,6 +17,7 @@ from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribut
 from .bio_converter import BioConverter, sync_layer_seeds
 from .bio_module import BioModule
 from .kernels import BackendError, backend_for, get_backend, set_backend, use_backend
+from .sharding import shard_rates
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "get_backend",
     "kernels",
     "set_backend",
+    "shard_rates",
     "sync_layer_seeds",
     "use_backend",
 ]

@@ -107,8 +107,12 @@ def bio_step_(
     rates: Optional[Tensors],
     keys: Optional[Sequence[int]],
     params: StepParams,
+    spans=None,
 ) -> None:
-    """``torch_backend.bio_step_`` as one compiled loop per layer group."""
+    """``torch_backend.bio_step_`` as one compiled loop per layer group (local shards of a
+    sharded group run the eager ops, which draw along the global index)."""
+    if spans is not None:
+        return torch_backend.bio_step_(weights, grads, rates, keys, params, spans)
     layers = [i for i, w in enumerate(weights) if w.numel()]
     if not layers or not params.any:
         return
@@ -144,10 +148,11 @@ def volume_scale_(
     base_lr: float,
     stability_factor: float,
     lr_variability: float,
+    spans=None,
 ) -> None:
     """``torch_backend.volume_scale_`` as one compiled loop per layer group."""
     params = StepParams(
         volume=True, base_lr=base_lr, stability_factor=stability_factor,
         lr_variability=lr_variability,
     )  # fmt: skip
-    bio_step_(weights, grads, None, keys, params)
+    bio_step_(weights, grads, None, keys, params, spans)

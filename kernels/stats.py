@@ -3,11 +3,20 @@
 The Triton kernels load these numbers through a pointer, so both backends see identical
 statistics and nothing is ever read on the host. Math runs in float32 for float16/bfloat16
 tensors (float64 stays float64).
+
+**Sharded layers.** Under FSDP2 an op sees each rank's local shard, while the statistics are
+over the whole layer. :func:`reduced_over` installs a :class:`Reduction` (the shard group's
+all-reduce) for a block; the list statistics (:func:`abs_means`,
+:func:`rejuvenation_stats_many`, :func:`legacy_stats_many`) then stack the partial sums (or
+maxima) of every tensor of the call into ONE tensor, reduce it once and finish from the
+totals. Without a reduction (the default) they compute exactly what they always did.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Protocol, Sequence
 
 import torch
 
@@ -18,15 +27,64 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 __all__ = [
     "LOW_PRECISION",
+    "Reduction",
     "abs_means",
     "activity_stats",
     "clean_weights_",
     "compute_dtype",
+    "current_reduction",
     "legacy_stats",
+    "legacy_stats_many",
+    "reduced_over",
     "rejuvenation_stats",
+    "rejuvenation_stats_many",
     "rows_view",
     "upcast",
 ]
+
+
+class Reduction(Protocol):
+    """How partial statistics of a sharded layer group become whole-layer ones: collectives
+    over the group that holds the shards (``bio_transformations.sharding.GroupReduction``)."""
+
+    rank: int  # this process's index in the shard group (shards lie in rank order)
+
+    def sum_(self, t: Tensor) -> Tensor:
+        """Sum ``t`` over the group, in place; returns ``t``."""
+
+    def max_(self, t: Tensor) -> Tensor:
+        """Maximum of ``t`` over the group, in place; returns ``t``."""
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Every rank's ``t``, stacked in rank order: shape ``(world, *t.shape)``."""
+
+
+_reduction: contextvars.ContextVar[Optional[Reduction]] = contextvars.ContextVar(
+    "bio_stats_reduction", default=None
+)
+
+
+def current_reduction() -> Optional[Reduction]:
+    """The reduction installed by :func:`reduced_over`, or None (single process, unsharded)."""
+    return _reduction.get()
+
+
+@contextlib.contextmanager
+def reduced_over(reduction: Optional[Reduction]) -> Iterator[None]:
+    """Reduce the statistics computed in this block over ``reduction``'s group (None: no
+    reduction, the default)."""
+    token = _reduction.set(reduction)
+    try:
+        yield
+    finally:
+        _reduction.reset(token)
+
+
+def _totals(red: Reduction, parts: list, tensors: Tensors) -> Tensor:
+    """``[*parts, *element counts]`` of this rank as one float64 tensor, summed over the group
+    (one all-reduce). The counts are filled on the device: no host-to-device copy."""
+    counts = [p.new_full((), float(t.numel())) for p, t in zip(parts, tensors)]
+    return red.sum_(torch.stack([p.double() for p in parts] + counts))
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -49,8 +107,21 @@ def abs_means(tensors: Tensors) -> list:
 
     One pass, no temporary: the L1 norm divided by the element count.
     """
+    red = _reduction.get()
+    if red is None:
+        return [
+            torch.linalg.vector_norm(t, 1, dtype=compute_dtype(t)) / max(t.numel(), 1)
+            for t in tensors
+        ]
+    tensors = list(tensors)
+    if not tensors:
+        return []
+    parts = [torch.linalg.vector_norm(t, 1, dtype=compute_dtype(t)) for t in tensors]
+    totals = _totals(red, parts, tensors)
+    n = len(tensors)
     return [
-        torch.linalg.vector_norm(t, 1, dtype=compute_dtype(t)) / max(t.numel(), 1) for t in tensors
+        (totals[i] / totals[n + i].clamp_min(1.0)).to(compute_dtype(t))
+        for i, t in enumerate(tensors)
     ]
 
 
@@ -69,13 +140,19 @@ def rejuvenation_stats(w: Tensor) -> tuple:
     """
     wf = upcast(w).reshape(-1)
     n = wf.numel()
-    tiny = 1e-12
     # Three fast one-pass sums (sum w, sum w^2, sum |w|) instead of two-pass variances; the
     # cancellation in E[x^2] - E[x]^2 is done in float64 on the 0-d results.
     s1 = torch.sum(wf).double()
     s2 = torch.dot(wf, wf).double()
     a1 = torch.linalg.vector_norm(wf, 1).double()
     dof = max(n - 1, 1)  # unbiased, as torch.std; one weight: std 0, not NaN
+    return _rejuvenation_fit(s1, s2, a1, n, dof, wf.dtype)
+
+
+def _rejuvenation_fit(s1, s2, a1, n, dof, out: torch.dtype) -> tuple:
+    """:func:`rejuvenation_stats` from the sums ``sum w``, ``sum w^2``, ``sum |w|`` (float64)
+    and the count ``n`` and ``dof`` (ints, or float64 0-d tensors for a sharded layer)."""
+    tiny = 1e-12
     std = ((s2 - s1 * s1 / n) / dof).clamp_min(0.0).sqrt()
     m = a1 / n
     s = ((s2 - a1 * a1 / n) / dof).clamp_min(0.0).sqrt()
@@ -84,8 +161,31 @@ def rejuvenation_stats(w: Tensor) -> tuple:
     s = torch.nan_to_num(s, nan=0.0)
     sigma2 = torch.log1p((s / m) ** 2)
     mu = torch.log(m) - 0.5 * sigma2
-    out = wf.dtype
     return std.to(out), mu.to(out), (0.5 * torch.sqrt(sigma2)).to(out)
+
+
+def rejuvenation_stats_many(weights: Tensors) -> list:
+    """:func:`rejuvenation_stats` of each weight; for a sharded group (:func:`reduced_over`)
+    the three sums of every weight are reduced in one all-reduce. Empty weights (an empty
+    local shard) take part in the reduction, so every rank makes the same collective calls."""
+    red = _reduction.get()
+    if red is None:
+        return [rejuvenation_stats(w) for w in weights]
+    weights = list(weights)
+    if not weights:
+        return []
+    flats = [upcast(w).reshape(-1) for w in weights]
+    parts = [torch.sum(f) for f in flats]
+    parts += [torch.dot(f, f) for f in flats]
+    parts += [torch.linalg.vector_norm(f, 1) for f in flats]
+    k = len(weights)
+    totals = _totals(red, parts, weights)  # counts of the k weights follow the 3k sums
+    out = []
+    for i, f in enumerate(flats):
+        n = totals[3 * k + i]
+        dof = (n - 1.0).clamp_min(1.0)
+        out.append(_rejuvenation_fit(totals[i], totals[k + i], totals[2 * k + i], n, dof, f.dtype))
+    return out
 
 
 def legacy_stats(w: Tensor, dre: float) -> tuple:
@@ -94,7 +194,29 @@ def legacy_stats(w: Tensor, dre: float) -> tuple:
     return max_aw, max_aw / dre
 
 
+def legacy_stats_many(weights: Tensors, dre: float) -> list:
+    """:func:`legacy_stats` of each weight (None for an empty one); for a sharded group the
+    maxima are reduced in one all-reduce (an empty local shard counts as 0)."""
+    red = _reduction.get()
+    if red is None:
+        return [legacy_stats(w, dre) if w.numel() else None for w in weights]
+    weights = list(weights)
+    if not weights:
+        return []
+    maxima = torch.stack(
+        [upcast(w).abs().amax() if w.numel() else torch.zeros((), device=w.device) for w in weights]
+    )
+    red.max_(maxima)
+    return [(m.to(compute_dtype(w)), m.to(compute_dtype(w)) / dre) for m, w in zip(maxima, weights)]
+
+
 def activity_stats(counts: Tensor) -> tuple:
-    """``(mean(c), mean(c) clamped to >= 1e-30)`` of a layer's per-unit activity counts."""
-    mean_c = counts.to(torch.float32).mean()
+    """``(mean(c), mean(c) clamped to >= 1e-30)`` of a layer's per-unit activity counts (over
+    every unit of the layer when the counts are a shard and a reduction is installed)."""
+    red = _reduction.get()
+    if red is None:
+        mean_c = counts.to(torch.float32).mean()
+    else:
+        totals = _totals(red, [counts.to(torch.float64).sum()], [counts])
+        mean_c = (totals[0] / totals[1].clamp_min(1.0)).to(torch.float32)
     return mean_c, mean_c.clamp_min(1e-30)

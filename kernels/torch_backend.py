@@ -21,19 +21,22 @@ import torch
 from . import rng
 from .contract import StepParams
 from .rng import box_muller, normal, uniform, uniform4
+from .shards import Slab, Span, slab
 from .stats import (
     LOW_PRECISION,
     abs_means,
     activity_stats,
     clean_weights_,
-    legacy_stats,
-    rejuvenation_stats,
+    current_reduction,
+    legacy_stats_many,
+    rejuvenation_stats_many,
     rows_view,
     upcast,
 )
 
 Tensor = torch.Tensor
 Tensors = Sequence[Tensor]
+Spans = Sequence[Optional[Span]]
 
 __all__ = [
     "fuzzy_scale_",
@@ -80,19 +83,9 @@ def _chunks(*tensors: Tensor):
         yield tuple(f[start : start + CPU_CHUNK] for f in flat)
 
 
-def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
-    mean_aw = abs_means([w])[0]  # the shared helper: the Triton backend reads the same number
-    for wc, gc, pc in _chunks(w, g, p):
-        ag = upcast(gc).abs()
-        # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
-        mask = torch.lt(ag, upcast(wc).abs().mul_(thresh))
-        mask.logical_or_(ag > mean_aw)
-        # p * where(mask, d, 1) equals where(mask, p*d, p), with one temporary fewer.
-        pc.mul_(torch.where(mask, damp, 1.0))
-
-
-def _crystallize_one(w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float) -> None:
-    mean_aw = abs_means([w])[0]  # the shared helper: the Triton backend reads the same number
+def _crystallize_one(
+    w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float, mean_aw: Tensor
+) -> None:
     for wc, gc, pc in _chunks(w, g, p):
         ag = upcast(gc).abs()
         # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
@@ -106,16 +99,26 @@ def crystallize_(
     weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
 ) -> None:
     """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
-    for w, g, p in zip(weights, grads, rates):
+    weights = list(weights)
+    # The shared helper (the Triton backend reads the same numbers), for the whole list at once:
+    # a sharded group reduces the means of all its layers in one all-reduce.
+    means = abs_means(weights)
+    for w, g, p, mean_aw in zip(weights, grads, rates, means):
         if w.numel():
-            _crystallize_one(w, g, p, crystal_thresh, dampening)
+            _crystallize_one(w, g, p, crystal_thresh, dampening, mean_aw)
 
 
 def _volume_one(
-    w: Tensor, g: Tensor, key: int, base_lr: float, stability: float, variability: float
+    w: Tensor,
+    g: Tensor,
+    key: int,
+    base_lr: float,
+    stability: float,
+    variability: float,
+    where: Optional[Slab] = None,
 ) -> None:
     # One draw for the whole tensor, so the stream does not depend on the chunking.
-    z = normal(key, w.numel(), w.device).view(w.shape)
+    z = normal(key, w.numel(), w.device, where).view(w.shape)
     for wc, gc, zc in _chunks(w, g, z):
         # m = base_lr * exp(-stability * |w|/(|w|+1)), built in place in one temporary.
         m = upcast(wc).abs()
@@ -135,15 +138,18 @@ def volume_scale_(
     base_lr: float,
     stability_factor: float,
     lr_variability: float,
+    spans: Optional[Spans] = None,
 ) -> None:
     """``v = |w|/(|w|+1)``, ``m = base_lr*exp(-stability_factor*v)``,
     ``g *= |N(m, lr_variability*m)|``.
 
-    Philox: ``z = tl.randn(key, i)``.
+    Philox: ``z = tl.randn(key, i)``. ``spans`` (every stochastic op takes it): per tensor
+    None, or where the local shard lies in its layer (:mod:`~bio_transformations.kernels.shards`).
     """
-    for w, g, key in zip(weights, grads, keys):
+    for i, (w, g, key) in enumerate(zip(weights, grads, keys)):
         if w.numel():
-            _volume_one(w, g, key, base_lr, stability_factor, lr_variability)
+            where = slab(w, spans, i)
+            _volume_one(w, g, key, base_lr, stability_factor, lr_variability, where)
 
 
 def bio_step_(
@@ -152,23 +158,27 @@ def bio_step_(
     rates: Optional[Tensors],
     keys: Optional[Sequence[int]],
     params: StepParams,
+    spans: Optional[Spans] = None,
 ) -> None:
     """Volume scaling, fuzzy scaling and crystallization in that order (each as ``params``
     says); by definition equal to the separate ops called in that order with the same key.
     ``keys`` is read only for volume scaling, ``rates`` only for the other two stages."""
     p = params
     if p.volume:
-        volume_scale_(weights, grads, keys, p.base_lr, p.stability_factor, p.lr_variability)
+        volume_scale_(weights, grads, keys, p.base_lr, p.stability_factor, p.lr_variability, spans)
     if p.fuzzy:
         fuzzy_scale_(grads, rates)
     if p.crystallize:
         crystallize_(weights, grads, rates, p.crystal_thresh, p.dampening)
 
 
-def _rejuvenate_dense(w: Tensor, key: int, dre: float) -> Tensor:
-    std, mu, sigma = rejuvenation_stats(w)
+def _rejuvenate_dense(
+    w: Tensor, key: int, dre: float, stats: tuple, where: Optional[Slab] = None
+) -> Tensor:
+    std, mu, sigma = stats
     wf = upcast(w)
-    u_replace, u_sign, u1, u2 = (u.view(w.shape) for u in uniform4(key, w.numel(), w.device))
+    draws = uniform4(key, w.numel(), w.device, where)
+    u_replace, u_sign, u1, u2 = (u.view(w.shape) for u in draws)
     replace = torch.lt(u_replace, wf.abs().mul_(-dre).div_(std).exp_())
     magnitude = torch.exp(mu + sigma * box_muller(u1, u2))
     new = torch.where(u_sign < 0.5, magnitude, -magnitude).clamp(-1.0, 1.0)
@@ -176,9 +186,9 @@ def _rejuvenate_dense(w: Tensor, key: int, dre: float) -> Tensor:
     return replace.sum()
 
 
-def _rejuvenate_sparse(w: Tensor, key: int, dre: float) -> Tensor:
+def _rejuvenate_sparse(w: Tensor, key: int, dre: float, stats: tuple) -> Tensor:
     """CPU path: draw replacement values only for the weights actually replaced."""
-    std, mu, sigma = rejuvenation_stats(w)
+    std, mu, sigma = stats
     gen = rng.generator(key, w.device)
     flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)
     wf = upcast(flat)
@@ -194,7 +204,51 @@ def _rejuvenate_sparse(w: Tensor, key: int, dre: float) -> Tensor:
     return torch.tensor(k, dtype=torch.int64)
 
 
-def rejuvenate_(weights: Tensors, keys: Sequence[int], dre: float) -> Tensor:
+def _rejuvenate_sparse_sharded(
+    weights: list, keys: Sequence[int], dre: float, stats: list, spans: Spans
+) -> list:
+    """:func:`_rejuvenate_sparse` on the local shards (along dim 0) of sharded layers, drawing
+    what one process drawing the whole layer would: every rank draws the layer's uniforms and
+    keeps its own; the k replaced weights of the layer then take normals and signs
+    ``prefix .. prefix + k_local`` of the layer's stream, where ``prefix`` counts the weights
+    replaced on the ranks before this one (one all-gather of the counts for the whole group;
+    CPU only, so reading them is no device sync)."""
+    red = current_reduction()
+    if red is None:
+        raise RuntimeError("sharded rejuvenation needs the shard group's reduction installed")
+    picks, gens = [], []
+    for i, (w, key) in enumerate(zip(weights, keys)):
+        where = slab(w, spans, i)
+        if where is None or where.flat_start is None:
+            raise NotImplementedError("sharded rejuvenation needs shards along weight dim 0")
+        gen = torch.Generator(device=w.device).manual_seed(int(key))
+        u = where.take(torch.rand(where.global_numel, generator=gen, device=w.device))
+        std = stats[i][0]
+        prob = upcast(w).reshape(-1).abs().mul_(-dre).div_(std).exp_()
+        picks.append(torch.nonzero(torch.lt(u, prob)).squeeze(1))
+        gens.append(gen)
+    local = torch.tensor([idx.numel() for idx in picks], dtype=torch.int64)
+    every = red.gather(local).tolist()  # (world, layers), in rank order = shard order
+    counts = []
+    for i, (w, idx, gen) in enumerate(zip(weights, picks, gens)):
+        k, k_all = idx.numel(), sum(row[i] for row in every)
+        prefix = sum(row[i] for row in every[: red.rank])
+        _, mu, sigma = stats[i]
+        normals = torch.randn(k_all, generator=gen, device=w.device)[prefix : prefix + k]
+        signs = torch.rand(k_all, generator=gen, device=w.device)[prefix : prefix + k]
+        magnitude = torch.exp(mu + sigma * normals)
+        value = (torch.where(signs < 0.5, 1.0, -1.0) * magnitude).clamp_(-1.0, 1.0)
+        flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)
+        flat.index_copy_(0, idx, value.to(flat.dtype))
+        if not w.is_contiguous():
+            w.copy_(flat.view(w.shape))
+        counts.append(torch.tensor(k, dtype=torch.int64))
+    return counts
+
+
+def rejuvenate_(
+    weights: Tensors, keys: Sequence[int], dre: float, spans: Optional[Spans] = None
+) -> Tensor:
     """Replace weights at random, most likely where ``|w|`` is small relative to ``std(w)``.
 
     NaN counts as 0 and ``w`` is clamped to [-1, 1]; weight ``i`` is replaced with probability
@@ -206,35 +260,45 @@ def rejuvenate_(weights: Tensors, keys: Sequence[int], dre: float) -> Tensor:
     """
     weights = list(weights)
     clean_weights_(weights)
+    stats = rejuvenation_stats_many(weights)  # a sharded group: one all-reduce for all layers
+    sparse = bool(weights) and weights[0].device.type == "cpu" and not rng.philox_mode()
+    if sparse and spans is not None:
+        return torch.stack(_rejuvenate_sparse_sharded(weights, keys, dre, stats, spans))
     counts = []
-    for w, key in zip(weights, keys):
+    for i, (w, key) in enumerate(zip(weights, keys)):
         if w.numel() == 0:
             counts.append(torch.zeros((), dtype=torch.int64, device=w.device))
-        elif w.device.type == "cpu" and not rng.philox_mode():
-            counts.append(_rejuvenate_sparse(w, key, dre))
+        elif sparse:
+            counts.append(_rejuvenate_sparse(w, key, dre, stats[i]))
         else:
-            counts.append(_rejuvenate_dense(w, key, dre))
+            counts.append(_rejuvenate_dense(w, key, dre, stats[i], slab(w, spans, i)))
     if not counts:
         return torch.zeros(0, dtype=torch.int64)
     return torch.stack(counts)
 
 
-def rejuvenate_legacy_(weights: Tensors, keys: Sequence[int], dre: float) -> Tensor:
+def rejuvenate_legacy_(
+    weights: Tensors, keys: Sequence[int], dre: float, spans: Optional[Spans] = None
+) -> Tensor:
     """The original published rule: threshold ``|N(0, max|w|/dre)|`` per weight; weights with
     ``|w|`` below it are redrawn from ``U(-max|w|, max|w|)``. NaN counts as 0.
 
     Philox: the threshold's normal is the first Box-Muller normal of ``(r0, r1)``, the new value
     uses ``r2``. Returns the number of replaced weights per tensor (int64, on device).
     """
-    counts = []
-    for w, key in zip(weights, keys):
+    weights = list(weights)
+    for w in weights:
         w.nan_to_num_(nan=0.0)
+    stats = legacy_stats_many(weights, dre)  # a sharded group: one all-reduce (max)
+    counts = []
+    for i, (w, key) in enumerate(zip(weights, keys)):
         if w.numel() == 0:
             counts.append(torch.zeros((), dtype=torch.int64, device=w.device))
             continue
         wf = upcast(w)
-        max_aw, scale = legacy_stats(w, dre)
-        u0, u1, u2, _ = (u.view(w.shape) for u in uniform4(key, w.numel(), w.device))
+        max_aw, scale = stats[i]
+        draws = uniform4(key, w.numel(), w.device, slab(w, spans, i))
+        u0, u1, u2, _ = (u.view(w.shape) for u in draws)
         threshold = torch.abs(box_muller(u0, u1) * scale)
         replace = wf.abs() < threshold
         w.copy_(torch.where(replace, (2.0 * u2 - 1.0) * max_aw, wf))
@@ -302,6 +366,7 @@ def temporal_update_(
     noise: float,
     lo: float,
     hi: float,
+    spans: Optional[Spans] = None,
 ) -> None:
     """``p = clamp(1 + (p-1)*decay + noise*(2U-1), lo, hi)``; no draw when ``noise == 0``.
 
@@ -313,7 +378,7 @@ def temporal_update_(
         u = None
         if noise != 0.0:
             assert keys is not None, "temporal_update_ needs keys when noise is drawn"
-            u = uniform(keys[i], p.numel(), p.device).view(p.shape)
+            u = uniform(keys[i], p.numel(), p.device, slab(p, spans, i)).view(p.shape)
         # (rates chunk, uniforms chunk or None without noise)
         pieces = _chunks(p, u) if u is not None else ((pc, None) for (pc,) in _chunks(p))
         for pc, uc in pieces:
@@ -325,17 +390,25 @@ def temporal_update_(
 
 
 def weight_adaptive_(
-    rates: Tensors, weights: Tensors, keys: Sequence[int], nu: float, lo: float, hi: float
+    rates: Tensors,
+    weights: Tensors,
+    keys: Sequence[int],
+    nu: float,
+    lo: float,
+    hi: float,
+    spans: Optional[Spans] = None,
 ) -> None:
     """``p = clamp(1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), 0.5, 1.5), lo, hi)``.
 
     Philox: ``U = tl.rand(key, i)``.
     """
-    for p, w, key in zip(rates, weights, keys):
+    weights = list(weights)
+    means = abs_means(weights)  # for the whole list: one all-reduce for a sharded group
+    for i, (p, w, key) in enumerate(zip(rates, weights, keys)):
         if p.numel() == 0:
             continue
-        denominator = abs_means([w])[0] + 1e-8
-        u = uniform(key, p.numel(), p.device).view(p.shape)
+        denominator = means[i] + 1e-8
+        u = uniform(key, p.numel(), p.device, slab(p, spans, i)).view(p.shape)
         for pc, wc, uc in _chunks(p, w, u):
             # clamp(2 - |w|/denominator, 0.5, 1.5), in place
             scale = upcast(wc).abs().div_(denominator).neg_().add_(2.0).clamp_(0.5, 1.5)
@@ -344,7 +417,13 @@ def weight_adaptive_(
 
 
 def activity_update_(
-    rates: Tensors, counts: Tensors, keys: Sequence[int], nu: float, lo: float, hi: float
+    rates: Tensors,
+    counts: Tensors,
+    keys: Sequence[int],
+    nu: float,
+    lo: float,
+    hi: float,
+    spans: Optional[Spans] = None,
 ) -> None:
     """Redraw the rates from the activity of their output units (rows).
 
@@ -353,14 +432,14 @@ def activity_update_(
     Whether an update redraws at all is decided on the host (``BioModule``). Philox:
     ``U = tl.rand(key, i)``.
     """
-    for p, c, key in zip(rates, counts, keys):
+    for i, (p, c, key) in enumerate(zip(rates, counts, keys)):
+        mean_c, denominator = activity_stats(c)  # before the skip: a sharded mean is collective
         if p.numel() == 0:
             continue
         cf = c.to(torch.float32)
-        mean_c, denominator = activity_stats(c)
         ratio = torch.where(mean_c > 0, cf / denominator, torch.ones_like(cf))
         factor = 2.0 - torch.clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
-        u = uniform(key, p.numel(), p.device).view(p.shape)
+        u = uniform(key, p.numel(), p.device, slab(p, spans, i)).view(p.shape)
         p.copy_((1.0 + (2.0 * u - 1.0) * nu * rows_view(factor, p)).clamp(lo, hi))
 
 

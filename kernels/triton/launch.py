@@ -164,6 +164,33 @@ def logical(row, offs, S: tl.constexpr, NDIM: tl.constexpr):
 
 
 @triton.jit
+def counter_base(offsets, t, HAS_OFFSETS: tl.constexpr):
+    """The global flat index of this tensor's first element (0 unless it is a shard)."""
+    base = 0
+    if HAS_OFFSETS:
+        base = tl.load(offsets + t)
+    return base
+
+
+def flat_offsets(tensors: Sequence[Tensor], spans) -> Optional[list]:
+    """Per tensor the Philox counter offset of its shard (0 when unsharded), or None when no
+    tensor is a shard; raises ``ValueError`` for a shard that is not one contiguous range of
+    its layer's flat index (the caller then uses the torch backend)."""
+    if spans is None:
+        return None
+    from ..shards import slab
+
+    out = []
+    for i, t in enumerate(tensors):
+        where = slab(t, spans, i)
+        start = 0 if where is None else where.flat_start
+        if start is None:
+            raise ValueError("shard is not a contiguous range of its layer")
+        out.append(start)
+    return out
+
+
+@triton.jit
 def unit_of(row, idx, S: tl.constexpr):
     """Output unit (weight row) of logical index ``idx``."""
     return idx // tl.load(row + S + ROW_LEN)
@@ -332,6 +359,7 @@ def launch(
     rows: Sequence[list] = (),
     written: Sequence[int] = (),
     keys: Optional[Sequence[int]] = None,
+    offsets: Optional[Sequence[int]] = None,
     stats: Optional[list] = None,
     counts: Optional[Tensor] = None,
     scalars: tuple = (),
@@ -345,6 +373,8 @@ def launch(
         rows: lists of per-output-unit vectors.
         written: the element slots the kernel writes (copied back from staged copies).
         keys: one stream key per tensor (the kernel's ``keys`` argument; None if it draws none).
+        offsets: per tensor the global flat index of its first element, added to every Philox
+            counter (a local shard of a sharded layer; the kernel's ``offsets``, None: all 0).
         stats: per tensor a list of 0-d float32 device tensors (the kernel's ``stats``).
         counts: an int64 device tensor indexed by list position (the kernel's ``counts``).
         scalars: the kernel's scalar arguments after the operand witnesses.
@@ -366,6 +396,10 @@ def launch(
         if "keys" in kernel.arg_names:
             optional["keys"] = (
                 None if keys is None else _keys_tensor([keys[i] for i in group], device)
+            )
+        if "offsets" in kernel.arg_names:
+            optional["offsets"] = (
+                None if offsets is None else _keys_tensor([offsets[i] for i in group], device)
             )
         if "stats" in kernel.arg_names:
             optional["stats"] = (

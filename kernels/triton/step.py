@@ -12,7 +12,17 @@ import triton.language as tl
 
 from ..contract import StepParams
 from ..stats import abs_means
-from .launch import exp, for_tile, launch, logical, operand, round_to, tile
+from .launch import (
+    counter_base,
+    exp,
+    flat_offsets,
+    for_tile,
+    launch,
+    logical,
+    operand,
+    round_to,
+    tile,
+)
 
 Tensor = torch.Tensor
 Tensors = Sequence[Tensor]
@@ -46,7 +56,7 @@ def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
 @triton.jit
 def _step_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
     w_ptr, g_ptr, p_ptr = ptrs
-    key, mean_aw, base_lr, neg_stability, variability, thresh, damp = values
+    key, mean_aw, base_lr, neg_stability, variability, thresh, damp, base = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     VOLUME: tl.constexpr = FLAGS[2]
@@ -58,7 +68,7 @@ def _step_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.const
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     if VOLUME:
         m = base_lr * exp(neg_stability * tl.math.div_rn(aw, aw + 1.0))
-        z = tl.randn(key, logical(row, offs, S, NDIM))
+        z = tl.randn(key, logical(row, offs, S, NDIM) + base)
         g = round_to(g * (m * tl.abs(1.0 + variability * z)), GT).to(tl.float32)  # as stored
     if FUZZY or CRYSTALLIZE:
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
@@ -76,9 +86,10 @@ def _step_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.const
 @triton.jit
 def _step_kernel(
     tab, blocks, W0, G0, P0,
-    base_lr, neg_stability, variability, thresh, damp, keys, stats,
+    base_lr, neg_stability, variability, thresh, damp, keys, offsets, stats,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
     NDIM: tl.constexpr, VOLUME: tl.constexpr, FUZZY: tl.constexpr, CRYSTALLIZE: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     w_ptr = operand(row, 0, W0, ALIGNED)
@@ -88,12 +99,14 @@ def _step_kernel(
     else:
         p_ptr = g_ptr  # volume scaling alone has no rates operand; never read
     key = 0
+    base = 0
     if VOLUME:
         key = tl.load(keys + t)
+        base = counter_base(offsets, t, HAS_OFFSETS)
     mean_aw = 0.0
     if CRYSTALLIZE:
         mean_aw = tl.load(stats + t)  # stats.abs_means, computed on the device
-    values = (key, mean_aw, base_lr, neg_stability, variability, thresh, damp)
+    values = (key, mean_aw, base_lr, neg_stability, variability, thresh, damp, base)
     for_tile(
         _step_body,
         (w_ptr, g_ptr, p_ptr),
@@ -112,14 +125,17 @@ def bio_step_(
     rates: Optional[Tensors],
     keys: Optional[Sequence[int]],
     params: StepParams,
+    spans=None,
 ) -> None:
     """Volume scaling, fuzzy scaling and crystallization (each as ``params`` says) in ONE pass
     over memory; equal to the separate ops called in that order with the same key (the
-    gradient is rounded to its dtype between the stages, as the separate ops store it)."""
+    gradient is rounded to its dtype between the stages, as the separate ops store it).
+    ``spans``: local shards of a sharded layer draw at their global index."""
     p = params
     if not p.any:
         return
     weights, grads = list(weights), list(grads)
+    offsets = flat_offsets(weights, spans) if p.volume else None
     elems = [weights, grads]
     uses_rates = p.fuzzy or p.crystallize
     if uses_rates:
@@ -127,14 +143,14 @@ def bio_step_(
     written = ((1,) if p.volume or p.fuzzy else ()) + ((2,) if p.crystallize else ())
     launch(
         _step_kernel, elems, written=written,
-        keys=list(keys) if p.volume else None,
+        keys=list(keys) if p.volume else None, offsets=offsets,
         stats=[[m] for m in abs_means(weights)] if p.crystallize else None,
         # Without rates the kernel's P0 is None (it goes first: it follows the witnesses).
         scalars=(() if uses_rates else (None,)) + (
             float(p.base_lr), -float(p.stability_factor), float(p.lr_variability),
             float(p.crystal_thresh), float(p.dampening),
         ),
-        VOLUME=p.volume, FUZZY=p.fuzzy, CRYSTALLIZE=p.crystallize,
+        VOLUME=p.volume, FUZZY=p.fuzzy, CRYSTALLIZE=p.crystallize, HAS_OFFSETS=offsets is not None,
     )  # fmt: skip
 
 
@@ -153,6 +169,7 @@ def volume_scale_(
     base_lr: float,
     stability_factor: float,
     lr_variability: float,
+    spans=None,
 ) -> None:
     """``g *= |N(m, lr_variability*m)|``, ``m = base_lr*exp(-stability_factor*|w|/(|w|+1))``.
 
@@ -162,4 +179,4 @@ def volume_scale_(
         volume=True, base_lr=base_lr, stability_factor=stability_factor,
         lr_variability=lr_variability,
     )  # fmt: skip
-    bio_step_(weights, grads, None, keys, params)
+    bio_step_(weights, grads, None, keys, params, spans)
