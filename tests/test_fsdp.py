@@ -206,6 +206,7 @@ def checkpoint(path: str) -> bool:
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     result: dict = {}
+    torch.set_num_threads(1)  # two ranks on a small CPU: no oversubscription
     try:
         dist.init_process_group(
             "gloo",
@@ -222,7 +223,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 t0 = time.perf_counter()
                 result[f"{config}/{mode}"] = equivalence(config, mode)
                 times[f"{config}/{mode}"] = time.perf_counter() - t0
-        for case in ("activity/triton", "temporal/triton"):
+        for case in ("temporal/triton",):
             t0 = time.perf_counter()
             result[case] = equivalence(*case.split("/"))
             times[case] = time.perf_counter() - t0
@@ -262,10 +263,7 @@ def results(tmp_path_factory):
     return out
 
 
-CASES = [f"{c}/{m}" for c in CONFIGS for m in ("torch", "philox")] + [
-    "activity/triton",
-    "temporal/triton",
-]
+CASES = [f"{c}/{m}" for c in CONFIGS for m in ("torch", "philox")] + ["temporal/triton"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -293,7 +291,6 @@ def test_each_rank_holds_its_share_of_the_rates(results, case):
 
 
 def test_dcp_save_and_load_on_two_ranks_resumes_identically(results):
-    print(results[0]["seconds"])
     assert all(data["checkpoint"] for data in results)
 
 
@@ -309,3 +306,43 @@ def test_slab_global_index_and_take():
         assert torch.equal(s.take(whole.reshape(-1)), local.reshape(-1))
     assert Slab((2, 3, 5), Span(0, 2, 4)).flat_start == 30
     assert Slab((4, 2, 5), Span(1, 1, 3)).flat_start is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_local_shards_draw_what_the_whole_layer_draws(bio_settings, backend):
+    """The stochastic ops without statistics, on the two row shards of a layer (and activity
+    on the strided unit-major shards of a transposed one, whose counts stay whole), equal the
+    op on the whole layer."""
+    from bio_transformations import kernels
+
+    if backend == "triton":
+        trb = pytest.importorskip("bio_transformations.kernels.triton")
+        if not trb.INTERPRETED:
+            pytest.skip("the Triton check runs in the interpreter on CPU tensors")
+    bio_settings(rng="philox")
+    op = kernels.torch_backend if backend == "torch" else kernels.triton
+    torch.manual_seed(0)
+    w, g, p = torch.randn(7, 5), torch.randn(7, 5), torch.rand(7, 5) + 0.5
+    counts = torch.arange(7)
+    wants = {
+        "volume": lambda w, g, p, s: op.volume_scale_([w], [g], [11], 0.1, 2.0, 0.2, **s),
+        "temporal": lambda w, g, p, s: op.temporal_update_([p], [12], 0.9, 0.05, 0.5, 2, **s),
+    }
+    for name, run in wants.items():
+        whole = [t.clone() for t in (w, g, p)]
+        run(*whole, {})
+        parts = [t.clone() for t in (w, g, p)]
+        for start, stop in ((0, 4), (4, 7)):
+            local = [t[start:stop] for t in parts]
+            run(*local, {"spans": [Span(0, start, 7)]})
+        for a, b in zip(whole, parts):
+            assert torch.equal(a, b), name
+    # A transposed layer's unit-major rates, sharded along the layer's rows: strided pieces.
+    pt = torch.rand(5, 7) + 0.5  # stored (in=5, out=7); unit-major view (7, 5)
+    whole = pt.clone()
+    op.activity_update_([whole.t()], [counts], [14], 0.3, 0.2, 3)
+    parts = pt.clone()
+    for start, stop in ((0, 3), (3, 5)):
+        piece = parts[start:stop].t()  # (7, local rows)
+        op.activity_update_([piece], [counts], [14], 0.3, 0.2, 3, spans=[Span(1, start, 5)])
+    assert torch.equal(whole, parts)
