@@ -171,6 +171,8 @@ def equivalence(config: str, mode: str) -> dict:
         train(reference, STEPS, seed=1, dale=dale)
     result = compare(sharded, reference)
     result["memory"] = memory(sharded)
+    # The summary gathers a sharded layer's rates: the same table as one process's.
+    result["summary_same"] = str(sharded.bio_summary()) == str(reference.bio_summary())
     return result
 
 
@@ -273,6 +275,7 @@ def test_sharded_run_equals_one_process(results, case):
         assert r["weight_rel"] <= 1e-5, (rank, r)
         assert r["rates_diff"] <= 0.001 * r["rates_total"], (rank, r)
         assert not r["other"], (rank, r)
+        assert r["summary_same"], (rank, r)
 
 
 @pytest.mark.parametrize("case", ["temporal/torch", "adaptive/philox", "activity/torch"])

@@ -22,9 +22,10 @@ column                      content
 A second array maps each block to its table row. Both depend only on the tensors' addresses
 and shapes, so they are cached and steady-state calls do not rebuild them; building one never
 reads device memory on the host (the H2D copy goes through pinned memory, ``non_blocking``).
-Per call, only the keys travel (one pinned H2D copy; device fills while a CUDA graph is being
-captured), and the statistics (:mod:`~bio_transformations.kernels.stats`, computed on the
-device) are stacked into one tensor the kernel reads through a pointer.
+Per call, only the keys travel, each with its tensor's Philox counter offset (0 unless the
+tensor is the local shard of a sharded layer; one pinned H2D copy; device fills while a CUDA
+graph is being captured), and the statistics (:mod:`~bio_transformations.kernels.stats`,
+computed on the device) are stacked into one tensor the kernel reads through a pointer.
 
 **Arithmetic** runs in float32 (load, upcast, compute, round back once) in the order the torch
 backend writes it, with FMA contraction off, correctly rounded division (``div_rn``) and CUDA's
@@ -161,15 +162,6 @@ def logical(row, offs, S: tl.constexpr, NDIM: tl.constexpr):
     else:
         idx = offs
     return idx
-
-
-@triton.jit
-def counter_base(offsets, t, HAS_OFFSETS: tl.constexpr):
-    """The global flat index of this tensor's first element (0 unless it is a shard)."""
-    base = 0
-    if HAS_OFFSETS:
-        base = tl.load(offsets + t)
-    return base
 
 
 def flat_offsets(tensors: Sequence[Tensor], spans) -> Optional[list]:
@@ -374,7 +366,8 @@ def launch(
         written: the element slots the kernel writes (copied back from staged copies).
         keys: one stream key per tensor (the kernel's ``keys`` argument; None if it draws none).
         offsets: per tensor the global flat index of its first element, added to every Philox
-            counter (a local shard of a sharded layer; the kernel's ``offsets``, None: all 0).
+            counter (a local shard of a sharded layer; None: all 0). The kernel's ``keys``
+            holds ``(key, offset)`` pairs: tensor ``t`` reads ``keys[2t]`` and ``keys[2t+1]``.
         stats: per tensor a list of 0-d float32 device tensors (the kernel's ``stats``).
         counts: an int64 device tensor indexed by list position (the kernel's ``counts``).
         scalars: the kernel's scalar arguments after the operand witnesses.
@@ -394,13 +387,10 @@ def launch(
         device = cols[0][0].device
         optional = {}  # only what this kernel declares; an absent input is passed as None
         if "keys" in kernel.arg_names:
-            optional["keys"] = (
-                None if keys is None else _keys_tensor([keys[i] for i in group], device)
-            )
-        if "offsets" in kernel.arg_names:
-            optional["offsets"] = (
-                None if offsets is None else _keys_tensor([offsets[i] for i in group], device)
-            )
+            pairs = None
+            if keys is not None:  # (key, counter offset) per tensor, in one small copy
+                pairs = [v for i in group for v in (keys[i], offsets[i] if offsets else 0)]
+            optional["keys"] = None if pairs is None else _keys_tensor(pairs, device)
         if "stats" in kernel.arg_names:
             optional["stats"] = (
                 None if stats is None else torch.stack([v for i in group for v in stats[i]])

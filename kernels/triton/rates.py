@@ -15,7 +15,6 @@ from .. import settings, torch_backend
 from ..stats import abs_means, activity_stats
 from .launch import (
     clamp,
-    counter_base,
     exp,
     flat_offsets,
     for_tile,
@@ -63,7 +62,7 @@ def _init_kernel(
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     key = 0
     if MODE != 0:  # baseline draws nothing (and gets no keys)
-        key = tl.load(keys + t)
+        key = tl.load(keys + 2 * t)
     values = (key, nu, shift, lo, hi)
     for_tile(
         _init_body, (operand(row, 0, P0, ALIGNED),), values, row, offs, n, full, (S, NDIM, MODE)
@@ -105,16 +104,16 @@ def _temporal_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.c
 
 @triton.jit
 def _temporal_kernel(
-    tab, blocks, P0, decay, noise, lo, hi, keys, offsets,
+    tab, blocks, P0, decay, noise, lo, hi, keys,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr, NOISY: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+    NDIM: tl.constexpr, NOISY: tl.constexpr,
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     key = 0
     base = 0
     if NOISY:
-        key = tl.load(keys + t)
-        base = counter_base(offsets, t, HAS_OFFSETS)
+        key = tl.load(keys + 2 * t)
+        base = tl.load(keys + 2 * t + 1)  # the shard's first global index
     values = (key, decay, noise, lo, hi, base)
     for_tile(
         _temporal_body,
@@ -149,7 +148,7 @@ def temporal_update_(
     launch(
         _temporal_kernel, [rates], written=(0,), keys=list(keys) if noisy else None,
         offsets=offsets, scalars=(float(decay), float(noise), float(lo), float(hi)),
-        NOISY=noisy, HAS_OFFSETS=offsets is not None,
+        NOISY=noisy,
     )  # fmt: skip
 
 
@@ -169,14 +168,14 @@ def _adaptive_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.c
 
 @triton.jit
 def _adaptive_kernel(
-    tab, blocks, P0, W0, nu, lo, hi, keys, offsets, stats,
+    tab, blocks, P0, W0, nu, lo, hi, keys, stats,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+    NDIM: tl.constexpr,
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     ptrs = (operand(row, 0, P0, ALIGNED), operand(row, 1, W0, ALIGNED))
-    key = tl.load(keys + t)
-    base = counter_base(offsets, t, HAS_OFFSETS)
+    key = tl.load(keys + 2 * t)
+    base = tl.load(keys + 2 * t + 1)  # the shard's first global index
     denominator = tl.load(stats + t)  # mean|w| + 1e-8, from torch on the device
     values = (key, denominator, nu, lo, hi, base)
     for_tile(_adaptive_body, ptrs, values, row, offs, n, full, (S, NDIM))
@@ -200,7 +199,7 @@ def weight_adaptive_(
     offsets = flat_offsets(rates, spans)
     launch(
         _adaptive_kernel, [rates, weights], written=(0,), keys=list(keys), offsets=offsets,
-        stats=stats, scalars=(float(nu), float(lo), float(hi)), HAS_OFFSETS=offsets is not None,
+        stats=stats, scalars=(float(nu), float(lo), float(hi)),
     )  # fmt: skip
 
 
@@ -221,14 +220,14 @@ def _activity_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.c
 
 @triton.jit
 def _activity_kernel(
-    tab, blocks, P0, C0, nu, lo, hi, keys, offsets, stats,
+    tab, blocks, P0, C0, nu, lo, hi, keys, stats,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+    NDIM: tl.constexpr,
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     ptrs = (operand(row, 0, P0, ALIGNED), per_unit(row, 1, C0))
-    key = tl.load(keys + t)
-    base = counter_base(offsets, t, HAS_OFFSETS)
+    key = tl.load(keys + 2 * t)
+    base = tl.load(keys + 2 * t + 1)  # the shard's first global index
     mean_c = tl.load(stats + 2 * t)  # stats.activity_stats, on the device
     denominator = tl.load(stats + 2 * t + 1)
     values = (key, mean_c, denominator, nu, lo, hi, base)
@@ -259,5 +258,5 @@ def activity_update_(
     stats = [list(fit) if p.numel() else [] for p, fit in zip(rates, fits)]
     launch(
         _activity_kernel, [rates], rows=[counts], written=(0,), keys=list(keys), offsets=offsets,
-        stats=stats, scalars=(float(nu), float(lo), float(hi)), HAS_OFFSETS=offsets is not None,
+        stats=stats, scalars=(float(nu), float(lo), float(hi)),
     )  # fmt: skip

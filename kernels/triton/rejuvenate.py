@@ -15,7 +15,6 @@ from ..stats import clean_weights_, legacy_stats_many, rejuvenation_stats_many
 from .launch import (
     LIST_INDEX,
     clamp,
-    counter_base,
     exp,
     flat_offsets,
     for_tile,
@@ -57,13 +56,13 @@ def _rejuvenate_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl
 
 @triton.jit
 def _rejuvenate_kernel(
-    tab, blocks, W0, neg_dre, keys, offsets, stats, counts,
+    tab, blocks, W0, neg_dre, keys, stats, counts,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+    NDIM: tl.constexpr,
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
-    key = tl.load(keys + t)
-    base = counter_base(offsets, t, HAS_OFFSETS)
+    key = tl.load(keys + 2 * t)
+    base = tl.load(keys + 2 * t + 1)  # the shard's first global index
     std = tl.load(stats + 3 * t)  # stats.rejuvenation_stats, on the device
     mu = tl.load(stats + 3 * t + 1)
     sigma = tl.load(stats + 3 * t + 2)
@@ -94,7 +93,7 @@ def rejuvenate_(weights: Tensors, keys: Sequence[int], dre: float, spans=None) -
     offsets = flat_offsets(weights, spans)
     launch(
         _rejuvenate_kernel, [weights], written=(0,), keys=list(keys), offsets=offsets,
-        stats=stats, counts=counts, scalars=(-float(dre),), HAS_OFFSETS=offsets is not None,
+        stats=stats, counts=counts, scalars=(-float(dre),),
     )  # fmt: skip
     return counts
 
@@ -117,13 +116,13 @@ def _legacy_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.con
 
 @triton.jit
 def _legacy_kernel(
-    tab, blocks, W0, keys, offsets, stats, counts,
+    tab, blocks, W0, keys, stats, counts,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+    NDIM: tl.constexpr,
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
-    key = tl.load(keys + t)
-    base = counter_base(offsets, t, HAS_OFFSETS)
+    key = tl.load(keys + 2 * t)
+    base = tl.load(keys + 2 * t + 1)  # the shard's first global index
     max_aw = tl.load(stats + 2 * t)  # stats.legacy_stats, on the device
     scale = tl.load(stats + 2 * t + 1)
     out_index = tl.load(row + S + LIST_INDEX)
@@ -143,6 +142,6 @@ def rejuvenate_legacy_(weights: Tensors, keys: Sequence[int], dre: float, spans=
     offsets = flat_offsets(weights, spans)
     launch(
         _legacy_kernel, [weights], written=(0,), keys=list(keys), offsets=offsets, stats=stats,
-        counts=counts, HAS_OFFSETS=offsets is not None,
+        counts=counts,
     )  # fmt: skip
     return counts

@@ -13,7 +13,6 @@ import triton.language as tl
 from ..contract import StepParams
 from ..stats import abs_means
 from .launch import (
-    counter_base,
     exp,
     flat_offsets,
     for_tile,
@@ -86,10 +85,9 @@ def _step_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.const
 @triton.jit
 def _step_kernel(
     tab, blocks, W0, G0, P0,
-    base_lr, neg_stability, variability, thresh, damp, keys, offsets, stats,
+    base_lr, neg_stability, variability, thresh, damp, keys, stats,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
     NDIM: tl.constexpr, VOLUME: tl.constexpr, FUZZY: tl.constexpr, CRYSTALLIZE: tl.constexpr,
-    HAS_OFFSETS: tl.constexpr,
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     w_ptr = operand(row, 0, W0, ALIGNED)
@@ -101,8 +99,8 @@ def _step_kernel(
     key = 0
     base = 0
     if VOLUME:
-        key = tl.load(keys + t)
-        base = counter_base(offsets, t, HAS_OFFSETS)
+        key = tl.load(keys + 2 * t)
+        base = tl.load(keys + 2 * t + 1)  # the shard's first global index
     mean_aw = 0.0
     if CRYSTALLIZE:
         mean_aw = tl.load(stats + t)  # stats.abs_means, computed on the device
@@ -150,7 +148,7 @@ def bio_step_(
             float(p.base_lr), -float(p.stability_factor), float(p.lr_variability),
             float(p.crystal_thresh), float(p.dampening),
         ),
-        VOLUME=p.volume, FUZZY=p.fuzzy, CRYSTALLIZE=p.crystallize, HAS_OFFSETS=offsets is not None,
+        VOLUME=p.volume, FUZZY=p.fuzzy, CRYSTALLIZE=p.crystallize,
     )  # fmt: skip
 
 
