@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - older torch: no DTensor, nothing is ev
 
 __all__ = [
     "GroupReduction",
+    "fsdp_wrapped",
     "is_sharded",
     "local",
     "reduction_for",
@@ -48,6 +49,12 @@ __all__ = [
 ]
 
 _RATES = "fuzzy_learning_rate_parameters"
+
+
+def fsdp_wrapped(model: nn.Module) -> bool:
+    """Whether ``model`` or a module inside it is wrapped by FSDP2's ``fully_shard`` (its class
+    derives from ``FSDPModule``)."""
+    return any(base.__name__ == "FSDPModule" for m in model.modules() for base in type(m).__mro__)
 
 
 def is_sharded(t: Any) -> bool:
