@@ -4,7 +4,9 @@ One spawn runs every check (the process group costs seconds to start): each rank
 sharded copy and an unsharded reference of the same converted model on the same batches, six
 steps through every mechanism, in each ``BIO_RNG`` mode and on the Triton backend (Triton's
 interpreter, Philox), for three configurations (TEMPORAL with Dale and weight splitting,
-WEIGHT_ADAPTIVE, ACTIVITY); then a ``torch.distributed.checkpoint`` save and load on 2 ranks.
+WEIGHT_ADAPTIVE, ACTIVITY); ``attach()`` with SGD and with AdamW (the update-scaling mode);
+the zero-gradient gate of crystallization decided over the shard group; then a
+``torch.distributed.checkpoint`` save and load on 2 ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from bio_transformations import BioConverter, Distribution, shard_rates
+from bio_transformations import BioConverter, Distribution, attach, shard_rates
 from bio_transformations.kernels import settings
 from bio_transformations.kernels.shards import Slab, Span
 
@@ -176,6 +178,89 @@ def equivalence(config: str, mode: str) -> dict:
     return result
 
 
+def train_attached(model: nn.Module, optimizer: str, steps: int, seed: int) -> None:
+    """Training through ``attach()``: every mechanism around each step (SGD: on the
+    gradient; AdamW: on the update, ``functional.scale_updates``)."""
+    params = list(model.parameters())
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=0.05)
+    else:
+        opt = torch.optim.AdamW(params, lr=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    with attach(model, opt, volume=True, rejuvenate_every=2):
+        for _ in range(steps):
+            x = torch.randn(8, 1, 6, 6, generator=gen)  # the same batches on every rank
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+
+def attached(optimizer: str, mode: str) -> dict:
+    """``attach()`` on an FSDP2-sharded model against the same on one process."""
+    reference = make_model("temporal")
+    sharded = shard(copy.deepcopy(reference))
+    shard_rates(sharded)
+    with settings.override(rng=mode):
+        train_attached(sharded, optimizer, STEPS, seed=4)
+        train_attached(reference, optimizer, STEPS, seed=4)
+    return compare(sharded, reference)
+
+
+def zero_gradient_gate() -> dict:
+    """Crystallization's gate ``stats.grads_nonzero`` on local shards: rank 0's rows of the
+    gradient are all zero, rank 1's are not, so the layer's gradient is not all zero and
+    rank 0's rates crystallize as on one process (where |g| = 0 < t*|w|). Through every path
+    of the torch backend: the one-pass CPU step, the general path (float16 shards are not on
+    the one-pass path) and the compiled CPU path's delegation."""
+    from bio_transformations import kernels
+    from bio_transformations.kernels import cpu_fused, stats
+    from bio_transformations.kernels.contract import StepParams
+    from bio_transformations.sharding import GroupReduction
+
+    class Mesh:  # the parts of a DeviceMesh GroupReduction reads
+        def get_group(self):
+            return dist.group.WORLD
+
+        def get_local_rank(self):
+            return dist.get_rank()
+
+        def size(self):
+            return dist.get_world_size()
+
+    reduction = GroupReduction(Mesh())
+    rank = dist.get_rank()
+    rows = ((0, 4), (4, 7))[rank]
+    out = {}
+    for path, dtype in (("one-pass", torch.float32), ("general", torch.float16)):
+        for op_name in ("crystallize", "bio_step", "fused"):
+            torch.manual_seed(5)
+            w = torch.randn(7, 5).to(dtype)
+            g = torch.randn(7, 5).to(dtype)
+            g[:4] = 0  # rank 0's shard of the gradient is all zero
+            p = torch.ones(7, 5, dtype=dtype)
+            config = make_model("adaptive")[2].bio_mod.config
+            params = StepParams.from_config(config, volume=False, fuzzy=True, crystallize=True)
+            whole = [t.clone() for t in (w, g, p)]
+            local = [t[rows[0] : rows[1]].clone() for t in (w, g, p)]
+            for (a, b, c), reduce in ((whole, False), (local, True)):
+                with stats.reduced_over(reduction if reduce else None):
+                    if op_name == "crystallize":
+                        kernels.torch_backend.crystallize_(
+                            [a], [b], [c], params.crystal_thresh, params.dampening
+                        )
+                    elif op_name == "bio_step":
+                        kernels.torch_backend.bio_step_([a], [b], [c], None, params)
+                    elif dtype == torch.float32:  # the compiled path takes float32/float64
+                        cpu_fused.bio_step_([a], [b], [c], None, params)
+                    else:
+                        kernels.torch_backend.bio_step_([a], [b], [c], None, params)
+            want = whole[2][rows[0] : rows[1]]
+            out[f"{path}/{op_name}"] = bool(
+                torch.equal(local[2], want) and not torch.equal(want, p[rows[0] : rows[1]])
+            )
+    return out
+
+
 def checkpoint(path: str) -> bool:
     """Train 3 steps, save with DCP, load into a freshly converted sharded model (other seeds),
     train both 3 more steps: every local shard must match bit for bit."""
@@ -229,6 +314,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             t0 = time.perf_counter()
             result[case] = equivalence(*case.split("/"))
             times[case] = time.perf_counter() - t0
+        for optimizer in ("sgd", "adamw"):
+            for mode in ("torch", "philox"):
+                t0 = time.perf_counter()
+                result[f"attach-{optimizer}/{mode}"] = attached(optimizer, mode)
+                times[f"attach-{optimizer}/{mode}"] = time.perf_counter() - t0
+        result["gate"] = zero_gradient_gate()
         t0 = time.perf_counter()
         result["checkpoint"] = checkpoint(os.path.join(out_dir, "dcp"))
         times["checkpoint"] = time.perf_counter() - t0
@@ -276,6 +367,23 @@ def test_sharded_run_equals_one_process(results, case):
         assert r["rates_diff"] <= 0.001 * r["rates_total"], (rank, r)
         assert not r["other"], (rank, r)
         assert r["summary_same"], (rank, r)
+
+
+@pytest.mark.parametrize(
+    "case", [f"attach-{o}/{m}" for o in ("sgd", "adamw") for m in ("torch", "philox")]
+)
+def test_attach_on_a_sharded_model_equals_one_process(results, case):
+    for rank, data in enumerate(results):
+        r = data[case]
+        assert r["weight_rel"] <= 1e-5, (rank, r)
+        assert r["rates_diff"] <= 0.001 * r["rates_total"], (rank, r)
+        assert not r["other"], (rank, r)
+
+
+def test_zero_gradient_gate_is_decided_over_the_shard_group(results):
+    """A layer whose local gradient shard is all zero on one rank is not all zero."""
+    for rank, data in enumerate(results):
+        assert data["gate"] and all(data["gate"].values()), (rank, data["gate"])
 
 
 @pytest.mark.parametrize("case", ["temporal/torch", "adaptive/philox", "activity/torch"])
