@@ -18,6 +18,7 @@ from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribut
 from .bio_converter import BioConverter, sync_layer_seeds
 from .bio_module import BioModule
 from .kernels import BackendError, backend_for, get_backend, set_backend, use_backend
+from .sharding import shard_rates
 from .unconvert import plain_state_dict, unconvert
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "kernels",
     "plain_state_dict",
     "set_backend",
+    "shard_rates",
     "sync_layer_seeds",
     "unconvert",
     "use_backend",

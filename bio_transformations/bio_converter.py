@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import head as heads
+from . import sharding
 from .bio_config import (
     DEFAULT_BIO_CONFIG,
     BioConfig,
@@ -338,6 +339,16 @@ def _find_head_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
     Inside ``torch.compile`` it does nothing (a dry run cannot be traced): a model compiled
     before any eager call keeps the module-order guess until an eager call."""
     if torch.compiler.is_compiling():
+        return None
+    if sharding.fsdp_wrapped(model):
+        # FSDP2's hooks would all-gather into fake tensors and leave its state corrupt.
+        _install_head_search(model, False)
+        logger.info(
+            "output layer of %s: no dry run on an FSDP2-sharded model; the last converted layer "
+            "in module order stays marked (pass head=... to BioConverter to name it, or run "
+            "one forward pass before fully_shard)",
+            type(model).__name__,
+        )
         return None
     _search_head(model, args, kwargs)
     return None

@@ -7,20 +7,23 @@ lists, so there is one implementation of each formula per backend; the model-lev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from . import functional, ops
+from . import functional, ops, sharding
 from .bio_config import DEFAULT_BIO_CONFIG, BioConfig, BioConfigError, Distribution, validate_config
 from .compat import BioModuleCompat
 from .head import dry_run_active
-from .kernels import philox, rng
+from .kernels import philox, rng, stats
+from .kernels.shards import flatten_spans
 from .layers import (
     CONVERTIBLE_LAYERS,
     is_convertible,
+    out_dim,
     out_units,
     output_channel_dim,
     per_unit_shape,
@@ -450,13 +453,23 @@ class BioModule(BioModuleCompat, nn.Module):
         graph nor recompiles as the host-side counters advance."""
         layer = self.get_parent()
         c = self.config
-        # Rates as (units, ...): the op redraws them row by row from each unit's count.
-        ops.activity_step_(
-            output, self.activation_count, unit_major(self.fuzzy_learning_rate_parameters, layer),
-            self._rng_step, self._activity_calls_t, self.layer_seed,
-            output_channel_dim(layer, output), c.fuzzy_learning_rate_factor_nu, c.fuzzy_lr_min,
-            c.fuzzy_lr_max,
-        )  # fmt: skip
+        rates, counts = self.fuzzy_learning_rate_parameters, self.activation_count
+        spans = None
+        if sharding.is_sharded(rates):  # FSDP2: this rank's shard (sharding.shard_rates)
+            span = sharding.span_of(rates)
+            if out_dim(layer) == 1:  # the unit-major view of a transposed layer's shard
+                span = span._replace(dim=1 - span.dim)
+            spans = flatten_spans([span])
+        # Counts split with the units: their mean over the layer is reduced over the group.
+        reduction = sharding.reduction_for(counts)
+        with contextlib.nullcontext() if reduction is None else stats.reduced_over(reduction):
+            # Rates as (units, ...): the op redraws them row by row from each unit's count.
+            ops.activity_step_(
+                output, sharding.local(counts), unit_major(sharding.local(rates), layer),
+                self._rng_step, self._activity_calls_t, self.layer_seed,
+                output_channel_dim(layer, output), c.fuzzy_learning_rate_factor_nu,
+                c.fuzzy_lr_min, c.fuzzy_lr_max, spans,
+            )  # fmt: skip
 
     @property
     def _activity_calls(self) -> int:

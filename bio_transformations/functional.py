@@ -13,10 +13,17 @@ inputs are treated, chosen by the caller:
   layer then fails for its missing gradient, as upstream);
 * ``skip_missing_grads``: skip layers whose gradient is None instead of raising
   ``RuntimeError("No gradients found for the weights ...")``.
+
+Sharded layers (FSDP2, :mod:`bio_transformations.sharding`) form groups of their own, one per
+device mesh. The ops get every tensor through :func:`_local` (the local shard of a DTensor),
+the shards' places in their layers (``spans``, so random draws follow the global index), and
+run inside ``kernels.stats.reduced_over`` so per-layer statistics are reduced over the shard
+group, one all-reduce per op and group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,9 +31,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import ops, sharding
 from .bio_config import Distribution
+from .kernels import stats
 from .kernels.contract import StepParams
+from .kernels.shards import flatten_spans
 from .layers import out_units, unit_major
 
 __all__ = [
@@ -94,25 +103,53 @@ def _with_grads(entries: Sequence[Entry], frozen: str, skip_missing_grads: bool)
 
 
 def _groups(entries: Sequence[Entry], *fields: str) -> Dict[Any, List[Entry]]:
-    """Group layers by (device, dtype, the named config values)."""
+    """Group layers by (device, dtype, device mesh of a sharded weight, the named config
+    values). A sharded layer whose rates are not sharded yet gets them sharded here."""
     groups: Dict[Any, List[Entry]] = defaultdict(list)
     for entry in entries:
         w = entry[1].weight
         cfg = entry[2].config
-        groups[(w.device, w.dtype) + tuple(getattr(cfg, f) for f in fields)].append(entry)
+        mesh = None
+        if sharding.is_sharded(w):
+            sharding.shard_layer_rates(entry[1], entry[2])
+            mesh = w.device_mesh
+        key = (w.device, w.dtype, mesh) + tuple(getattr(cfg, f) for f in fields)
+        groups[key].append(entry)
     return groups
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What an op sees of ``t``: its local shard when it is a DTensor (a view: the op writes
+    through it), ``t`` itself otherwise. Every tensor an op gets goes through here."""
+    return sharding.local(t)
+
+
 def _weights(group: List[Entry]) -> list:
-    return [layer.weight for _, layer, _ in group]
+    return [_local(layer.weight) for _, layer, _ in group]
 
 
 def _grads(group: List[Entry]) -> list:
-    return [_grad_of(name, layer) for name, layer, _ in group]
+    return [_local(_grad_of(name, layer)) for name, layer, _ in group]
 
 
 def _rates(group: List[Entry]) -> list:
-    return [bio.fuzzy_learning_rate_parameters for *_, bio in group]
+    return [_local(bio.fuzzy_learning_rate_parameters) for *_, bio in group]
+
+
+def _spans(group: List[Entry]) -> Optional[list]:
+    """Where each layer's local shard lies (``kernels.shards``, flat, as the ops take it);
+    None for an unsharded group. Weight, gradient and rates share one span."""
+    weight = group[0][1].weight
+    if not sharding.is_sharded(weight):
+        return None
+    return flatten_spans([sharding.span_of(layer.weight) for _, layer, _ in group])
+
+
+def _reduced(group: List[Entry]):
+    """The block in which the group's statistics are reduced over its shard group (nothing
+    for an unsharded group, which keeps compiled code free of context variables)."""
+    reduction = sharding.reduction_for(group[0][1].weight)
+    return contextlib.nullcontext() if reduction is None else stats.reduced_over(reduction)
 
 
 def _streams(group: List[Entry]) -> Tuple[list, list]:
@@ -141,9 +178,11 @@ def crystallize(
     selected = _with_grads(entries, frozen, skip_missing_grads)
     for group in _groups(selected, *_CRYSTAL_FIELDS).values():
         cfg = group[0][2].config
-        ops.crystallize_(
-            _weights(group), _grads(group), _rates(group), cfg.crystal_thresh, cfg.dampening_factor
-        )
+        with _reduced(group):
+            ops.crystallize_(
+                _weights(group), _grads(group), _rates(group), cfg.crystal_thresh,
+                cfg.dampening_factor,
+            )  # fmt: skip
 
 
 @torch.no_grad()
@@ -156,7 +195,7 @@ def volume_dependent_lr(
         cfg = group[0][2].config
         ops.volume_scale_(
             _weights(group), _grads(group), *_streams(group),
-            cfg.base_lr, cfg.stability_factor, cfg.lr_variability,
+            cfg.base_lr, cfg.stability_factor, cfg.lr_variability, _spans(group),
         )  # fmt: skip
 
 
@@ -179,7 +218,11 @@ def bio_step(
         params = StepParams.from_config(
             group[0][2].config, volume=volume, fuzzy=fuzzy, crystallize=crystallize
         )
-        ops.bio_step_(_weights(group), _grads(group), _rates(group), *_streams(group), params)
+        with _reduced(group):
+            ops.bio_step_(
+                _weights(group), _grads(group), _rates(group), *_streams(group), params,
+                _spans(group),
+            )  # fmt: skip
 
 
 @torch.no_grad()
@@ -201,28 +244,34 @@ def scale_updates(
     index = {id(layer): i for i, (_, layer, _) in enumerate(entries)}
     for group in _groups(entries, *_VOLUME_FIELDS, *_CRYSTAL_FIELDS).values():
         cfg = group[0][2].config
-        olds = [before[index[id(layer)]] for _, layer, _ in group]
+        # A sharded layer's copy is a DTensor like its weight: its local shard lines up.
+        olds = [_local(before[index[id(layer)]]) for _, layer, _ in group]
         weights = _weights(group)
         deltas = [w.sub_(old) for w, old in zip(weights, olds)]  # the weights hold the update
         if volume:
             ops.volume_scale_(
                 olds, deltas, *_streams(group),
-                cfg.base_lr, cfg.stability_factor, cfg.lr_variability,
+                cfg.base_lr, cfg.stability_factor, cfg.lr_variability, _spans(group),
             )  # fmt: skip
         if fuzzy:
             ops.fuzzy_scale_(deltas, _rates(group))
         for w, old in zip(weights, olds):
             w.add_(old)
         if crystallize:
-            ops.crystallize_(
-                olds, _grads(group), _rates(group), cfg.crystal_thresh, cfg.dampening_factor
-            )
+            with _reduced(group):
+                ops.crystallize_(
+                    olds, _grads(group), _rates(group), cfg.crystal_thresh, cfg.dampening_factor
+                )
 
 
 def _rejuvenate(entries: Sequence[Entry], op: Callable) -> None:
     for group in _groups(entries, "rejuvenation_parameter_dre").values():
         dre = group[0][2].config.rejuvenation_parameter_dre
-        counts = op(_weights(group), *_streams(group), dre)
+        with _reduced(group):
+            counts = op(_weights(group), *_streams(group), dre, _spans(group))
+        reduction = sharding.reduction_for(group[0][1].weight)
+        if reduction is not None:  # whole-layer counts on every rank (no host sync)
+            counts = reduction.sum_(counts.clone())
         log_replaced(counts, group)
 
 
@@ -254,7 +303,7 @@ def update_fuzzy_learning_rates(entries: Sequence[Entry]) -> None:
         ops.temporal_step_(
             _rates(group), [bio._update_count_t for *_, bio in group], *_streams(group),
             c.fuzzy_lr_update_freq, c.fuzzy_lr_decay, c.fuzzy_learning_rate_factor_nu,
-            c.fuzzy_lr_min, c.fuzzy_lr_max,
+            c.fuzzy_lr_min, c.fuzzy_lr_max, _spans(group),
         )  # fmt: skip
     adaptive = [
         e for e in entries if e[2].config.fuzzy_lr_distribution is Distribution.WEIGHT_ADAPTIVE
@@ -262,12 +311,13 @@ def update_fuzzy_learning_rates(entries: Sequence[Entry]) -> None:
     fields = ("fuzzy_lr_update_freq", "fuzzy_lr_dynamic", "fuzzy_learning_rate_factor_nu")
     for group in _groups(adaptive, *fields, "fuzzy_lr_min", "fuzzy_lr_max").values():
         c = group[0][2].config
-        ops.weight_adaptive_step_(
-            _rates(group), _weights(group), [bio._update_count_t for *_, bio in group],
-            [bio._rates_filled_t for *_, bio in group], *_streams(group),
-            c.fuzzy_lr_update_freq, c.fuzzy_lr_dynamic, c.fuzzy_learning_rate_factor_nu,
-            c.fuzzy_lr_min, c.fuzzy_lr_max,
-        )  # fmt: skip
+        with _reduced(group):
+            ops.weight_adaptive_step_(
+                _rates(group), _weights(group), [bio._update_count_t for *_, bio in group],
+                [bio._rates_filled_t for *_, bio in group], *_streams(group),
+                c.fuzzy_lr_update_freq, c.fuzzy_lr_dynamic, c.fuzzy_learning_rate_factor_nu,
+                c.fuzzy_lr_min, c.fuzzy_lr_max, _spans(group),
+            )  # fmt: skip
 
 
 def check_dales(entries: Sequence[Entry]) -> List[Entry]:
@@ -287,8 +337,10 @@ def check_dales(entries: Sequence[Entry]) -> List[Entry]:
 def enforce_dales_principle(entries: Sequence[Entry]) -> None:
     """``w = relu(w * sign) * sign`` on every layer but the marked last one."""
     for group in _groups(check_dales(entries)).values():
-        weights = [unit_major(layer.weight, layer) for _, layer, _ in group]  # rows: units
-        ops.dale_enforce_(weights, [bio.sign for *_, bio in group])
+        # Rows: units. A shard along the units holds the matching signs (shard_layer_rates);
+        # a transposed layer's shard keeps every unit's sign.
+        weights = [unit_major(_local(layer.weight), layer) for _, layer, _ in group]
+        ops.dale_enforce_(weights, [_local(bio.sign) for *_, bio in group])
 
 
 def add_weight_splitting_step(

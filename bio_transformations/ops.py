@@ -14,7 +14,7 @@ more than a memory-bound op like ``g *= p`` on a large CPU tensor.
 """
 
 import dataclasses
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from torch import Tensor
 from . import kernels
 from .kernels import philox
 from .kernels.contract import StepParams
+from .kernels.shards import unflatten_spans
 
 __all__ = [
     "OP_IDS",
@@ -68,6 +69,16 @@ def draw_keys(steps: List[Tensor], seeds: List[int], op: str) -> List[int]:
         keys.append(philox.stream_key(seed, n, OP_IDS[op]))
         step.fill_(n + 1)
     return keys
+
+
+def _sharded(spans: Optional[List[int]], index: Optional[List[int]] = None) -> dict:
+    """The backend's ``spans`` keyword for the tensors at ``index`` (all when None): nothing
+    for unsharded tensors, so single-process calls reach the backends unchanged. ``spans`` is
+    the flat ``[dim, start, size, ...]`` list of ``kernels.shards.flatten_spans``."""
+    if spans is None:
+        return {}
+    triples = unflatten_spans(spans)
+    return {"spans": triples if index is None else [triples[i] for i in index]}
 
 
 def _no_output(*args, **kwargs) -> None:
@@ -130,12 +141,16 @@ def volume_scale_(
     base_lr: float,
     stability_factor: float,
     lr_variability: float,
+    spans: Optional[List[int]] = None,
 ) -> None:
-    """``g *= |N(m, lr_variability*m)|`` with ``m = base_lr*exp(-stability_factor*|w|/(|w|+1))``."""
+    """``g *= |N(m, lr_variability*m)|`` with ``m = base_lr*exp(-stability_factor*|w|/(|w|+1))``.
+
+    ``spans`` (every stochastic op takes it): where each tensor lies in its sharded layer,
+    flat ``[dim, start, size, ...]`` (``kernels.shards``); None when nothing is sharded."""
     if weights:
         keys = draw_keys(steps, seeds, "volume")
         backend_of(weights[0]).volume_scale_(
-            weights, grads, keys, base_lr, stability_factor, lr_variability
+            weights, grads, keys, base_lr, stability_factor, lr_variability, **_sharded(spans)
         )
 
 
@@ -154,6 +169,7 @@ def _bio_step(
     lr_variability: float,
     crystal_thresh: float,
     dampening: float,
+    spans: Optional[List[int]] = None,
 ) -> None:
     """``bio_step_`` with ``StepParams`` spelled out (custom ops take no records)."""
     if weights:
@@ -162,7 +178,7 @@ def _bio_step(
             crystal_thresh, dampening,
         )  # fmt: skip
         keys = draw_keys(steps, seeds, "volume") if volume else None
-        backend_of(weights[0]).bio_step_(weights, grads, rates, keys, params)
+        backend_of(weights[0]).bio_step_(weights, grads, rates, keys, params, **_sharded(spans))
 
 
 def bio_step_(
@@ -172,32 +188,43 @@ def bio_step_(
     steps: List[Tensor],
     seeds: List[int],
     params: StepParams,
+    spans: Optional[List[int]] = None,
 ) -> None:
     """Volume scaling, fuzzy scaling and crystallization in one pass, as ``params`` says."""
-    _bio_step(weights, grads, rates, steps, seeds, *dataclasses.astuple(params))
+    _bio_step(weights, grads, rates, steps, seeds, *dataclasses.astuple(params), spans)
 
 
 # -- rejuvenation --------------------------------------------------------------------------
 
 
 @_define("rejuvenate_", mutates=("weights", "steps"), fake=_counts_like)
-def rejuvenate_(weights: List[Tensor], steps: List[Tensor], seeds: List[int], dre: float) -> Tensor:
+def rejuvenate_(
+    weights: List[Tensor],
+    steps: List[Tensor],
+    seeds: List[int],
+    dre: float,
+    spans: Optional[List[int]] = None,
+) -> Tensor:
     """Rejuvenation; returns the replaced count per layer (int64, on the device)."""
     if not weights:
         return torch.zeros(0, dtype=torch.int64)
     keys = draw_keys(steps, seeds, "rejuvenate")
-    return backend_of(weights[0]).rejuvenate_(weights, keys, dre)
+    return backend_of(weights[0]).rejuvenate_(weights, keys, dre, **_sharded(spans))
 
 
 @_define("rejuvenate_legacy_", mutates=("weights", "steps"), fake=_counts_like)
 def rejuvenate_legacy_(
-    weights: List[Tensor], steps: List[Tensor], seeds: List[int], dre: float
+    weights: List[Tensor],
+    steps: List[Tensor],
+    seeds: List[int],
+    dre: float,
+    spans: Optional[List[int]] = None,
 ) -> Tensor:
     """The original published rejuvenation rule; returns the replaced count per layer."""
     if not weights:
         return torch.zeros(0, dtype=torch.int64)
     keys = draw_keys(steps, seeds, "rejuvenate_legacy")
-    return backend_of(weights[0]).rejuvenate_legacy_(weights, keys, dre)
+    return backend_of(weights[0]).rejuvenate_legacy_(weights, keys, dre, **_sharded(spans))
 
 
 # -- the rates -----------------------------------------------------------------------------
@@ -254,6 +281,7 @@ def temporal_step_(
     nu: float,
     lo: float,
     hi: float,
+    spans: Optional[List[int]] = None,
 ) -> None:
     """One TEMPORAL update of each layer: advance its update count; when due,
     ``p = clamp(1 + (p-1)*decay [+ 0.1*nu*(2U-1)], lo, hi)`` (:func:`plan_temporal`)."""
@@ -263,11 +291,13 @@ def temporal_step_(
         if plan.due:
             (noisy if plan.noisy else quiet).append(i)
     if quiet:
-        backend_of(rates[0]).temporal_update_([rates[i] for i in quiet], None, decay, 0.0, lo, hi)
+        backend_of(rates[0]).temporal_update_(
+            [rates[i] for i in quiet], None, decay, 0.0, lo, hi, **_sharded(spans, quiet)
+        )
     if noisy:
         keys = draw_keys([steps[i] for i in noisy], [seeds[i] for i in noisy], "temporal")
         backend_of(rates[0]).temporal_update_(
-            [rates[i] for i in noisy], keys, decay, 0.1 * nu, lo, hi
+            [rates[i] for i in noisy], keys, decay, 0.1 * nu, lo, hi, **_sharded(spans, noisy)
         )
 
 
@@ -284,6 +314,7 @@ def weight_adaptive_step_(
     nu: float,
     lo: float,
     hi: float,
+    spans: Optional[List[int]] = None,
 ) -> None:
     """One WEIGHT_ADAPTIVE update of each layer (:func:`plan_weight_adaptive`): when due,
     ``p = clamp(1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), 0.5, 1.5), lo, hi)``."""
@@ -295,8 +326,9 @@ def weight_adaptive_step_(
     if due:
         keys = draw_keys([steps[i] for i in due], [seeds[i] for i in due], "weight_adaptive")
         backend_of(rates[0]).weight_adaptive_(
-            [rates[i] for i in due], [weights[i] for i in due], keys, nu, lo, hi
-        )
+            [rates[i] for i in due], [weights[i] for i in due], keys, nu, lo, hi,
+            **_sharded(spans, due),
+        )  # fmt: skip
 
 
 def host_uniform(key: int) -> float:
@@ -316,16 +348,24 @@ def activity_step_(
     nu: float,
     lo: float,
     hi: float,
+    spans: Optional[List[int]] = None,
 ) -> None:
     """Count the output units with ``|y| > 0.01`` over every other dim into ``counts``; on the
     first call, then with probability 0.1 per call (as upstream), redraw the rates from the
-    counts. The redraw decision comes from the layer's own stream, on the host."""
+    counts. The redraw decision comes from the layer's own stream, on the host.
+
+    ``spans``: the span of the unit-major rates in a sharded layer; when it splits the units
+    (dim 0), ``counts`` holds this shard's units and only their activity is added."""
     dims = [d for d in range(output.dim()) if d != channel_dim]
     active = output.abs() > 0.01
-    counts.add_((active.sum(dim=dims) if dims else active).to(counts.dtype))
+    per_unit = active.sum(dim=dims) if dims else active
+    triples = unflatten_spans(spans)
+    if triples is not None and triples[0] is not None and triples[0].dim == 0:
+        per_unit = per_unit.narrow(0, triples[0].start, counts.shape[0])
+    counts.add_(per_unit.to(counts.dtype))
     (key,) = draw_keys([step], [seed], "activity")
     if _advance(calls) == 1 or host_uniform(key) < 0.1:
-        backend_of(rates).activity_update_([rates], [counts], [key], nu, lo, hi)
+        backend_of(rates).activity_update_([rates], [counts], [key], nu, lo, hi, **_sharded(spans))
 
 
 # -- Dale's principle ----------------------------------------------------------------------

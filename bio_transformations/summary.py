@@ -101,7 +101,7 @@ def summarize(
     """The :class:`BioSummary` of ``(name, layer, bio_mod)`` entries; ``plan`` adds the shared
     and tied weights and the skipped modules of the conversion that made them."""
     # One host read for every layer's rate statistics (a summary, never in a training step).
-    stats = [_rate_stats(bio.fuzzy_learning_rate_parameters) for _, _, bio in entries]
+    stats = [_rate_stats(_whole(bio.fuzzy_learning_rate_parameters)) for _, _, bio in entries]
     stats = torch.stack(stats).tolist() if stats else []
     shared: Dict[str, List[str]] = {}
     tied: Dict[str, str] = {}
@@ -125,7 +125,7 @@ def summarize(
         rows.append(
             {
                 "layer": name,
-                "type": type(layer).__name__,
+                "type": _type_name(layer),
                 "shape": tuple(layer.weight.shape),
                 "rates_mean": mean,
                 "rates_min": lo,
@@ -137,6 +137,21 @@ def summarize(
             }
         )
     return BioSummary(rows, plan.skipped if plan is not None else ())
+
+
+def _type_name(layer: nn.Module) -> str:
+    """The layer's class name; for a layer wrapped by FSDP2's ``fully_shard`` (class
+    ``FSDP<Name>``, a subclass of ``FSDPModule`` and the original class), the original's."""
+    cls = type(layer)
+    if any(base.__name__ == "FSDPModule" for base in cls.__mro__) and len(cls.__bases__) > 1:
+        cls = cls.__bases__[-1]
+    return cls.__name__
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """The whole rates of a layer: a sharded layer's (FSDP2) are gathered, a collective, so
+    every rank of the shard group must ask for the summary."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def _rate_stats(p: torch.Tensor) -> torch.Tensor:

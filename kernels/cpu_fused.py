@@ -20,7 +20,7 @@ import torch
 from . import torch_backend
 from .contract import StepParams
 from .rng import normal
-from .stats import abs_means, grads_nonzero
+from .stats import abs_means, current_reduction, grads_nonzero
 from .torch_backend import (  # noqa: F401  (the ops this path does not change)
     activity_update_,
     dale_enforce_,
@@ -105,8 +105,13 @@ def bio_step_(
     rates: Optional[Tensors],
     keys: Optional[Sequence[int]],
     params: StepParams,
+    spans=None,
 ) -> None:
-    """``torch_backend.bio_step_`` as one compiled loop per layer group."""
+    """``torch_backend.bio_step_`` as one compiled loop per layer group (local shards of a
+    sharded group run the eager ops, which draw along the global index and reduce the
+    statistics of the whole list over the shard group)."""
+    if spans is not None or current_reduction() is not None:
+        return torch_backend.bio_step_(weights, grads, rates, keys, params, spans)
     layers = [i for i, w in enumerate(weights) if w.numel()]
     if not layers or not params.any:
         return
@@ -156,7 +161,8 @@ def volume_scale_(
     base_lr: float,
     stability_factor: float,
     lr_variability: float,
+    spans=None,
 ) -> None:
     """``torch_backend.volume_scale_`` as one compiled loop per layer group."""
     params = StepParams.volume_only(base_lr, stability_factor, lr_variability)
-    bio_step_(weights, grads, None, keys, params)
+    bio_step_(weights, grads, None, keys, params, spans)

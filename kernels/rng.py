@@ -4,15 +4,22 @@
 (:mod:`~bio_transformations.kernels.philox`, bit-identical to Triton's ``tl.rand``), ``torch``
 (default) uses a ``torch.Generator`` seeded with the key (faster on CPU). The generators are
 kept per thread and device, so threads never reseed each other's generator mid-draw.
+
+Each draw takes an optional :class:`~bio_transformations.kernels.shards.Slab` (a local shard of
+a sharded layer): the draw then returns the local elements of the draw over the whole layer
+(Philox: counters at the global indices; torch: the whole layer drawn, the local part taken).
+Without one (``None``, the default) nothing changes.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Optional
 
 import torch
 
 from . import philox, settings
+from .shards import Slab
 
 Tensor = torch.Tensor
 
@@ -50,32 +57,48 @@ def _counters(n: int, device: torch.device) -> Tensor:
     return torch.arange(n, device=device, dtype=torch.int64)
 
 
-def uniform(key: int, n: int, device: torch.device) -> Tensor:
+def _where(n: int, device: torch.device, slab: Optional[Slab]) -> Tensor:
+    """Philox counters of the ``n`` drawn elements: ``0..n-1``, or the slab's global indices."""
+    if slab is None:
+        return _counters(n, device)
+    return slab.counters(device)
+
+
+def uniform(key: int, n: int, device: torch.device, slab: Optional[Slab] = None) -> Tensor:
     """``n`` float32 uniforms on [0, 1); Philox output ``r0`` (``tl.rand``) in philox mode."""
     if philox_mode():
-        return philox.rand(key, _counters(n, device))
+        return philox.rand(key, _where(n, device, slab))
+    if slab is not None:
+        return slab.take(uniform(key, slab.global_numel, device))
     return torch.rand(n, generator=generator(key, device), device=device)
 
 
-def normal(key: int, n: int, device: torch.device) -> Tensor:
+def normal(key: int, n: int, device: torch.device, slab: Optional[Slab] = None) -> Tensor:
     """``n`` float32 standard normals; ``tl.randn`` (from ``r0, r1``) in philox mode."""
     if philox_mode():
-        return philox.randn(key, _counters(n, device))
+        return philox.randn(key, _where(n, device, slab))
+    if slab is not None:
+        return slab.take(normal(key, slab.global_numel, device))
     return torch.randn(n, generator=generator(key, device), device=device)
 
 
-def normal_into(key: int, out: Tensor) -> Tensor:
+def normal_into(key: int, out: Tensor, slab: Optional[Slab] = None) -> Tensor:
     """:func:`normal` of ``out.numel()`` values written into ``out`` (a contiguous float32
     tensor): the same numbers, without a fresh allocation per draw on the torch stream."""
     if philox_mode():
-        return out.copy_(philox.randn(key, _counters(out.numel(), out.device)).view(out.shape))
+        counters = _where(out.numel(), out.device, slab)
+        return out.copy_(philox.randn(key, counters).view(out.shape))
+    if slab is not None:  # the whole layer drawn, the local elements kept
+        return out.copy_(normal(key, out.numel(), out.device, slab).view(out.shape))
     return torch.randn(out.shape, generator=generator(key, out.device), out=out)
 
 
-def uniform4(key: int, n: int, device: torch.device) -> tuple:
+def uniform4(key: int, n: int, device: torch.device, slab: Optional[Slab] = None) -> tuple:
     """Four independent rows of ``n`` uniforms; ``tl.rand4x`` (``r0..r3``) in philox mode."""
     if philox_mode():
-        return philox.rand4x(key, _counters(n, device))
+        return philox.rand4x(key, _where(n, device, slab))
+    if slab is not None:
+        return tuple(slab.take(u) for u in uniform4(key, slab.global_numel, device))
     return tuple(torch.rand(4, n, generator=generator(key, device), device=device).unbind(0))
 
 

@@ -21,21 +21,24 @@ import torch
 from . import rng
 from .contract import OPS, StepParams
 from .rng import box_muller, normal, normal_into, uniform, uniform4
+from .shards import Slab, Span, slab
 from .stats import (
     LOW_PRECISION,
     abs_means,
     activity_stats,
     clean_weights_,
     compute_dtype,
-    grads_nonzero,
-    legacy_stats,
-    rejuvenation_stats,
+    crystallize_stats,
+    current_reduction,
+    legacy_stats_many,
+    rejuvenation_stats_many,
     rows_view,
     upcast,
 )
 
 Tensor = torch.Tensor
 Tensors = Sequence[Tensor]
+Spans = Sequence[Optional[Span]]
 
 __all__ = list(OPS)  # every op of the contract, in its order
 
@@ -138,18 +141,20 @@ def _packs(sizes: Sequence[int]) -> List[List[int]]:
     return packs
 
 
-def _cpu_step_(ws: list, gs: list, ps: Optional[list], keys, p: StepParams, gates) -> None:
+def _cpu_step_(
+    ws: list, gs: list, ps: Optional[list], keys, p: StepParams, means, gates, slabs
+) -> None:
     """The step on CPU float32/float64 contiguous tensors (one dtype): per large layer one
     pass over cache-sized chunks running every stage; small layers packed into flat buffers.
 
     The random draws are each layer's own stream (one ``normal`` per layer, as the separate
-    op draws it); ``mean|w|`` is computed once per layer before the chunk loop (``w`` is not
-    changed by the step), and crystallization sees the gradient after volume and fuzzy scaling;
-    ``gates`` (``stats.grads_nonzero`` of the gradients before the step) keeps the rates of a
-    layer whose gradient is all zero.
+    op draws it; ``slabs``: where a local shard lies, so its draws follow the global index);
+    ``means`` (``mean|w|``, computed before the step: ``w`` is not changed by it) and ``gates``
+    (``stats.grads_nonzero`` of the gradients before the step, which keeps the rates of a
+    layer whose gradient is all zero) come from :func:`_run_step`; crystallization sees the
+    gradient after volume and fuzzy scaling.
     """
     dtype = ws[0].dtype
-    means = abs_means(ws) if p.crystallize else [None] * len(ws)
     small = [i for i, w in enumerate(ws) if w.numel() < PACK_BELOW]
     packs = _packs([ws[i].numel() for i in small])
     widest = [sum(ws[small[j]].numel() for j in pack) for pack in packs]
@@ -160,7 +165,7 @@ def _cpu_step_(ws: list, gs: list, ps: Optional[list], keys, p: StepParams, gate
         if n < PACK_BELOW:
             continue
         pf = ps[i].view(-1) if ps is not None else None
-        z = normal(keys[i], n, w.device) if p.volume else None
+        z = normal(keys[i], n, w.device, slabs[i]) if p.volume else None
         for start in range(0, n, CPU_CHUNK):
             piece = slice(start, start + CPU_CHUNK)
             _stages(
@@ -168,10 +173,10 @@ def _cpu_step_(ws: list, gs: list, ps: Optional[list], keys, p: StepParams, gate
                 z[piece] if z is not None else None, means[i], gates[i], p, scratch,
             )  # fmt: skip
     for pack in packs:
-        _pack_step_([small[j] for j in pack], ws, gs, ps, keys, means, gates, p, scratch)
+        _pack_step_([small[j] for j in pack], ws, gs, ps, keys, means, gates, slabs, p, scratch)
 
 
-def _pack_step_(idx, ws, gs, ps, keys, means, gates, p: StepParams, scratch: Tensor) -> None:
+def _pack_step_(idx, ws, gs, ps, keys, means, gates, slabs, p: StepParams, scratch: Tensor) -> None:
     """The stages on a pack of small layers: gather into flat buffers, run, scatter back."""
     sizes = [ws[i].numel() for i in idx]
     wf = torch.cat([ws[i].view(-1) for i in idx]) if (p.volume or p.crystallize) else None
@@ -181,7 +186,7 @@ def _pack_step_(idx, ws, gs, ps, keys, means, gates, p: StepParams, scratch: Ten
     if p.volume:
         zf = torch.empty(wf.numel(), dtype=torch.float32)
         for i, zc in zip(idx, zf.split(sizes)):
-            normal_into(keys[i], zc)  # each layer's own stream, as the separate op draws it
+            normal_into(keys[i], zc, slabs[i])  # each layer's own stream, as the op draws it
     mf = gate = None
     if p.crystallize:  # each weight compared with its own layer's mean|w|
         mf = torch.empty_like(wf)
@@ -199,11 +204,18 @@ def _pack_step_(idx, ws, gs, ps, keys, means, gates, p: StepParams, scratch: Ten
         torch._foreach_copy_([ps[i].view(-1) for i in idx], list(pf.split(sizes)))
 
 
-def _run_step(weights, grads, rates, keys, p: StepParams, eager_one) -> None:
+def _run_step(weights, grads, rates, keys, p: StepParams, eager_one, spans=None) -> None:
     """Split a group: non-empty CPU float32/float64 contiguous layers take the one-pass path,
-    the rest ``eager_one(i, gate)`` (half types, strided layouts, CUDA tensors under torch)."""
-    # Whether each layer's gradient has a non-zero element, before any stage scales it.
-    gates = grads_nonzero(grads) if p.crystallize else [None] * len(grads)
+    the rest ``eager_one(i, mean, gate)`` (half types, strided layouts, CUDA tensors under
+    torch). ``spans``: where each local shard lies in its sharded layer (None: unsharded)."""
+    weights, grads = list(weights), list(grads)
+    # mean|w| and whether each layer's gradient has a non-zero element, before any stage scales
+    # it; for the whole list (empty local shards too), so a sharded group reduces them in one
+    # all-reduce.
+    if p.crystallize:
+        means, gates = crystallize_stats(weights, grads)
+    else:
+        means = gates = [None] * len(grads)
     fast, other = [], []
     for i, (w, g) in enumerate(zip(weights, grads)):
         if w.numel() == 0:
@@ -214,19 +226,30 @@ def _run_step(weights, grads, rates, keys, p: StepParams, eager_one) -> None:
         _cpu_step_(
             [weights[i] for i in fast], [grads[i] for i in fast],
             [rates[i] for i in fast] if rates is not None else None,
-            [keys[i] for i in fast] if keys is not None else None, p, [gates[i] for i in fast],
+            [keys[i] for i in fast] if keys is not None else None, p,
+            [means[i] for i in fast], [gates[i] for i in fast],
+            [slab(weights[i], spans, i) for i in fast],
         )  # fmt: skip
     for i in other:
-        eager_one(i, gates[i])
+        eager_one(i, means[i], gates[i])
 
 
 # ---- the general path (any device, dtype and layout) ---------------------------------------
 
 
 def _crystallize_one(
-    w: Tensor, g: Tensor, p: Tensor, thresh: float, damp: float, gate: Tensor
+    w: Tensor,
+    g: Tensor,
+    p: Tensor,
+    thresh: float,
+    damp: float,
+    gate: Tensor,
+    mean_aw: Optional[Tensor] = None,
 ) -> None:
-    mean_aw = abs_means([w])[0]  # the shared helper: the Triton backend reads the same number
+    # mean|w| from the shared helper (the Triton backend reads the same number); a sharded
+    # group passes the group's mean, computed for the whole list in _run_step.
+    if mean_aw is None:
+        mean_aw = abs_means([w])[0]
     for wc, gc, pc in _chunks(w, g, p):
         ag = upcast(gc).abs()
         # |g|/|w| < t written as |g| < t*|w|: no division, same answer for w == 0 and NaN.
@@ -248,17 +271,23 @@ def crystallize_(
     params = StepParams.crystallize_only(crystal_thresh, dampening)
     _run_step(
         weights, grads, rates, None, params,
-        lambda i, gate: _crystallize_one(
-            weights[i], grads[i], rates[i], crystal_thresh, dampening, gate
+        lambda i, mean, gate: _crystallize_one(
+            weights[i], grads[i], rates[i], crystal_thresh, dampening, gate, mean
         ),
     )  # fmt: skip
 
 
 def _volume_one(
-    w: Tensor, g: Tensor, key: int, base_lr: float, stability: float, variability: float
+    w: Tensor,
+    g: Tensor,
+    key: int,
+    base_lr: float,
+    stability: float,
+    variability: float,
+    where: Optional[Slab] = None,
 ) -> None:
     # One draw for the whole tensor, so the stream does not depend on the chunking.
-    z = normal(key, w.numel(), w.device).view(w.shape)
+    z = normal(key, w.numel(), w.device, where).view(w.shape)
     for wc, gc, zc in _chunks(w, g, z):
         # m = base_lr * exp(-stability * |w|/(|w|+1)), built in place in one temporary.
         m = upcast(wc).abs()
@@ -278,18 +307,22 @@ def volume_scale_(
     base_lr: float,
     stability_factor: float,
     lr_variability: float,
+    spans: Optional[Spans] = None,
 ) -> None:
     """``v = |w|/(|w|+1)``, ``m = base_lr*exp(-stability_factor*v)``,
     ``g *= |N(m, lr_variability*m)|``.
 
-    Philox: ``z = tl.randn(key, i)``.
+    Philox: ``z = tl.randn(key, i)``. ``spans`` (every stochastic op takes it): per tensor
+    None, or where the local shard lies in its layer (:mod:`~bio_transformations.kernels.shards`).
     """
     params = StepParams.volume_only(base_lr, stability_factor, lr_variability)
     _run_step(
         weights, grads, None, keys, params,
-        lambda i, gate: _volume_one(
-            weights[i], grads[i], keys[i], base_lr, stability_factor, lr_variability
+        lambda i, mean, gate: _volume_one(
+            weights[i], grads[i], keys[i], base_lr, stability_factor, lr_variability,
+            slab(weights[i], spans, i),
         ),
+        spans,
     )  # fmt: skip
 
 
@@ -299,6 +332,7 @@ def bio_step_(
     rates: Optional[Tensors],
     keys: Optional[Sequence[int]],
     params: StepParams,
+    spans: Optional[Spans] = None,
 ) -> None:
     """Volume scaling, fuzzy scaling and crystallization in that order (each as ``params``
     says); by definition equal to the separate ops called in that order with the same key.
@@ -312,22 +346,26 @@ def bio_step_(
     if not p.any:
         return
 
-    def one_layer(i: int, gate: Optional[Tensor]) -> None:
+    def one_layer(i: int, mean: Optional[Tensor], gate: Optional[Tensor]) -> None:
         w, g = weights[i], grads[i]
         if p.volume:
-            _volume_one(w, g, keys[i], p.base_lr, p.stability_factor, p.lr_variability)
+            where = slab(w, spans, i)
+            _volume_one(w, g, keys[i], p.base_lr, p.stability_factor, p.lr_variability, where)
         if p.fuzzy:
             fuzzy_scale_([g], [rates[i]])
         if p.crystallize:
-            _crystallize_one(w, g, rates[i], p.crystal_thresh, p.dampening, gate)
+            _crystallize_one(w, g, rates[i], p.crystal_thresh, p.dampening, gate, mean)
 
-    _run_step(weights, grads, rates, keys, p, one_layer)
+    _run_step(weights, grads, rates, keys, p, one_layer, spans)
 
 
-def _rejuvenate_dense(w: Tensor, key: int, dre: float) -> Tensor:
-    std, mu, sigma = rejuvenation_stats(w)
+def _rejuvenate_dense(
+    w: Tensor, key: int, dre: float, stats: tuple, where: Optional[Slab] = None
+) -> Tensor:
+    std, mu, sigma = stats
     wf = upcast(w)
-    u_replace, u_sign, u1, u2 = (u.view(w.shape) for u in uniform4(key, w.numel(), w.device))
+    draws = uniform4(key, w.numel(), w.device, where)
+    u_replace, u_sign, u1, u2 = (u.view(w.shape) for u in draws)
     replace = torch.lt(u_replace, wf.abs().mul_(-dre).div_(std).exp_())
     magnitude = torch.exp(mu + sigma * box_muller(u1, u2))
     new = torch.where(u_sign < 0.5, magnitude, -magnitude).clamp(-1.0, 1.0)
@@ -335,9 +373,9 @@ def _rejuvenate_dense(w: Tensor, key: int, dre: float) -> Tensor:
     return replace.sum()
 
 
-def _rejuvenate_sparse(w: Tensor, key: int, dre: float) -> Tensor:
+def _rejuvenate_sparse(w: Tensor, key: int, dre: float, stats: tuple) -> Tensor:
     """CPU path: draw replacement values only for the weights actually replaced."""
-    std, mu, sigma = rejuvenation_stats(w)
+    std, mu, sigma = stats
     gen = rng.generator(key, w.device)
     flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)
     wf = upcast(flat)
@@ -353,7 +391,51 @@ def _rejuvenate_sparse(w: Tensor, key: int, dre: float) -> Tensor:
     return torch.tensor(k, dtype=torch.int64)
 
 
-def rejuvenate_(weights: Tensors, keys: Sequence[int], dre: float) -> Tensor:
+def _rejuvenate_sparse_sharded(
+    weights: list, keys: Sequence[int], dre: float, stats: list, spans: Spans
+) -> list:
+    """:func:`_rejuvenate_sparse` on the local shards (along dim 0) of sharded layers, drawing
+    what one process drawing the whole layer would: every rank draws the layer's uniforms and
+    keeps its own; the k replaced weights of the layer then take normals and signs
+    ``prefix .. prefix + k_local`` of the layer's stream, where ``prefix`` counts the weights
+    replaced on the ranks before this one (one all-gather of the counts for the whole group;
+    CPU only, so reading them is no device sync)."""
+    red = current_reduction()
+    if red is None:
+        raise RuntimeError("sharded rejuvenation needs the shard group's reduction installed")
+    picks, gens = [], []
+    for i, (w, key) in enumerate(zip(weights, keys)):
+        where = slab(w, spans, i)
+        if where is None or where.flat_start is None:
+            raise NotImplementedError("sharded rejuvenation needs shards along weight dim 0")
+        gen = torch.Generator(device=w.device).manual_seed(int(key))
+        u = where.take(torch.rand(where.global_numel, generator=gen, device=w.device))
+        std = stats[i][0]
+        prob = upcast(w).reshape(-1).abs().mul_(-dre).div_(std).exp_()
+        picks.append(torch.nonzero(torch.lt(u, prob)).squeeze(1))
+        gens.append(gen)
+    local = torch.tensor([idx.numel() for idx in picks], dtype=torch.int64)
+    every = red.gather(local).tolist()  # (world, layers), in rank order = shard order
+    counts = []
+    for i, (w, idx, gen) in enumerate(zip(weights, picks, gens)):
+        k, k_all = idx.numel(), sum(row[i] for row in every)
+        prefix = sum(row[i] for row in every[: red.rank])
+        _, mu, sigma = stats[i]
+        normals = torch.randn(k_all, generator=gen, device=w.device)[prefix : prefix + k]
+        signs = torch.rand(k_all, generator=gen, device=w.device)[prefix : prefix + k]
+        magnitude = torch.exp(mu + sigma * normals)
+        value = (torch.where(signs < 0.5, 1.0, -1.0) * magnitude).clamp_(-1.0, 1.0)
+        flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)
+        flat.index_copy_(0, idx, value.to(flat.dtype))
+        if not w.is_contiguous():
+            w.copy_(flat.view(w.shape))
+        counts.append(torch.tensor(k, dtype=torch.int64))
+    return counts
+
+
+def rejuvenate_(
+    weights: Tensors, keys: Sequence[int], dre: float, spans: Optional[Spans] = None
+) -> Tensor:
     """Replace weights at random, most likely where ``|w|`` is small relative to ``std(w)``.
 
     NaN counts as 0 and ``w`` is clamped to [-1, 1]; weight ``i`` is replaced with probability
@@ -365,35 +447,45 @@ def rejuvenate_(weights: Tensors, keys: Sequence[int], dre: float) -> Tensor:
     """
     weights = list(weights)
     clean_weights_(weights)
+    stats = rejuvenation_stats_many(weights)  # a sharded group: one all-reduce for all layers
+    sparse = bool(weights) and weights[0].device.type == "cpu" and not rng.philox_mode()
+    if sparse and spans is not None:
+        return torch.stack(_rejuvenate_sparse_sharded(weights, keys, dre, stats, spans))
     counts = []
-    for w, key in zip(weights, keys):
+    for i, (w, key) in enumerate(zip(weights, keys)):
         if w.numel() == 0:
             counts.append(torch.zeros((), dtype=torch.int64, device=w.device))
-        elif w.device.type == "cpu" and not rng.philox_mode():
-            counts.append(_rejuvenate_sparse(w, key, dre))
+        elif sparse:
+            counts.append(_rejuvenate_sparse(w, key, dre, stats[i]))
         else:
-            counts.append(_rejuvenate_dense(w, key, dre))
+            counts.append(_rejuvenate_dense(w, key, dre, stats[i], slab(w, spans, i)))
     if not counts:
         return torch.zeros(0, dtype=torch.int64)
     return torch.stack(counts)
 
 
-def rejuvenate_legacy_(weights: Tensors, keys: Sequence[int], dre: float) -> Tensor:
+def rejuvenate_legacy_(
+    weights: Tensors, keys: Sequence[int], dre: float, spans: Optional[Spans] = None
+) -> Tensor:
     """The original published rule: threshold ``|N(0, max|w|/dre)|`` per weight; weights with
     ``|w|`` below it are redrawn from ``U(-max|w|, max|w|)``. NaN counts as 0.
 
     Philox: the threshold's normal is the first Box-Muller normal of ``(r0, r1)``, the new value
     uses ``r2``. Returns the number of replaced weights per tensor (int64, on device).
     """
-    counts = []
-    for w, key in zip(weights, keys):
+    weights = list(weights)
+    for w in weights:
         w.nan_to_num_(nan=0.0)
+    stats = legacy_stats_many(weights, dre)  # a sharded group: one all-reduce (max)
+    counts = []
+    for i, (w, key) in enumerate(zip(weights, keys)):
         if w.numel() == 0:
             counts.append(torch.zeros((), dtype=torch.int64, device=w.device))
             continue
         wf = upcast(w)
-        max_aw, scale = legacy_stats(w, dre)
-        u0, u1, u2, _ = (u.view(w.shape) for u in uniform4(key, w.numel(), w.device))
+        max_aw, scale = stats[i]
+        draws = uniform4(key, w.numel(), w.device, slab(w, spans, i))
+        u0, u1, u2, _ = (u.view(w.shape) for u in draws)
         threshold = torch.abs(box_muller(u0, u1) * scale)
         replace = wf.abs() < threshold
         w.copy_(torch.where(replace, (2.0 * u2 - 1.0) * max_aw, wf))
@@ -461,6 +553,7 @@ def temporal_update_(
     noise: float,
     lo: float,
     hi: float,
+    spans: Optional[Spans] = None,
 ) -> None:
     """``p = clamp(1 + (p-1)*decay + noise*(2U-1), lo, hi)``; no draw when ``noise == 0``.
 
@@ -472,7 +565,7 @@ def temporal_update_(
         u = None
         if noise != 0.0:
             assert keys is not None, "temporal_update_ needs keys when noise is drawn"
-            u = uniform(keys[i], p.numel(), p.device).view(p.shape)
+            u = uniform(keys[i], p.numel(), p.device, slab(p, spans, i)).view(p.shape)
         # (rates chunk, uniforms chunk or None without noise)
         pieces = _chunks(p, u) if u is not None else ((pc, None) for (pc,) in _chunks(p))
         for pc, uc in pieces:
@@ -484,17 +577,25 @@ def temporal_update_(
 
 
 def weight_adaptive_(
-    rates: Tensors, weights: Tensors, keys: Sequence[int], nu: float, lo: float, hi: float
+    rates: Tensors,
+    weights: Tensors,
+    keys: Sequence[int],
+    nu: float,
+    lo: float,
+    hi: float,
+    spans: Optional[Spans] = None,
 ) -> None:
     """``p = clamp(1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), 0.5, 1.5), lo, hi)``.
 
     Philox: ``U = tl.rand(key, i)``.
     """
-    for p, w, key in zip(rates, weights, keys):
+    weights = list(weights)
+    means = abs_means(weights)  # for the whole list: one all-reduce for a sharded group
+    for i, (p, w, key) in enumerate(zip(rates, weights, keys)):
         if p.numel() == 0:
             continue
-        denominator = abs_means([w])[0] + 1e-8
-        u = uniform(key, p.numel(), p.device).view(p.shape)
+        denominator = means[i] + 1e-8
+        u = uniform(key, p.numel(), p.device, slab(p, spans, i)).view(p.shape)
         for pc, wc, uc in _chunks(p, w, u):
             # clamp(2 - |w|/denominator, 0.5, 1.5), in place
             scale = upcast(wc).abs().div_(denominator).neg_().add_(2.0).clamp_(0.5, 1.5)
@@ -503,7 +604,13 @@ def weight_adaptive_(
 
 
 def activity_update_(
-    rates: Tensors, counts: Tensors, keys: Sequence[int], nu: float, lo: float, hi: float
+    rates: Tensors,
+    counts: Tensors,
+    keys: Sequence[int],
+    nu: float,
+    lo: float,
+    hi: float,
+    spans: Optional[Spans] = None,
 ) -> None:
     """Redraw the rates from the activity of their output units (rows).
 
@@ -512,14 +619,15 @@ def activity_update_(
     Whether an update redraws at all is decided on the host (``BioModule``). Philox:
     ``U = tl.rand(key, i)``.
     """
-    for p, c, key in zip(rates, counts, keys):
+    for i, (p, c, key) in enumerate(zip(rates, counts, keys)):
+        cf = c.to(compute_dtype(p))  # float64 rates: float64 math
+        # Before the skip: a sharded layer's mean is collective, every rank takes part.
+        mean_c, denominator = activity_stats(c, cf.dtype)
         if p.numel() == 0:
             continue
-        cf = c.to(compute_dtype(p))  # float64 rates: float64 math
-        mean_c, denominator = activity_stats(c, cf.dtype)
         ratio = torch.where(mean_c > 0, cf / denominator, torch.ones_like(cf))
         factor = 2.0 - torch.clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
-        u = uniform(key, p.numel(), p.device).view(p.shape).to(cf.dtype)
+        u = uniform(key, p.numel(), p.device, slab(p, spans, i)).view(p.shape).to(cf.dtype)
         p.copy_((1.0 + (2.0 * u - 1.0) * nu * rows_view(factor, p)).clamp(lo, hi))
 
 

@@ -22,9 +22,10 @@ column                      content
 A second array maps each block to its table row. Both depend only on the tensors' addresses
 and shapes, so they are cached and steady-state calls do not rebuild them; building one never
 reads device memory on the host (the H2D copy goes through pinned memory, ``non_blocking``).
-Per call, only the keys travel (one pinned H2D copy; device fills while a CUDA graph is being
-captured), and the statistics (:mod:`~bio_transformations.kernels.stats`, computed on the
-device) are stacked into one tensor the kernel reads through a pointer.
+Per call, only the keys travel, each with its tensor's Philox counter offset (0 unless the
+tensor is the local shard of a sharded layer; one pinned H2D copy; device fills while a CUDA
+graph is being captured), and the statistics (:mod:`~bio_transformations.kernels.stats`,
+computed on the device) are stacked into one tensor the kernel reads through a pointer.
 
 **Arithmetic** runs in float32 (load, upcast, compute, round back once) in the order the torch
 backend writes it, with FMA contraction off, correctly rounded division (``div_rn``) and CUDA's
@@ -161,6 +162,24 @@ def logical(row, offs, S: tl.constexpr, NDIM: tl.constexpr):
     else:
         idx = offs
     return idx
+
+
+def flat_offsets(tensors: Sequence[Tensor], spans) -> Optional[list]:
+    """Per tensor the Philox counter offset of its shard (0 when unsharded), or None when no
+    tensor is a shard; raises ``ValueError`` for a shard that is not one contiguous range of
+    its layer's flat index (the caller then uses the torch backend)."""
+    if spans is None:
+        return None
+    from ..shards import slab
+
+    out = []
+    for i, t in enumerate(tensors):
+        where = slab(t, spans, i)
+        start = 0 if where is None else where.flat_start
+        if start is None:
+            raise ValueError("shard is not a contiguous range of its layer")
+        out.append(start)
+    return out
 
 
 @triton.jit
@@ -332,6 +351,7 @@ def launch(
     rows: Sequence[list] = (),
     written: Sequence[int] = (),
     keys: Optional[Sequence[int]] = None,
+    offsets: Optional[Sequence[int]] = None,
     stats: Optional[list] = None,
     counts: Optional[Tensor] = None,
     scalars: tuple = (),
@@ -345,6 +365,9 @@ def launch(
         rows: lists of per-output-unit vectors.
         written: the element slots the kernel writes (copied back from staged copies).
         keys: one stream key per tensor (the kernel's ``keys`` argument; None if it draws none).
+        offsets: per tensor the global flat index of its first element, added to every Philox
+            counter (a local shard of a sharded layer; None: all 0). The kernel's ``keys``
+            holds ``(key, offset)`` pairs: tensor ``t`` reads ``keys[2t]`` and ``keys[2t+1]``.
         stats: per tensor a list of 0-d float32 device tensors (the kernel's ``stats``).
         counts: an int64 device tensor indexed by list position (the kernel's ``counts``).
         scalars: the kernel's scalar arguments after the operand witnesses.
@@ -364,9 +387,10 @@ def launch(
         device = cols[0][0].device
         optional = {}  # only what this kernel declares; an absent input is passed as None
         if "keys" in kernel.arg_names:
-            optional["keys"] = (
-                None if keys is None else _keys_tensor([keys[i] for i in group], device)
-            )
+            pairs = None
+            if keys is not None:  # (key, counter offset) per tensor, in one small copy
+                pairs = [v for i in group for v in (keys[i], offsets[i] if offsets else 0)]
+            optional["keys"] = None if pairs is None else _keys_tensor(pairs, device)
         if "stats" in kernel.arg_names:
             optional["stats"] = (
                 None if stats is None else torch.stack([v for i in group for v in stats[i]])

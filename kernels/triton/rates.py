@@ -11,11 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import torch_backend
+from .. import settings, torch_backend
 from ..stats import abs_means, activity_stats
 from .launch import (
     clamp,
     exp,
+    flat_offsets,
     for_tile,
     launch,
     logical,
@@ -61,7 +62,7 @@ def _init_kernel(
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     key = 0
     if MODE != 0:  # baseline draws nothing (and gets no keys)
-        key = tl.load(keys + t)
+        key = tl.load(keys + 2 * t)
     values = (key, nu, shift, lo, hi)
     for_tile(
         _init_body, (operand(row, 0, P0, ALIGNED),), values, row, offs, n, full, (S, NDIM, MODE)
@@ -90,14 +91,14 @@ def rates_init_(
 @triton.jit
 def _temporal_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
     (p_ptr,) = ptrs
-    key, decay, noise, lo, hi = values
+    key, decay, noise, lo, hi, base = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     NOISY: tl.constexpr = FLAGS[2]
     mask = offs < n if MASKED else None
     value = 1.0 + (tl.load(p_ptr + offs, mask=mask).to(tl.float32) - 1.0) * decay
     if NOISY:
-        value = value + noise * (2.0 * tl.rand(key, logical(row, offs, S, NDIM)) - 1.0)
+        value = value + noise * (2.0 * tl.rand(key, logical(row, offs, S, NDIM) + base) - 1.0)
     tl.store(p_ptr + offs, round_to(clamp(value, lo, hi), p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -109,9 +110,11 @@ def _temporal_kernel(
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     key = 0
+    base = 0
     if NOISY:
-        key = tl.load(keys + t)
-    values = (key, decay, noise, lo, hi)
+        key = tl.load(keys + 2 * t)
+        base = tl.load(keys + 2 * t + 1)  # the shard's first global index
+    values = (key, decay, noise, lo, hi, base)
     for_tile(
         _temporal_body,
         (operand(row, 0, P0, ALIGNED),),
@@ -131,6 +134,7 @@ def temporal_update_(
     noise: float,
     lo: float,
     hi: float,
+    spans=None,
 ) -> None:
     """``p = clamp(1 + (p-1)*decay + noise*(2U-1), lo, hi)``; no draw when ``noise == 0``.
 
@@ -139,22 +143,25 @@ def temporal_update_(
     noisy = noise != 0.0
     if noisy and keys is None:
         raise ValueError("temporal_update_ needs keys when noise is drawn")
+    rates = list(rates)
+    offsets = flat_offsets(rates, spans) if noisy else None
     launch(
-        _temporal_kernel, [list(rates)], written=(0,), keys=list(keys) if noisy else None,
-        scalars=(float(decay), float(noise), float(lo), float(hi)), NOISY=noisy,
+        _temporal_kernel, [rates], written=(0,), keys=list(keys) if noisy else None,
+        offsets=offsets, scalars=(float(decay), float(noise), float(lo), float(hi)),
+        NOISY=noisy,
     )  # fmt: skip
 
 
 @triton.jit
 def _adaptive_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
     p_ptr, w_ptr = ptrs
-    key, denominator, nu, lo, hi = values
+    key, denominator, nu, lo, hi, base = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     mask = offs < n if MASKED else None
     aw = tl.abs(tl.load(w_ptr + offs, mask=mask).to(tl.float32))
     scale = clamp(2.0 - tl.math.div_rn(aw, denominator), 0.5, 1.5)
-    u = tl.rand(key, logical(row, offs, S, NDIM))
+    u = tl.rand(key, logical(row, offs, S, NDIM) + base)
     value = clamp(1.0 + (2.0 * u - 1.0) * nu * scale, lo, hi)
     tl.store(p_ptr + offs, round_to(value, p_ptr.dtype.element_ty), mask=mask)
 
@@ -167,14 +174,21 @@ def _adaptive_kernel(
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     ptrs = (operand(row, 0, P0, ALIGNED), operand(row, 1, W0, ALIGNED))
-    key = tl.load(keys + t)
+    key = tl.load(keys + 2 * t)
+    base = tl.load(keys + 2 * t + 1)  # the shard's first global index
     denominator = tl.load(stats + t)  # mean|w| + 1e-8, from torch on the device
-    values = (key, denominator, nu, lo, hi)
+    values = (key, denominator, nu, lo, hi, base)
     for_tile(_adaptive_body, ptrs, values, row, offs, n, full, (S, NDIM))
 
 
 def weight_adaptive_(
-    rates: Tensors, weights: Tensors, keys: Sequence[int], nu: float, lo: float, hi: float
+    rates: Tensors,
+    weights: Tensors,
+    keys: Sequence[int],
+    nu: float,
+    lo: float,
+    hi: float,
+    spans=None,
 ) -> None:
     """``p = clamp(1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), 0.5, 1.5), lo, hi)``.
 
@@ -182,16 +196,17 @@ def weight_adaptive_(
     """
     rates, weights = list(rates), list(weights)
     stats = [[m + 1e-8] for m in abs_means(weights)]
+    offsets = flat_offsets(rates, spans)
     launch(
-        _adaptive_kernel, [rates, weights], written=(0,), keys=list(keys), stats=stats,
-        scalars=(float(nu), float(lo), float(hi)),
+        _adaptive_kernel, [rates, weights], written=(0,), keys=list(keys), offsets=offsets,
+        stats=stats, scalars=(float(nu), float(lo), float(hi)),
     )  # fmt: skip
 
 
 @triton.jit
 def _activity_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
     p_ptr, c_ptr = ptrs
-    key, mean_c, denominator, nu, lo, hi = values
+    key, mean_c, denominator, nu, lo, hi, base = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     mask = offs < n if MASKED else None
@@ -199,7 +214,7 @@ def _activity_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.c
     c = tl.load(c_ptr + unit_of(row, idx, S), mask=mask).to(tl.float32)
     ratio = tl.where(mean_c > 0, tl.math.div_rn(c, denominator), 1.0)
     factor = 2.0 - clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
-    new = clamp(1.0 + (2.0 * tl.rand(key, idx) - 1.0) * nu * factor, lo, hi)
+    new = clamp(1.0 + (2.0 * tl.rand(key, idx + base) - 1.0) * nu * factor, lo, hi)
     tl.store(p_ptr + offs, round_to(new, p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -211,21 +226,37 @@ def _activity_kernel(
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     ptrs = (operand(row, 0, P0, ALIGNED), per_unit(row, 1, C0))
-    key = tl.load(keys + t)
+    key = tl.load(keys + 2 * t)
+    base = tl.load(keys + 2 * t + 1)  # the shard's first global index
     mean_c = tl.load(stats + 2 * t)  # stats.activity_stats, on the device
     denominator = tl.load(stats + 2 * t + 1)
-    values = (key, mean_c, denominator, nu, lo, hi)
+    values = (key, mean_c, denominator, nu, lo, hi, base)
     for_tile(_activity_body, ptrs, values, row, offs, n, full, (S, NDIM))
 
 
 def activity_update_(
-    rates: Tensors, counts: Tensors, keys: Sequence[int], nu: float, lo: float, hi: float
+    rates: Tensors,
+    counts: Tensors,
+    keys: Sequence[int],
+    nu: float,
+    lo: float,
+    hi: float,
+    spans=None,
 ) -> None:
     """Redraw the rates from the activity of their output units (rows); formula in
     ``torch_backend.activity_update_``. Philox: ``U = tl.rand(key, i)``."""
     rates, counts = list(rates), list(counts)
-    stats = [list(activity_stats(c)) if p.numel() else [] for p, c in zip(rates, counts)]
+    try:
+        offsets = flat_offsets(rates, spans)
+    except ValueError:
+        # A transposed layer sharded across its units' rows: its unit-major rates are strided
+        # pieces of the layer. The torch backend's Philox draws the same numbers there.
+        with settings.override(rng="philox"):
+            return torch_backend.activity_update_(rates, counts, keys, nu, lo, hi, spans)
+    # Every layer's statistics first (a sharded mean is a collective, even for an empty shard).
+    fits = [activity_stats(c) for c in counts]
+    stats = [list(fit) if p.numel() else [] for p, fit in zip(rates, fits)]
     launch(
-        _activity_kernel, [rates], rows=[counts], written=(0,), keys=list(keys), stats=stats,
-        scalars=(float(nu), float(lo), float(hi)),
+        _activity_kernel, [rates], rows=[counts], written=(0,), keys=list(keys), offsets=offsets,
+        stats=stats, scalars=(float(nu), float(lo), float(hi)),
     )  # fmt: skip

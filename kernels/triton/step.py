@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from ..contract import StepParams
-from ..stats import abs_means, grads_nonzero
-from .launch import exp, for_tile, launch, logical, operand, round_to, tile
+from ..stats import crystallize_stats
+from .launch import exp, flat_offsets, for_tile, launch, logical, operand, round_to, tile
 
 Tensor = torch.Tensor
 Tensors = Sequence[Tensor]
@@ -46,7 +46,7 @@ def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
 @triton.jit
 def _step_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
     w_ptr, g_ptr, p_ptr = ptrs
-    key, mean_aw, nonzero, base_lr, neg_stability, variability, thresh, damp = values
+    key, mean_aw, nonzero, base_lr, neg_stability, variability, thresh, damp, base = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     VOLUME: tl.constexpr = FLAGS[2]
@@ -58,7 +58,7 @@ def _step_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.const
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     if VOLUME:
         m = base_lr * exp(neg_stability * tl.math.div_rn(aw, aw + 1.0))
-        z = tl.randn(key, logical(row, offs, S, NDIM))
+        z = tl.randn(key, logical(row, offs, S, NDIM) + base)
         g = round_to(g * (m * tl.abs(1.0 + variability * z)), GT).to(tl.float32)  # as stored
     if FUZZY or CRYSTALLIZE:
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
@@ -89,14 +89,16 @@ def _step_kernel(
     else:
         p_ptr = g_ptr  # volume scaling alone has no rates operand; never read
     key = 0
+    base = 0
     if VOLUME:
-        key = tl.load(keys + t)
+        key = tl.load(keys + 2 * t)
+        base = tl.load(keys + 2 * t + 1)  # the shard's first global index
     mean_aw = 0.0
     nonzero = 0.0
     if CRYSTALLIZE:
         mean_aw = tl.load(stats + 2 * t)  # stats.abs_means, computed on the device
         nonzero = tl.load(stats + 2 * t + 1)  # stats.grads_nonzero, of the unscaled gradient
-    values = (key, mean_aw, nonzero, base_lr, neg_stability, variability, thresh, damp)
+    values = (key, mean_aw, nonzero, base_lr, neg_stability, variability, thresh, damp, base)
     for_tile(
         _step_body,
         (w_ptr, g_ptr, p_ptr),
@@ -115,14 +117,17 @@ def bio_step_(
     rates: Optional[Tensors],
     keys: Optional[Sequence[int]],
     params: StepParams,
+    spans=None,
 ) -> None:
     """Volume scaling, fuzzy scaling and crystallization (each as ``params`` says) in ONE pass
     over memory; equal to the separate ops called in that order with the same key (the
-    gradient is rounded to its dtype between the stages, as the separate ops store it)."""
+    gradient is rounded to its dtype between the stages, as the separate ops store it).
+    ``spans``: local shards of a sharded layer draw at their global index."""
     p = params
     if not p.any:
         return
     weights, grads = list(weights), list(grads)
+    offsets = flat_offsets(weights, spans) if p.volume else None
     elems = [weights, grads]
     uses_rates = p.fuzzy or p.crystallize
     if uses_rates:
@@ -130,12 +135,10 @@ def bio_step_(
     written = ((1,) if p.volume or p.fuzzy else ()) + ((2,) if p.crystallize else ())
     launch(
         _step_kernel, elems, written=written,
-        keys=list(keys) if p.volume else None,
-        stats=(
-            [[m, nz] for m, nz in zip(abs_means(weights), grads_nonzero(grads))]
-            if p.crystallize
-            else None
-        ),
+        keys=list(keys) if p.volume else None, offsets=offsets,
+        stats=[[m, nz] for m, nz in zip(*crystallize_stats(weights, grads))]
+        if p.crystallize
+        else None,
         # Without rates the kernel's P0 is None (it goes first: it follows the witnesses).
         scalars=(() if uses_rates else (None,)) + (
             float(p.base_lr), -float(p.stability_factor), float(p.lr_variability),
@@ -159,10 +162,11 @@ def volume_scale_(
     base_lr: float,
     stability_factor: float,
     lr_variability: float,
+    spans=None,
 ) -> None:
     """``g *= |N(m, lr_variability*m)|``, ``m = base_lr*exp(-stability_factor*|w|/(|w|+1))``.
 
     Philox: ``z = tl.randn(key, i)``.
     """
     params = StepParams.volume_only(base_lr, stability_factor, lr_variability)
-    bio_step_(weights, grads, None, keys, params)
+    bio_step_(weights, grads, None, keys, params, spans)
