@@ -1,8 +1,10 @@
 """``BioModule``: the bio mechanisms attached to one ``Linear``/``Conv`` layer as ``layer.bio_mod``.
 
-Every method here calls the backend op of ``bio_transformations.kernels`` with one-element
-lists, so there is one implementation of each formula per backend; the model-level methods
-(``bio_transformations.model_methods``) call the same ops once per (device, dtype) group.
+Every mechanism method calls the grouped implementation in
+:mod:`bio_transformations.functional` with this layer alone, so there is one implementation of
+each mechanism; the model-level methods call the same functions with every converted layer.
+The module is longer than ~500 lines because it also holds the layer's checkpoint format (the
+tensor extra state, and loading the published package's and earlier checkpoints).
 """
 
 from __future__ import annotations

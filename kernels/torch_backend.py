@@ -10,6 +10,9 @@ Random numbers come from :mod:`~bio_transformations.kernels.rng`: Triton's Philo
 ``BIO_RNG=philox`` (bit-identical to the Triton backend), torch's samplers otherwise. Each op's
 docstring says which of the four Philox outputs ``r0..r3``
 (:func:`~bio_transformations.kernels.philox.randint4x`) it uses.
+
+This module is longer than the others on purpose: it is the reference of every op, so each
+formula is found here in one search, with the one-pass CPU step beside the ops it fuses.
 """
 
 from __future__ import annotations
