@@ -78,6 +78,7 @@ def pytest_configure(config):
     config._bio_meta = {
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "git": provenance.git_state(ROOT),  # at the start: the code this run measures
     }
 
 
@@ -229,7 +230,7 @@ def machine_info(config) -> dict:
             "quick": bool(config.getoption("--bio-quick")),
             "plan": (bc.QUICK_PLAN if config.getoption("--bio-quick") else bc.FULL_PLAN).__dict__,
             "crystallize_mask_fraction_training": bc.CRYSTALLIZE_MASK_FRACTION,
-            "git": provenance.git_state(ROOT),
+            "git_changed_during_run": provenance.git_state(ROOT) != info["git"],
             "recorded": os.environ.get("BIO_BENCH_RECORD") == "1",
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "command": os.environ.get("BIO_BENCH_COMMAND")

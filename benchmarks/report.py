@@ -199,9 +199,10 @@ def commit_line(bio: dict) -> str:
     state = "clean tree" if git.get("dirty") is False else "**uncommitted changes**"
     if git.get("dirty") and git.get("changed"):
         state += " to " + ", ".join(f"`{c}`" for c in git["changed"][:5])
+    moved = "; **the checkout changed during the run**" if bio.get("git_changed_during_run") else ""
     return (
         f"- Commit: `{git['commit']}` ({git.get('describe')}, branch {git.get('branch')}, "
-        f"committed {git.get('commit_date')}); {state}; {recorded}"
+        f"committed {git.get('commit_date')}); {state} at the start; {recorded}{moved}"
     )
 
 

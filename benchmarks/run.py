@@ -120,10 +120,14 @@ def main(argv=None) -> int:
     if not os.path.exists(fresh_json):
         print(f"no results were written (pytest exit code {code})", file=sys.stderr)
         return code or 1
-    if args.record and provenance.git_state(ROOT)["commit"] != commit_before:
-        os.remove(fresh_json)
-        print("HEAD moved during the run: nothing recorded", file=sys.stderr)
-        return 2
+    if args.record:
+        moved = provenance.git_state(ROOT)["commit"] != commit_before
+        problem = "HEAD moved" if moved else provenance.recording_problem(ROOT)
+        if problem:
+            os.remove(fresh_json)
+            print(f"the checkout changed during the run ({problem}): nothing recorded",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     os.replace(fresh_json, results_json)
 
     import report

@@ -103,7 +103,7 @@ def test_report_on_a_tiny_json(tmp_path):
     assert report.main([str(path), str(outdir), "--quiet"]) == 0
     text = (outdir / "results.md").read_text()
     assert "Test CPU" in text and "2 CPU threads" in text
-    assert f"`{'a' * 40}`" in text and "clean tree; recorded run" in text
+    assert f"`{'a' * 40}`" in text and "clean tree at the start; recorded run" in text
     assert "| crystallize | 4M | ours (torch) | 8 ms |" in text
     assert "6.25x" in text  # upstream / ours at 4M
     assert "0.50x" in text  # copy / ours: the fraction of copy bandwidth
