@@ -41,9 +41,10 @@ docs: $(STAMP)
 	$(VENV)/bin/sphinx-build -q -W --keep-going -b doctest docs docs/_build/doctest
 
 # Benchmarks against the published package (installed into benchmarks/.upstream on first use).
-# QUICK=1: short rounds into build/bench-quick (keeps the recorded results untouched).
+# Results go to build/bench (QUICK=1: short rounds, build/bench-quick). RECORD=1 records a full
+# run into benchmarks/results/<device> and refuses a tree with uncommitted tracked changes.
 bench: $(STAMP)
-	$(PY) benchmarks/run.py $(if $(QUICK),--quick --out build/bench-quick,) $(ARGS)
+	$(PY) benchmarks/run.py $(if $(RECORD),--record,) $(if $(QUICK),--quick,) $(ARGS)
 
 # Long-run reliability check (not part of make test): 10,000 steps, checked every 1,000.
 soak: $(STAMP)

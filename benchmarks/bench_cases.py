@@ -8,7 +8,7 @@ data and time it the same way.
 Timing protocol, identical for every contender: before each round the tensors the op writes are
 restored from pristine copies (not timed), then one call is timed with ``time.perf_counter``
 (CUDA is synchronised inside the timed region). The contenders of one group are timed in
-interleaved blocks of rounds (see :class:`Plan`). Without the restore, repeated calls would drive
+interleaved repeats (see :class:`Plan`). Without the restore, repeated calls would drive
 gradients and rates into subnormal numbers (volume scaling multiplies by ~0.1 per call,
 crystallization by 0.6) and time something no training loop does.
 """
@@ -72,7 +72,7 @@ OPS: Dict[str, OpSpec] = {
         OpSpec("fuzzy", "fuzzy scaling (g *= p)", 3, ("g",)),
         OpSpec("crystallize", "crystallize", 5, ("p",)),
         OpSpec("volume", "volume-dependent lr", 3, ("g",)),
-        OpSpec("rejuvenate", "rejuvenation", 3, ("w",)),
+        OpSpec("rejuvenate", "rejuvenation (not upstream's rule)", 3, ("w",)),
         OpSpec("temporal", "rate update: temporal (decay + noise)", 2, ("p",)),
         OpSpec("weight_adaptive", "rate update: weight-adaptive", 3, ("p",)),
         OpSpec("dale", "Dale enforcement", 2, ("w",)),
@@ -83,7 +83,7 @@ OPS: Dict[str, OpSpec] = {
 #: Model-level ops: ``step`` is volume + fuzzy + crystallize over every layer.
 MODEL_OPS: Dict[str, OpSpec] = {
     "step": OpSpec("step", "model step (volume + fuzzy + crystallize)", 6, ("g", "p")),
-    "rejuvenate": OpSpec("rejuvenate", "model rejuvenation", 3, ("w",)),
+    "rejuvenate": OpSpec("rejuvenate", "model rejuvenation (not upstream's rule)", 3, ("w",)),
 }
 MODELS: Tuple[str, ...] = ("mlp64", "resnet")
 MODEL_TITLES = {
@@ -166,18 +166,52 @@ def random_like_weights(shape: Sequence[int], dev: torch.device, seed: int) -> T
     return w, g, p
 
 
+#: The fraction of weights ``crystallize()`` selects in real training, printed by
+#: ``python benchmarks/mask_fraction.py`` (FCNet 40-1000-10 on MNIST-1D, SGD lr 0.1, batch 100,
+#: volume + fuzzy + crystallize before each step, 5 epochs, seeds 0-2: 0.396, rising from 0.08
+#: in the first epoch to 0.60 in the fifth, almost all from the ``|g|/|w| < crystal_thresh``
+#: branch; the experiment's CNN: 0.48). Every benchmark gradient is built to select it.
+CRYSTALLIZE_MASK_FRACTION = 0.40
+
+
+def select_for_crystallize_(w: torch.Tensor, g: torch.Tensor, fraction: float, seed: int) -> None:
+    """Make about ``fraction`` of ``g`` satisfy crystallize's mask, as in training (the
+    ``|g|/|w| < crystal_thresh`` branch): at uniformly random positions ``g = w*thresh*u`` with
+    ``u`` uniform in [0, 1). Uniform positions give no contender a branch-prediction gift."""
+    gen = _generator(w.device, seed)
+    chosen = torch.rand(w.shape, generator=gen, device=w.device) < fraction
+    u = torch.rand(w.shape, generator=gen, device=w.device)
+    g.copy_(torch.where(chosen, w * (CRYSTAL_THRESH * u), g))
+
+
+def crystallize_mask_fraction(w: torch.Tensor, g: torch.Tensor) -> float:
+    """The fraction of weights crystallize's mask ``(|g|/|w| < thresh) | (|g| > mean|w|)``
+    selects on ``(w, g)``."""
+    aw, ag = w.abs(), g.abs()
+    return float(((ag / aw < CRYSTAL_THRESH) | (ag > aw.mean())).float().mean())
+
+
+def rejuvenation_probability(w: torch.Tensor) -> float:
+    """The expected fraction of weights rejuvenation replaces on ``w``: the mean of
+    ``exp(-dre*|w|/std(w))`` over the clamped weights (the same law in upstream's rule and
+    ours)."""
+    wc = torch.nan_to_num(w, nan=0.0).clamp(-1.0, 1.0)
+    return float(torch.exp(-DRE * wc.abs() / wc.std().clamp_min(1e-12)).mean())
+
+
 _data_cache: Dict[Tuple[str, str], Tuple] = {}
 
 
 def layer_data(size: str, device: str) -> Tuple:
-    """Pristine ``(w, g, p)`` for a square layer of ``SIZES[size]`` weights (cached; only one
-    size is kept at a time so 64M-weight GPU cases do not pile up)."""
+    """Pristine ``(w, g, p)`` for a square layer of ``SIZES[size]`` weights, ``g`` selecting
+    :data:`CRYSTALLIZE_MASK_FRACTION` for crystallize (cached; only one size is kept at a time so
+    64M-weight GPU cases do not pile up)."""
     key = (size, device)
     if key not in _data_cache:
         _data_cache.clear()
-        _data_cache[key] = random_like_weights(
-            square_shape(SIZES[size]), torch_device(device), seed=1234
-        )
+        w, g, p = random_like_weights(square_shape(SIZES[size]), torch_device(device), seed=1234)
+        select_for_crystallize_(w, g, CRYSTALLIZE_MASK_FRACTION, seed=4321)
+        _data_cache[key] = (w, g, p)
     return _data_cache[key]
 
 
@@ -280,11 +314,13 @@ def learnable_layers(model: nn.Module) -> List[nn.Module]:
 
 
 def model_data(model: nn.Module) -> List[Tuple]:
-    """Pristine ``(w, g, p)`` per learnable layer; sets each weight's ``.grad`` to a copy of g."""
+    """Pristine ``(w, g, p)`` per learnable layer (``g`` selecting the trained mask fraction);
+    sets each weight's ``.grad`` to a copy of g."""
     out = []
     for i, layer in enumerate(learnable_layers(model)):
         w = layer.weight.detach().clone()
         _, g, p = random_like_weights(w.shape, w.device, seed=100 + i)
+        select_for_crystallize_(w, g, CRYSTALLIZE_MASK_FRACTION, seed=200 + i)
         layer.weight.grad = g.clone()
         out.append((w, g, p))
     return out
@@ -390,26 +426,29 @@ MODEL_FORMULAS: Dict[str, Callable] = {"step": bio_step_formula, "rejuvenate": r
 
 @dataclass(frozen=True)
 class Plan:
-    """How long to time one contender: rounds fill ``budget_s`` seconds within the bounds, run
-    in ``blocks`` blocks interleaved with the other contenders of the group (round-robin), so a
-    burst of load from other processes hits every contender alike."""
+    """How long to time one contender. A group is timed in ``repeats`` interleaved repeats: each
+    repeat runs every contender of the group in turn (the order rotating from repeat to repeat),
+    each for ``rounds(seconds per call)`` rounds, so a burst of load from other processes falls
+    on all of them alike and shows up as spread between repeats."""
 
-    budget_s: float = 1.0
-    min_rounds: int = 7
-    max_rounds: int = 200
+    budget_s: float = 0.3  # per contender and repeat
+    min_rounds: int = 5  # per repeat
+    max_rounds: int = 60  # per repeat
     warmup: int = 2
-    blocks: int = 7
+    repeats: int = 5
+
+    def __post_init__(self) -> None:
+        if self.repeats < 3:
+            raise ValueError(f"a plan needs at least 3 repeats, not {self.repeats}")
 
     def rounds(self, seconds_per_call: float) -> int:
+        """Rounds per repeat."""
         wanted = math.ceil(self.budget_s / max(seconds_per_call, 1e-7))
         return max(self.min_rounds, min(self.max_rounds, wanted))
 
-    def per_block(self, rounds: int) -> int:
-        return max(1, math.ceil(rounds / self.blocks))
-
 
 FULL_PLAN = Plan()
-QUICK_PLAN = Plan(budget_s=0.2, min_rounds=5, max_rounds=60, warmup=1, blocks=5)
+QUICK_PLAN = Plan(budget_s=0.06, min_rounds=3, max_rounds=20, warmup=1, repeats=3)
 
 
 def synchronizer(device: str) -> Callable[[], None]:
@@ -419,7 +458,7 @@ def synchronizer(device: str) -> Callable[[], None]:
 
 
 def probe(call: Callable, restore: Callable, sync: Callable, plan: Plan) -> int:
-    """Warm up (compiles, caches, allocator), time one call and return the rounds to run."""
+    """Warm up (compiles, caches, allocator), time one call and return the rounds per repeat."""
     for _ in range(plan.warmup):
         restore()
         sync()

@@ -1,8 +1,9 @@
 """The pytest side of the benchmarks: cases, contenders, the upstream worker, recording.
 
 The contenders of one group (one op at one size on one device) are timed together, in
-interleaved blocks of rounds (:func:`measure_group`), and each test records its contender's
-samples into pytest-benchmark (stats, groups, JSON). The contenders:
+interleaved repeats (:func:`measure_group`), and each test hands its contender's timed samples
+to the :class:`Recorder`, which computes the statistics and writes the results JSON itself (no
+timing plugin). The contenders:
 
 ``upstream``        the published ``pytorch-bio-transformations==0.0.5``, timed in a separate
                     process (``upstream_runner.py --serve``; same import name as ours) with the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -434,13 +436,17 @@ class UpstreamContender:
 
 @dataclass
 class Result:
-    """A contender's samples (seconds per call), or why it has none."""
+    """A contender's samples (seconds per call) per repeat, or why it has none."""
 
-    samples: List[float] = field(default_factory=list)
-    rounds_planned: int = 0
+    repeats: List[List[float]] = field(default_factory=list)
+    rounds_planned: int = 0  # per repeat
     skip: Optional[str] = None
     error: Optional[str] = None
     info: dict = field(default_factory=dict)
+
+    @property
+    def samples(self) -> List[float]:
+        return [s for repeat in self.repeats for s in repeat]
 
 
 def unavailable(case: Case) -> Optional[str]:
@@ -458,11 +464,12 @@ def unavailable(case: Case) -> Optional[str]:
 def measure_group(
     cases: Sequence[Case], plan: bc.Plan, threads: int, worker: Callable[[], UpstreamWorker]
 ) -> Dict[Case, Result]:
-    """Time the contenders of one group: prepare each (build, warm up, plan its rounds), then
-    ``plan.blocks`` blocks in which every contender runs its share of rounds, the order rotating
-    from block to block, so load from other processes falls on all of them alike. A contender
-    that cannot run gets a skip (torch.compile failed: an optional peer) or an error, and the
-    others go on."""
+    """Time the contenders of one group: prepare each (build, warm up, plan its rounds per
+    repeat), then ``plan.repeats`` repeats, each running every contender in turn for its rounds,
+    the order rotating from repeat to repeat, so load from other processes falls on all of them
+    alike. Repeat ``i`` of every contender is recorded as its repeat ``i``: ratios are taken per
+    repeat. A contender that cannot run gets a skip (torch.compile failed: an optional peer) or
+    an error, and the others go on."""
     results: Dict[Case, Result] = {c: Result() for c in cases}
     ready: list = []
     for case in cases:
@@ -481,12 +488,12 @@ def measure_group(
             continue
         results[case].rounds_planned = rounds
         results[case].info = contender.info
-        ready.append((contender, plan.per_block(rounds)))
+        ready.append((contender, rounds))
     try:
-        for block in range(plan.blocks):
-            shift = block % max(1, len(ready))
+        for repeat in range(plan.repeats):
+            shift = repeat % max(1, len(ready))
             for contender, n in ready[shift:] + ready[:shift]:
-                results[contender.case].samples += contender.time(n)
+                results[contender.case].repeats.append(contender.time(n))
     except Exception as exc:
         for contender, _ in ready:
             results[contender.case].error = f"{type(exc).__name__}: {exc}"
@@ -504,22 +511,84 @@ def measure_group(
 # ---------------------------------------------------------------------------------------------
 
 
-def record_samples(benchmark, samples: Sequence[float]) -> None:
-    """Record samples timed by :func:`measure_group` as this benchmark's rounds.
+_facts_cache: Dict[Tuple[str, str, str, str], dict] = {}
 
-    pytest-benchmark has no public call for this; ``_make_stats`` is what its own ``pedantic``
-    uses, so the stats (median, IQR, raw data in ``--benchmark-json``) are computed as usual.
-    """
-    make_stats = getattr(benchmark, "_make_stats", None)
-    if make_stats is None:
-        raise RuntimeError(
-            "this pytest-benchmark version has no BenchmarkFixture._make_stats; "
-            "record_samples in benchmarks/bench_harness.py needs updating"
-        )
-    stats = make_stats(1)
-    for s in samples:
-        stats.update(s)
-    benchmark._mode = "bench_harness.measure_group samples"
+
+def input_facts(case: Case) -> dict:
+    """Facts of the inputs every contender of ``case``'s group gets (computed from the data,
+    so the same for all): the fraction crystallize's mask selects, for the ops that crystallize;
+    the expected fraction rejuvenation replaces (the same law in both rules)."""
+    key = (case.kind, case.op, case.size, case.device)
+    if key not in _facts_cache:
+        if case.kind == "op":
+            data = [bc.layer_data(case.size, case.device)]
+        else:
+            data = bc.model_data(bc.build_model(case.size, case.device))
+        total = sum(w.numel() for w, _, _ in data)
+
+        def weighted(fn) -> float:
+            return sum(fn(w, g) * w.numel() for w, g, _ in data) / total
+
+        facts: dict = {}
+        if case.op in ("crystallize", "bio_step", "step"):
+            facts["input_mask_fraction"] = weighted(bc.crystallize_mask_fraction)
+            facts["training_mask_fraction"] = bc.CRYSTALLIZE_MASK_FRACTION
+        if case.op == "rejuvenate":
+            facts["replace_probability"] = weighted(lambda w, g: bc.rejuvenation_probability(w))
+        _facts_cache[key] = facts
+    return dict(_facts_cache[key])
+
+
+def sample_stats(repeats: Sequence[Sequence[float]]) -> dict:
+    """Statistics of a contender's samples (field names as pytest-benchmark's JSON has them),
+    plus the median, minimum, maximum and rounds of each repeat."""
+    data = [s for repeat in repeats for s in repeat]
+    q1, _, q3 = statistics.quantiles(data, n=4) if len(data) > 1 else (data[0],) * 3
+    return {
+        "min": min(data),
+        "max": max(data),
+        "mean": statistics.fmean(data),
+        "stddev": statistics.stdev(data) if len(data) > 1 else 0.0,
+        "median": statistics.median(data),
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "rounds": len(data),
+        "repeats": [
+            {"median": statistics.median(r), "min": min(r), "max": max(r), "rounds": len(r)}
+            for r in repeats
+        ],
+        "data": data,
+    }
+
+
+class Recorder:
+    """Collects each case's result (its own timed samples) and writes the results JSON:
+    ``{"benchmarks": [{"group", "name", "stats", "extra_info"}, ...], "datetime", "bio"}``."""
+
+    def __init__(self) -> None:
+        self.benchmarks: List[dict] = []
+
+    def add(self, name: str, case: Case, result: Result, extra_info: dict) -> dict:
+        entry = {
+            "group": case.group,
+            "name": name,
+            "stats": sample_stats(result.repeats),
+            "extra_info": extra_info,
+        }
+        self.benchmarks.append(entry)
+        return entry
+
+    def write(self, path: str, bio: dict) -> None:
+        data = {
+            "datetime": bio.get("finished") or bio.get("started"),
+            "bio": bio,
+            "benchmarks": self.benchmarks,
+        }
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
 
 
 @dataclass

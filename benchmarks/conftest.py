@@ -8,6 +8,8 @@ Options (all optional):
 ``--bio-contenders``    comma list of ``upstream,ours,compile,copy,plain`` (default: all)
 ``--bio-sizes``         comma list of size labels (default: 64K,1M,4M on CPU, plus 16M,64M on GPU)
 ``--bio-threads``       torch CPU threads (default 2)
+``--bio-json``          write the results (every case's timed samples per repeat, the machine,
+                        the git commit) to this JSON file when the session ends
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
 import bench_cases as bc  # noqa: E402
 import bench_harness as bh  # noqa: E402
+import provenance  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -42,6 +47,7 @@ def pytest_addoption(parser):
     )
     group.addoption("--bio-sizes", default="", help="comma list of size labels, e.g. 64K,4M")
     group.addoption("--bio-threads", type=int, default=2, help="torch CPU threads (default 2)")
+    group.addoption("--bio-json", default="", help="write the results JSON here")
 
 
 def _families(config):
@@ -67,10 +73,12 @@ def _sizes(config):
 def pytest_configure(config):
     torch.set_num_threads(config.getoption("--bio-threads"))
     config._bio_progress = bh.Progress()
+    config._bio_recorder = bh.Recorder()
     config._bio_groups = {}
     config._bio_meta = {
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "git": provenance.git_state(ROOT),  # at the start: the code this run measures
     }
 
 
@@ -189,6 +197,17 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _memory_gb():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
 def machine_info(config) -> dict:
     import bio_transformations
     from bio_transformations import kernels
@@ -206,7 +225,13 @@ def machine_info(config) -> dict:
             "platform": platform.platform(),
             "bio_transformations": bio_transformations.__version__,
             "upstream": bh.UPSTREAM_REQUIREMENT,
+            "memory_gb": _memory_gb(),
+            "machine": platform.machine(),
             "quick": bool(config.getoption("--bio-quick")),
+            "plan": (bc.QUICK_PLAN if config.getoption("--bio-quick") else bc.FULL_PLAN).__dict__,
+            "crystallize_mask_fraction_training": bc.CRYSTALLIZE_MASK_FRACTION,
+            "git_changed_during_run": provenance.git_state(ROOT) != info["git"],
+            "recorded": os.environ.get("BIO_BENCH_RECORD") == "1",
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "command": os.environ.get("BIO_BENCH_COMMAND")
             or " ".join(["pytest", *config.invocation_params.args]),
@@ -225,5 +250,7 @@ def machine_info(config) -> dict:
     return info
 
 
-def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["bio"] = machine_info(config)
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--bio-json")
+    if path:
+        session.config._bio_recorder.write(path, machine_info(session.config))

@@ -1,9 +1,10 @@
-"""Regenerate the results table and plots from a pytest-benchmark JSON of the suite.
+"""Regenerate the results table and plots from the results JSON of the suite.
 
     python benchmarks/report.py RESULTS.json OUTDIR
 
-Writes ``OUTDIR/results.md`` (date, machine, the speed targets, one row per op, size and
-contender: median, IQR, min, ratio to upstream, fraction of copy bandwidth) and PNG plots
+Writes ``OUTDIR/results.md`` (date, commit, machine, inputs, the speed targets, one row per op,
+size and contender: median and the range of the repeat medians, ratio to upstream per repeat,
+fraction of copy bandwidth) and PNG plots
 ``OUTDIR/<device>_<op>.png`` (time against size, log-log, one line per contender) and
 ``OUTDIR/<device>_models.png`` (model-level steps, one bar per contender), and prints the table.
 Needs only the standard library and matplotlib (Agg backend).
@@ -103,9 +104,12 @@ class Row:
         self.contender: str = info["contender"]
         self.bytes_moved: int = int(info.get("bytes_moved", 0))
         self.median: float = stats["median"]
-        self.iqr: float = stats["iqr"]
         self.min: float = stats["min"]
         self.rounds: int = stats["rounds"]
+        #: The median of each interleaved repeat (repeat i of every contender of a group ran
+        #: in the same pass over the group).
+        self.repeat_medians: List[float] = [r["median"] for r in stats.get("repeats", [])]
+        self.info: dict = info
         prefix = "" if self.kind == "op" else f"{self.kind} "
         self.group: str = f"{prefix}{self.op} {self.size} {self.device}"  # as Case.group
 
@@ -146,6 +150,21 @@ def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     return num / den
 
 
+def per_repeat(num: Row, den: Row) -> List[float]:
+    """``num / den`` for each repeat both have (repeat i of both ran in the same pass)."""
+    return [a / b for a, b in zip(num.repeat_medians, den.repeat_medians) if b > 0]
+
+
+def fmt_range(values: List[float], fmt=fmt_ratio) -> str:
+    if not values:
+        return "-"
+    return f"{fmt(min(values))}-{fmt(max(values))}"
+
+
+def fmt_time_range(row: Row) -> str:
+    return fmt_range(row.repeat_medians, fmt_time)
+
+
 def machine_lines(data: dict) -> List[str]:
     bio = data.get("bio", {})
     date = bio.get("started") or data.get("datetime", "?")
@@ -154,27 +173,83 @@ def machine_lines(data: dict) -> List[str]:
     if load_start and load_end:
         load = f"; 1-minute load average {load_start[0]:.1f} at the start"
         load += f", {load_end[0]:.1f} at the end"
+    memory = f", {bio['memory_gb']:g} GB memory" if bio.get("memory_gb") else ""
     lines = [
         f"- Date: {date} (UTC), finished {bio.get('finished', '?')}",
-        f"- Machine: {bio.get('cpu_model', '?')}, {bio.get('cpu_count', '?')} CPUs{load}",
+        commit_line(bio),
+        f"- Machine: {bio.get('cpu_model', '?')}, {bio.get('cpu_count', '?')} CPUs{memory + load}",
         f"- torch {bio.get('torch', '?')} with {bio.get('torch_threads', '?')} CPU threads "
         f"(OMP_WAIT_POLICY={bio.get('omp_wait_policy')}), Python {bio.get('python', '?')}, "
         f"triton {bio.get('triton')}",
         f"- bio-transformations {bio.get('bio_transformations', '?')} against "
         f"`{bio.get('upstream', 'pytorch-bio-transformations==0.0.5')}`",
-        f"- Mode: {'quick' if bio.get('quick') else 'full'}"
+        f"- Mode: {'quick' if bio.get('quick') else 'full'}{plan_text(bio.get('plan'))}"
         + (f"; command: `{bio['command']}`" if bio.get("command") else ""),
     ]
     if bio.get("gpu"):
-        lines.insert(2, f"- GPU: {bio['gpu']} (Triton backend: {bio.get('triton_backend')})")
+        lines.insert(3, f"- GPU: {bio['gpu']} (Triton backend: {bio.get('triton_backend')})")
+    return lines
+
+
+def commit_line(bio: dict) -> str:
+    git = bio.get("git") or {}
+    recorded = "recorded run" if bio.get("recorded") else "not a recorded run"
+    if not git.get("commit"):
+        return f"- Commit: unknown (not a git checkout; {recorded})"
+    state = "clean tree" if git.get("dirty") is False else "**uncommitted changes**"
+    if git.get("dirty") and git.get("changed"):
+        state += " to " + ", ".join(f"`{c}`" for c in git["changed"][:5])
+    moved = "; **the checkout changed during the run**" if bio.get("git_changed_during_run") else ""
+    return (
+        f"- Commit: `{git['commit']}` ({git.get('describe')}, branch {git.get('branch')}, "
+        f"committed {git.get('commit_date')}); {state} at the start; {recorded}{moved}"
+    )
+
+
+def plan_text(plan: Optional[dict]) -> str:
+    if not plan:
+        return ""
+    return (
+        f", {plan['repeats']} interleaved repeats of {plan['min_rounds']}-{plan['max_rounds']} "
+        f"rounds (about {plan['budget_s']:g} s per contender and repeat)"
+    )
+
+
+def input_lines(rows: List[Row]) -> List[str]:
+    """The facts of the inputs the report's ratios depend on."""
+    masks = {r.group: r for r in rows if "input_mask_fraction" in r.info}
+    replaced = {r.group: r for r in rows if "replace_probability" in r.info}
+    lines = []
+    if masks:
+        trained = next(iter(masks.values())).info.get("training_mask_fraction")
+        fractions = [r.info["input_mask_fraction"] for r in masks.values()]
+        lines.append(
+            f"- **Crystallize inputs**: crystallize's mask selects {min(fractions):.3f}-"
+            f"{max(fractions):.3f} of the weights of every benchmark input (crystallize, "
+            f"bio_step, model and training steps), built to match the {trained:.2f} measured in "
+            "real training (`python benchmarks/mask_fraction.py`: FCNet on MNIST-1D, volume + "
+            "fuzzy + crystallize before every SGD step, 5 epochs, 3 seeds)."
+        )
+    if replaced:
+        probs = [r.info["replace_probability"] for r in replaced.values()]
+        lines.append(
+            f"- **Rejuvenation is not compared on equal work: upstream's rule differs.** Both "
+            f"replace weight i with probability exp(-dre*|w_i|/std(w)) ({min(probs):.3f}-"
+            f"{max(probs):.3f} of the weights of these inputs). Upstream then draws a "
+            "log-normal value for *every* weight, fitted to the signed weights' mean and std "
+            "(a mean at or below 0 is clamped to 1e-8), all positive; ours fits the log-normal "
+            "to |w| and gives each new weight a random sign, drawing only for the replaced "
+            "weights. Rows marked *different rule* compare these two algorithms, not one "
+            "algorithm twice."
+        )
     return lines
 
 
 def target_table(rows: List[Row]) -> List[str]:
     groups = by_group(rows)
     out = [
-        "| target | required | ours | upstream median | ours median | ratio (medians) "
-        "| ratio (minima) | met |",
+        "| target | required | ours | upstream median (repeats) | ours median (repeats) "
+        "| ratio of medians | ratio per repeat (worst-best) | met (worst repeat) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     found = False
@@ -188,13 +263,16 @@ def target_table(rows: List[Row]) -> List[str]:
                 continue
             found = True
             r_med = ratio(up.median, mine.median)
-            r_min = ratio(up.min, mine.min)
-            met = "yes" if r_med is not None and r_med >= required else "**no**"
+            repeats = per_repeat(up, mine)
+            met = "yes" if repeats and min(repeats) >= required else "**no**"
             label = f"{mine.title} at {size}" if kind == "op" else f"{mine.title}, {size}"
+            if op == "rejuvenate":
+                met += " (*different rule*)"
             out.append(
                 f"| {label} | >= {required:g}x | {CONTENDER_LABELS.get(name, name)} "
-                f"| {fmt_time(up.median)} | {fmt_time(mine.median)} | {fmt_ratio(r_med)} "
-                f"| {fmt_ratio(r_min)} | {met} |"
+                f"| {fmt_time(up.median)} ({fmt_time_range(up)}) "
+                f"| {fmt_time(mine.median)} ({fmt_time_range(mine)}) | {fmt_ratio(r_med)} "
+                f"| {fmt_range(repeats)} | {met} |"
             )
     return out if found else []
 
@@ -202,32 +280,38 @@ def target_table(rows: List[Row]) -> List[str]:
 def results_table(rows: List[Row]) -> List[str]:
     groups = by_group(rows)
     out = [
-        "| op | size | contender | median | IQR | min | rounds | vs upstream | of copy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | size | contender | median | repeat medians | rounds | vs upstream "
+        "(per repeat) | of copy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         group = groups[r.group]
         up = group.get("upstream")
         copy = group.get("copy")
-        vs_up = ratio(up.median, r.median) if up is not None else None
+        vs_up = "-"
+        if up is not None:
+            vs_up = f"{fmt_ratio(ratio(up.median, r.median))} ({fmt_range(per_repeat(up, r))})"
         of_copy = ratio(copy.median, r.median) if copy is not None else None
         op = r.op if r.kind == "op" else f"{r.kind} {r.op}"
+        if r.op == "rejuvenate":
+            op += " (*different rule*)"
         size = r.size if r.kind == "op" else f"{r.size} ({r.numel / 1e6:.2f}M)"
         out.append(
             f"| {op} | {size} | {CONTENDER_LABELS.get(r.contender, r.contender)} "
-            f"| {fmt_time(r.median)} | {fmt_time(r.iqr)} | {fmt_time(r.min)} | {r.rounds} "
-            f"| {fmt_ratio(vs_up)} | {fmt_ratio(of_copy)} |"
+            f"| {fmt_time(r.median)} | {fmt_time_range(r)} | {r.rounds} "
+            f"| {vs_up} | {fmt_ratio(of_copy)} |"
         )
     return out
 
 
 def train_table(rows: List[Row]) -> List[str]:
     """The training-step view: each bio step as a multiple of the plain forward+backward of
-    the same model, timed side by side (medians, and minima: the least disturbed rounds)."""
+    the same model, timed side by side (medians, and per repeat: a target is met only when the
+    worst repeat meets it)."""
     groups = by_group(rows)
     out = [
-        "| model | plain step | bio step | median | x plain (medians) | x plain (minima) "
-        "| target |",
+        "| model | plain step | bio step | median | x plain (medians) | x plain per repeat "
+        "(best-worst) | target (worst repeat) |",
         "|---|---|---|---|---|---|---|",
     ]
     found = False
@@ -237,15 +321,16 @@ def train_table(rows: List[Row]) -> List[str]:
             continue
         found = True
         target = ""
+        repeats = per_repeat(r, plain)
         for model, contender, most in TRAIN_TARGETS:
             if (r.size, r.contender) == (model, contender):
-                met = r.median <= most * plain.median
+                met = bool(repeats) and max(repeats) <= most
                 target = f"<= {most:g}x: {'met' if met else '**missed**'}"
         out.append(
             f"| {r.size} ({r.numel / 1e6:.2f}M) | {fmt_time(plain.median)} "
             f"| {CONTENDER_LABELS.get(r.contender, r.contender)} | {fmt_time(r.median)} "
             f"| {fmt_ratio(ratio(r.median, plain.median))} "
-            f"| {fmt_ratio(ratio(r.min, plain.min))} | {target} |"
+            f"| {fmt_range(repeats)} | {target} |"
         )
     return out if found else []
 
@@ -258,13 +343,17 @@ def markdown(data: dict, rows: List[Row]) -> str:
         "",
         "Each round restores the tensors the op writes (untimed) and times one call; CUDA is "
         "synchronised inside the timed region. The contenders of a group are timed together in "
-        "interleaved blocks of rounds (round-robin, the order rotating per block), so load from "
-        "other processes falls on all of them alike. The upstream package runs in its own "
-        "process (its import name is ours) on the same data with the same protocol. On a shared "
-        "machine compare the ratios within one run, not absolute times across runs.",
+        "interleaved repeats: each repeat runs every contender in turn (the order rotating from "
+        "repeat to repeat), so load from other processes falls on all of them alike. The "
+        "upstream package runs in its own process (its import name is ours) on the same data "
+        "with the same protocol. On a shared machine compare the ratios within one run, not "
+        "absolute times across runs.",
         "",
+        "- **median**: over all rounds of all repeats; **repeat medians**: the lowest and the "
+        "highest median of one repeat.",
         "- **vs upstream**: upstream median / this median (above 1: faster than "
-        "`pytorch-bio-transformations==0.0.5`).",
+        "`pytorch-bio-transformations==0.0.5`), and in brackets the lowest and highest ratio of "
+        "one repeat's medians. A target is **met only when the worst repeat meets it**.",
         "- **of copy**: copy median / this median, the fraction of `Tensor.copy_` bandwidth "
         "reached on the bytes the op must move (each input read once, each output written once, "
         "plus one read of w where a per-layer statistic of it is needed). `copy_` into another "
@@ -272,8 +361,9 @@ def markdown(data: dict, rows: List[Row]) -> str:
         "can exceed 1.",
         "- **torch.compile**: the same formulas as plain torch on one tensor, "
         "`torch.compile(dynamic=True)`; model-level: that function once per layer.",
-        "",
     ]
+    lines += input_lines(rows)
+    lines += [""]
     targets = target_table(rows)
     if targets:
         lines += [

@@ -1,15 +1,19 @@
-"""Run the benchmark suite and record its results.
+"""Run the benchmark suite and write its results.
 
-    python benchmarks/run.py                 # full run on this machine's device
-    python benchmarks/run.py --quick         # short rounds (a few minutes on 2 CPU cores)
+    python benchmarks/run.py                 # full run: build/bench/<device>/
+    python benchmarks/run.py --quick         # short rounds: build/bench-quick/<device>/
+    python benchmarks/run.py --record        # full run recorded into benchmarks/results/<device>/
     python benchmarks/run.py --device gpu    # the GPU cases (CUDA; Triton backend if it imports)
 
-Runs ``pytest benchmarks/test_bench.py`` (pytest-benchmark) with a progress line per group,
-writes ``OUT/results.json`` (the raw ``--benchmark-json``), then ``benchmarks/report.py``
-writes ``OUT/results.md`` and the PNG plots and the table is printed. ``OUT`` defaults to
-``benchmarks/results/<device>``. Arguments after ``--`` go to pytest (e.g. ``-- -k crystallize``).
-The published package is installed into ``benchmarks/.upstream`` on first use
-(``pip install --no-deps --target``); ``--contenders ours,compile,copy`` runs without it.
+Runs ``pytest benchmarks/test_bench.py`` with a progress line per group, writes
+``OUT/results.json`` (every case's timed samples per repeat, the machine, the git commit), then
+``benchmarks/report.py`` writes ``OUT/results.md`` and the PNG plots and the table is printed.
+Results go to ``build/`` unless ``--record`` is given (``make bench RECORD=1``): a recorded run
+must come from a clean tree (no uncommitted changes to tracked files), covers every case (no
+``-k``, ``--sizes``, ``--contenders`` or extra pytest arguments) and names its commit.
+Arguments after ``--`` go to pytest (e.g. ``-- -x``). The published package is installed into
+``benchmarks/.upstream`` on first use (``pip install --no-deps --target``);
+``--contenders ours,compile,copy`` runs without it.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import provenance  # noqa: E402
 
 
 def _default_device() -> str:
@@ -33,6 +41,12 @@ def _default_device() -> str:
         return "cpu"
 
 
+def default_out(device: str, quick: bool, record: bool) -> str:
+    if record:
+        return os.path.join(HERE, "results", device)
+    return os.path.join(ROOT, "build", "bench-quick" if quick else "bench", device)
+
+
 def main(argv=None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     argv, extra = raw, []
@@ -41,26 +55,47 @@ def main(argv=None) -> int:
         argv, extra = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short rounds")
+    parser.add_argument("--record", action="store_true", help="record into benchmarks/results/")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    parser.add_argument("--out", help="output folder (default benchmarks/results/<device>)")
-    parser.add_argument("--contenders", help="comma list of upstream,ours,compile,copy")
+    parser.add_argument("--out", help="output folder (default build/bench[-quick]/<device>)")
+    parser.add_argument("--contenders", help="comma list of upstream,ours,compile,copy,plain")
     parser.add_argument("--sizes", help="comma list of size labels, e.g. 64K,4M")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression")
     args = parser.parse_args(argv)
 
+    if args.record:
+        partial = [
+            name
+            for name, given in (
+                ("--out", args.out),
+                ("--contenders", args.contenders),
+                ("--sizes", args.sizes),
+                ("-k", args.keyword),
+                ("pytest arguments after --", extra),
+            )
+            if given
+        ]
+        if partial:
+            parser.error(f"--record records the whole suite: drop {', '.join(partial)}")
+        problem = provenance.recording_problem(ROOT)
+        if problem:
+            print(f"refusing to record: {problem}", file=sys.stderr)
+            return 2
+    commit_before = provenance.git_state(ROOT)["commit"]
+
     device = _default_device() if args.device == "auto" else args.device
-    out = os.path.abspath(args.out or os.path.join(HERE, "results", device))
+    out = os.path.abspath(args.out or default_out(device, args.quick, args.record))
     os.makedirs(out, exist_ok=True)
     results_json = os.path.join(out, "results.json")
-    if os.path.exists(results_json):
-        os.remove(results_json)
+    fresh_json = results_json + ".new"  # replaces results.json only when the run wrote it
+    if os.path.exists(fresh_json):
+        os.remove(fresh_json)
 
     cmd = [
         sys.executable, "-m", "pytest", os.path.join(HERE, "test_bench.py"),
         "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
-        f"--benchmark-json={results_json}", "--benchmark-quiet",
-        f"--bio-device={device}", f"--bio-threads={args.threads}",
+        f"--bio-json={fresh_json}", f"--bio-device={device}", f"--bio-threads={args.threads}",
     ]  # fmt: skip
     if args.quick:
         cmd.append("--bio-quick")
@@ -74,21 +109,33 @@ def main(argv=None) -> int:
 
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/conftest.py
-    shown = ["python", "benchmarks/run.py", *raw]
-    env["BIO_BENCH_COMMAND"] = shlex.join(shown)
-    print(f"benchmarks on {device} ({'quick' if args.quick else 'full'}), results in {out}")
+    env["BIO_BENCH_COMMAND"] = shlex.join(["python", "benchmarks/run.py", *raw])
+    env["BIO_BENCH_RECORD"] = "1" if args.record else "0"
+    mode = ("quick" if args.quick else "full") + (", recorded" if args.record else "")
+    print(f"benchmarks on {device} ({mode}), results in {out}")
     sys.stdout.flush()
+    start = time.perf_counter()
     code = subprocess.call(cmd, cwd=ROOT, env=env)
-    if not os.path.exists(results_json):
+    elapsed = time.perf_counter() - start
+    if not os.path.exists(fresh_json):
         print(f"no results were written (pytest exit code {code})", file=sys.stderr)
         return code or 1
+    if args.record:
+        moved = provenance.git_state(ROOT)["commit"] != commit_before
+        problem = "HEAD moved" if moved else provenance.recording_problem(ROOT)
+        if problem:
+            os.remove(fresh_json)
+            print(f"the checkout changed during the run ({problem}): nothing recorded",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    os.replace(fresh_json, results_json)
 
-    sys.path.insert(0, HERE)
     import report
 
     print()
     print(report.write_report(results_json, out))
     print(f"wrote {results_json}, {os.path.join(out, 'results.md')} and the plots")
+    print(f"the suite took {elapsed / 60:.1f} min")
     return code
 
 

@@ -2,9 +2,9 @@
 
 Cases come from ``conftest.pytest_generate_tests`` (ids like ``crystallize-4M-cpu-upstream``).
 The first case of a group measures the whole group (``bench_harness.measure_group``: the
-contenders interleaved in blocks of rounds); each case then records its own samples, and
-pytest-benchmark groups them by op, size and device so one table compares the contenders.
-Run through ``python benchmarks/run.py`` for the recorded JSON, table and plots.
+contenders interleaved in repeats); each case then hands its contender's timed samples to the
+session's ``bench_harness.Recorder``, which writes the results JSON (``--bio-json``).
+Run through ``python benchmarks/run.py`` for the JSON, the table and the plots.
 """
 
 from __future__ import annotations
@@ -13,44 +13,42 @@ import bench_harness as bh
 import pytest
 
 
-def _run(benchmark, case: bh.Case, group_result, pytestconfig) -> None:
+def _run(request, case: bh.Case, group_result, pytestconfig) -> None:
     reason = bh.unavailable(case)
     if reason:
         pytest.skip(reason)
-    benchmark.group = case.group  # read when the stats are made: set it first
     result = group_result(case)
     if result.skip:
         pytest.skip(result.skip)
     if result.error:
         pytest.fail(result.error, pytrace=False)
-    bh.record_samples(benchmark, result.samples)
     numel = case.numel()
-    benchmark.extra_info.update(
-        {
-            "kind": case.kind,
-            "op": case.op,
-            "title": case.spec.title,
-            "size": case.size,
-            "numel": numel,
-            "device": case.device,
-            "contender": case.contender,
-            "backend": case.backend,
-            "passes": case.spec.passes,
-            "bytes_moved": case.spec.passes * numel * 4,
-            "rounds_planned": result.rounds_planned,
-            **result.info,
-        }
-    )
-    pytestconfig._bio_progress.add(case, benchmark.stats.stats.median)
+    extra_info = {
+        "kind": case.kind,
+        "op": case.op,
+        "title": case.spec.title,
+        "size": case.size,
+        "numel": numel,
+        "device": case.device,
+        "contender": case.contender,
+        "backend": case.backend,
+        "passes": case.spec.passes,
+        "bytes_moved": case.spec.passes * numel * 4,
+        "rounds_planned_per_repeat": result.rounds_planned,
+        **bh.input_facts(case),
+        **result.info,
+    }
+    entry = pytestconfig._bio_recorder.add(request.node.name, case, result, extra_info)
+    pytestconfig._bio_progress.add(case, entry["stats"]["median"])
 
 
-def test_op(benchmark, case, group_result, pytestconfig):
-    _run(benchmark, case, group_result, pytestconfig)
+def test_op(request, case, group_result, pytestconfig):
+    _run(request, case, group_result, pytestconfig)
 
 
-def test_model(benchmark, case, group_result, pytestconfig):
-    _run(benchmark, case, group_result, pytestconfig)
+def test_model(request, case, group_result, pytestconfig):
+    _run(request, case, group_result, pytestconfig)
 
 
-def test_train(benchmark, case, group_result, pytestconfig):
-    _run(benchmark, case, group_result, pytestconfig)
+def test_train(request, case, group_result, pytestconfig):
+    _run(request, case, group_result, pytestconfig)
