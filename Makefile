@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.8.0
 
-.PHONY: install run test lint docs bench soak clean
+.PHONY: install run test lint docs bench soak gpu-static clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: $(STAMP)
 # Long-run reliability check (not part of make test): 10,000 steps, checked every 1,000.
 soak: $(STAMP)
 	$(PY) benchmarks/soak.py $(ARGS)
+
+# Static GPU report: every Triton kernel variant compiled for sm_90 and sm_80, no GPU needed.
+# ARGS="--compare benchmarks/results/gpu_static/before.json" diffs against the recorded BEFORE.
+gpu-static: $(STAMP)
+	$(PY) benchmarks/gpu_static.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) docs/_build .pytest_cache .benchmarks

@@ -1,0 +1,870 @@
+"""Static GPU report of the Triton backend: every kernel variant compiled ahead of time, no GPU.
+
+    python benchmarks/gpu_static.py                       # full report, sm_90 and sm_80
+    python benchmarks/gpu_static.py --subset test         # the representative subset the test uses
+    python benchmarks/gpu_static.py --compare OLD.json    # also diff against an earlier report
+    make gpu-static                                       # the full report
+
+Output (``--out``, default ``benchmarks/results/gpu_static/``): ``report.json`` (every variant),
+``report.md`` (summary tables), ``analysis_table.md`` (per-op instructions per element against
+the H200 bandwidth floor; with ``--compare`` the old report fills the "before" column) and, with
+``--compare``, ``compare.md``. Exit status 1 when a variant fails to compile.
+
+**Kernels** are found, not listed: every ``triton.JITFunction`` in
+``bio_transformations.kernels.triton_backend`` (or, once that module is split, in every submodule
+of the package ``bio_transformations.kernels.triton``) whose first five parameters are ``tab,
+blocks, keys, stats, counts`` -- the launch convention of the backend's ``_launch``. Helpers
+(``_tile``, the ``*_body`` functions, ...) are compiled inside them.
+
+**Signatures** follow from the parameter names (the naming convention of the backend):
+
+* ``tab`` ``*i64``, ``blocks`` ``*i32``, ``keys`` ``*i64``, ``stats`` ``*fp32``,
+  ``counts`` ``*i64`` (:data:`FIXED_PARAMS`);
+* a capital letter and digits (``W0``, ``G0``, ``P0``, ``S0``, ...) is an operand witness: a
+  pointer to the variant's element dtype, except the names in :data:`WITNESS_DTYPES` (``C0``,
+  the int64 activation counts);
+* any other runtime parameter is an ``fp32`` scalar (Python floats), except those in
+  :data:`INT_SCALARS` (``mode``);
+* constexprs: ``W`` (the table row width ``_Plan`` computes: witnesses + 4 + 3*NDIM) and
+  ``BLOCK`` (the module's ``BLOCK_SIZE``) are derived; ``NDIM`` takes :data:`NDIM_VALUES`; every
+  other constexpr is a boolean switch (``ALIGNED``, ``VOLUME``, ``FUZZY``, ``CRYSTALLIZE``, and any
+  flag added later) unless :data:`CONSTEXPR_VALUES` lists its values.
+
+Variants are the product of dtype (fp32, fp16, bf16) and every constexpr's values; each is
+compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_fp_fusion``) and
+16-byte divisibility on every pointer argument (what the JIT specialises for torch allocations).
+
+**Measured per variant** (``triton.compile`` of an ``ASTSource`` for ``GPUTarget("cuda", cap,
+32)``; ptxas and cuobjdump from the triton wheel, ``triton/backends/nvidia/bin``):
+
+* registers, stack frame, spill stores/loads: ptxas' own ``-v`` log (a fresh triton cache, so
+  ptxas always runs);
+* shared memory: the compiled kernel's metadata (bytes Triton allocates);
+* 128-bit accesses: ``LDG.E.128``/``STG.E.128`` in the SASS of the full-tile body, and
+  ``ld.global.v4``/``st.global.v4`` in the PTX of the whole kernel;
+* ``local_mem_hot_path``: local-memory instructions (``LDL``/``STL``: spills, or the stack
+  array of a slow path) on the hot path defined next;
+* SASS instructions in the hot path per element, defined as follows. The SASS
+  (``cuobjdump -sass``) is split into basic blocks; code reachable only through ``CALL`` (the
+  out-of-line slow paths, e.g. of correctly rounded division) is cut off. A block is *cold* if it
+  lies on a cycle (the Payne-Hanek loops of precise sin/cos for huge arguments) or makes a
+  ``CALL``. The kernel's first conditional forward branch splits the full-tile body (no masks:
+  unpredicated global loads/stores) from the masked tail-tile body; the full one is the side
+  with fewer predicated global memory instructions. The hot path is the longest path from the
+  entry through the full-tile body to ``EXIT`` over non-cold blocks (NOPs not counted): what a
+  thread executes on a full tile when no value takes a slow path, runtime branches taking their
+  longer side (``_temporal_kernel``: the noisy update; ``_init_kernel``: the longest mode).
+  Per element = that count / elements per thread (``BLOCK / (32 * num_warps)``, 8 here): one
+  thread's instructions amortised over the elements it handles, the prologue included. These
+  are issued (per-thread) instructions, not cycles: MUFU (ex2, lg2, rcp, sin/cos) issue at a
+  quarter of the FP32 rate, and latency is not modelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import io
+import itertools
+import json
+import os
+import pkgutil
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+# The interpreter replaces JITFunctions with InterpretedFunctions, which cannot be compiled.
+os.environ.pop("TRITON_INTERPRET", None)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu_static"
+
+#: Launch-convention parameters and their types.
+FIXED_PARAMS = {
+    "tab": "*i64",
+    "blocks": "*i32",
+    "keys": "*i64",
+    "stats": "*fp32",
+    "counts": "*i64",
+}
+#: Operand witnesses whose dtype is not the variant's element dtype.
+WITNESS_DTYPES = {"C0": "*i64"}  # activation counts (int64 buffer); Dale signs share w's dtype
+#: Runtime scalars that are not fp32.
+INT_SCALARS = {"mode": "i32"}
+#: NDIM: 0 (contiguous launch) .. 5 (a Conv3d weight dense in a permuted order).
+NDIM_VALUES = tuple(range(6))
+#: Values of constexprs that are not boolean switches (others: False, True).
+CONSTEXPR_VALUES: Dict[str, tuple] = {"NDIM": NDIM_VALUES}
+#: Derived constexprs (computed per variant, not switched).
+DERIVED = ("W", "BLOCK")
+DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}  # name -> bytes per element
+TARGETS = (90, 80)
+
+_WITNESS = re.compile(r"^[A-Z][0-9]+$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery and variants
+# ---------------------------------------------------------------------------------------------
+
+
+def kernel_modules() -> list:
+    """The Triton backend's modules: the single module while it exists, else the package's."""
+    name = "bio_transformations.kernels.triton_backend"
+    try:
+        return [importlib.import_module(name)]
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+    pkg = importlib.import_module("bio_transformations.kernels.triton")
+    mods = [pkg]
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        mods.append(importlib.import_module(info.name))
+    return mods
+
+
+def discover() -> Tuple[Dict[str, object], dict]:
+    """``({kernel name: JITFunction}, launch settings)`` from the backend's modules."""
+    import triton
+
+    kernels: Dict[str, object] = {}
+    settings: dict = {}
+    for mod in kernel_modules():
+        for obj in vars(mod).values():
+            if isinstance(obj, triton.runtime.JITFunction) and tuple(obj.arg_names[:5]) == tuple(
+                FIXED_PARAMS
+            ):
+                kernels.setdefault(obj.__name__, obj)
+        if "BLOCK_SIZE" in vars(mod):
+            settings.setdefault("BLOCK_SIZE", int(mod.BLOCK_SIZE))
+        if "_LAUNCH" in vars(mod):
+            settings.setdefault("options", dict(mod._LAUNCH))
+    if not kernels:
+        raise RuntimeError("no Triton kernel (parameters tab, blocks, ...) found in the backend")
+    if "BLOCK_SIZE" not in settings or "options" not in settings:
+        raise RuntimeError("the backend defines no BLOCK_SIZE or _LAUNCH (launch options)")
+    return dict(sorted(kernels.items())), settings
+
+
+def _switches(fn) -> Dict[str, tuple]:
+    """Each switched constexpr of ``fn`` and its values."""
+    out = {}
+    for p in fn.params:
+        if p.is_constexpr and p.name not in DERIVED:
+            out[p.name] = CONSTEXPR_VALUES.get(p.name, (False, True))
+    return out
+
+
+def signature(fn, dtype: str, constexprs: dict, block: int) -> Tuple[dict, dict, dict]:
+    """``(signature, constexprs with the derived ones, attrs)`` for one variant of ``fn``."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    witnesses = [p.name for p in fn.params if not p.is_constexpr and _WITNESS.match(p.name)]
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+            if name == "W":
+                consts[name] = len(witnesses) + 4 + 3 * int(constexprs.get("NDIM", 0))
+            elif name == "BLOCK":
+                consts[name] = block
+            elif name not in consts:
+                raise KeyError(f"{fn.__name__}: no value for constexpr {name}")
+            continue
+        if name in FIXED_PARAMS:
+            sig[name] = FIXED_PARAMS[name]
+        elif name in witnesses:
+            sig[name] = WITNESS_DTYPES.get(name, "*" + dtype)
+        else:
+            sig[name] = INT_SCALARS.get(name, "fp32")
+        if sig[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def variants(kernels: dict, subset: str = "full") -> List[dict]:
+    """Every (kernel, dtype, constexpr values) to compile. ``subset='test'`` keeps, per kernel,
+    fp32 aligned NDIM 0 with every other switch on, and for the kernel with the most switches
+    (the fused step) also bf16 aligned NDIM 0 and fp32 unaligned at the largest NDIM."""
+    out = []
+    widest = max(kernels, key=lambda k: len(_switches(kernels[k])))
+    for name, fn in kernels.items():
+        sw = _switches(fn)
+        if subset == "test":
+            flags = {k: True for k, v in sw.items() if k not in ("ALIGNED", "NDIM")}
+            picks = [("fp32", True, 0)]
+            if name == widest:
+                picks += [("bf16", True, 0), ("fp32", False, max(NDIM_VALUES))]
+            for dtype, aligned, ndim in picks:
+                combo = dict(flags)
+                if "ALIGNED" in sw:
+                    combo["ALIGNED"] = aligned
+                if "NDIM" in sw:
+                    combo["NDIM"] = ndim
+                out.append({"kernel": name, "dtype": dtype, "constexprs": combo})
+            continue
+        keys = list(sw)
+        for dtype in DTYPES:
+            for values in itertools.product(*(sw[k] for k in keys)):
+                out.append({"kernel": name, "dtype": dtype, "constexprs": dict(zip(keys, values))})
+    return out
+
+
+def variant_key(v: dict) -> str:
+    c = ",".join(f"{k}={int(x) if isinstance(x, bool) else x}" for k, x in v["constexprs"].items())
+    return f"{v['target']}|{v['kernel']}|{v['dtype']}|{c}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools from the triton wheel
+# ---------------------------------------------------------------------------------------------
+
+
+def nvidia_tool(name: str) -> str:
+    """``name`` from the triton wheel (``triton/backends/nvidia/bin``), else from PATH."""
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(
+            f"{name} is neither in the triton wheel ({path.parent}) nor on PATH"
+        )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# SASS analysis
+# ---------------------------------------------------------------------------------------------
+
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_GLOBAL_MEM = ("LDG", "STG", "ATOMG", "RED")
+
+
+class Instr:
+    __slots__ = ("addr", "pred", "op", "args")
+
+    def __init__(self, addr, pred, op, args):
+        self.addr, self.pred, self.op, self.args = addr, pred, op, args
+
+    @property
+    def conditional(self) -> bool:
+        return self.pred is not None and self.pred not in ("@PT", "@UPT")
+
+    def target(self) -> Optional[int]:
+        m = re.search(r"0x([0-9a-f]+)", self.args)
+        return int(m.group(1), 16) if m else None
+
+    @property
+    def base(self) -> str:
+        return self.op.split(".")[0]
+
+
+def parse_sass(text: str) -> List[Instr]:
+    out = []
+    for m in _SASS.finditer(text):
+        pred = m.group(2).strip() if m.group(2) else None
+        out.append(Instr(int(m.group(1), 16), pred, m.group(3), m.group(4).strip()))
+    if not out:
+        raise ValueError("no SASS instructions found in the cuobjdump output")
+    return out
+
+
+def _sccs(nodes, succ) -> List[list]:
+    """Tarjan's strongly connected components (iterative)."""
+    index, low, on, stack, comps, counter = {}, {}, set(), [], [], [0]
+    for root in nodes:
+        if root in index:
+            continue
+        work = [(root, iter(succ[root]))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            advanced = False
+            for w in it:
+                if w not in index:
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(succ[w])))
+                    advanced = True
+                    break
+                if w in on:
+                    low[v] = min(low[v], index[w])
+            if advanced:
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                comps.append(comp)
+    return comps
+
+
+def analyse_sass(text: str) -> dict:
+    """Hot-path instruction count and 128-bit accesses of one kernel's SASS (see the module
+    docstring for the definition)."""
+    instrs = parse_sass(text)
+    calls = [i.target() for i in instrs if i.base == "CALL" and i.target() is not None]
+    end = min(calls) if calls else instrs[-1].addr + 16
+    body = [i for i in instrs if i.addr < end]
+    while body and (
+        body[-1].base == "NOP"
+        or (
+            body[-1].base == "BRA"
+            and not body[-1].conditional
+            and body[-1].target() == body[-1].addr
+        )
+    ):
+        body.pop()  # the trailing self-branch and padding
+    addrs = [i.addr for i in body]
+    leaders = {addrs[0]}
+    for k, i in enumerate(body):
+        if i.base in ("BRA", "EXIT", "RET", "CALL", "BRX", "JMX", "JMP"):
+            if k + 1 < len(body):
+                leaders.add(body[k + 1].addr)
+            if i.base in ("BRA", "JMP") and i.target() is not None and i.target() < end:
+                leaders.add(i.target())
+        if i.base in ("BRX", "JMX"):
+            raise ValueError("indirect branch in the SASS: the hot-path analysis cannot follow it")
+    starts = sorted(a for a in leaders if a in set(addrs))
+    blocks: Dict[int, List[Instr]] = {}
+    pos = {a: k for k, a in enumerate(addrs)}
+    for j, s in enumerate(starts):
+        stop = pos[starts[j + 1]] if j + 1 < len(starts) else len(body)
+        blocks[s] = body[pos[s] : stop]
+    succ: Dict[int, list] = {}
+    exits = set()
+    for j, s in enumerate(starts):
+        last = blocks[s][-1]
+        nxt = starts[j + 1] if j + 1 < len(starts) else None
+        out = []
+        if last.base in ("BRA", "JMP"):
+            if last.target() in blocks:
+                out.append(last.target())
+            if last.conditional and nxt is not None:
+                out.append(nxt)
+        elif last.base in ("EXIT", "RET"):
+            exits.add(s)
+            if last.conditional and nxt is not None:
+                out.append(nxt)
+        elif nxt is not None:
+            out.append(nxt)
+        succ[s] = out
+    cold = {s for s in starts if any(i.base == "CALL" for i in blocks[s])}
+    for comp in _sccs(starts, succ):
+        if len(comp) > 1 or comp[0] in succ[comp[0]]:
+            cold.update(comp)
+    # The split between the full-tile and the masked tail-tile bodies.
+    split = next(
+        (i for i in body if i.base == "BRA" and i.conditional and (i.target() or 0) > i.addr),
+        None,
+    )
+    if split is None:
+        region = (addrs[0], end)
+        prologue_end = addrs[0]
+    else:
+        a = (split.addr + 1, split.target())
+        b = (split.target(), end)
+
+        def predicated_mem(lo, hi):
+            return sum(
+                1 for i in body if lo <= i.addr < hi and i.base in _GLOBAL_MEM and i.conditional
+            )
+
+        region = a if predicated_mem(*a) <= predicated_mem(*b) else b
+        prologue_end = split.addr + 1
+
+    def allowed(s):
+        return s not in cold and (s < prologue_end or region[0] <= s < region[1])
+
+    weight = {s: sum(1 for i in blocks[s] if i.base != "NOP") for s in starts}
+    memo: Dict[int, Optional[int]] = {}
+    nxt_on_path: Dict[int, Optional[int]] = {}
+
+    def longest(s) -> Optional[int]:  # acyclic over non-cold blocks
+        if s in memo:
+            return memo[s]
+        memo[s] = None  # guards against a cycle that escaped the SCC pass
+        best, choice = (0 if s in exits else None), None
+        for t in succ[s]:
+            if allowed(t):
+                sub = longest(t)
+                if sub is not None and (best is None or sub > best):
+                    best, choice = sub, t
+        memo[s] = None if best is None else best + weight[s]
+        nxt_on_path[s] = choice
+        return memo[s]
+
+    sys.setrecursionlimit(max(10000, 4 * len(starts)))
+    hot = longest(starts[0]) if allowed(starts[0]) else None
+    path, s = [], starts[0] if hot is not None else None
+    while s is not None:
+        path.append(s)
+        s = nxt_on_path.get(s)
+    full = [i for i in body if region[0] <= i.addr < region[1]]
+    return {
+        "sass_instructions": sum(1 for i in body if i.base != "NOP"),
+        "sass_hot_path": hot,
+        "local_mem_hot_path": sum(1 for b in path for i in blocks[b] if i.base in ("LDL", "STL")),
+        "ldg128_full_tile": sum(1 for i in full if i.base == "LDG" and ".128" in i.op),
+        "stg128_full_tile": sum(1 for i in full if i.base == "STG" and ".128" in i.op),
+        "ldg_full_tile": sum(1 for i in full if i.base == "LDG"),
+        "stg_full_tile": sum(1 for i in full if i.base == "STG"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling one variant
+# ---------------------------------------------------------------------------------------------
+
+_PTXAS = {
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "registers": re.compile(r"Used (\d+) registers"),
+}
+_worker_state: dict = {}
+
+
+def _init_worker() -> None:
+    from triton import knobs
+
+    # A private, empty cache: every compile runs ptxas, whose -v log gives registers and spills.
+    _worker_state["cache"] = tempfile.mkdtemp(prefix="gpu_static_cache_")
+    knobs.cache.dir = _worker_state["cache"]
+    knobs.nvidia.dump_ptxas_log = True
+    _worker_state["kernels"], _worker_state["settings"] = discover()
+
+
+def compile_variant(v: dict) -> dict:
+    """Compile one variant for its target and measure it; never raises (errors are recorded)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "kernels" not in _worker_state:
+        _init_worker()
+    fn = _worker_state["kernels"][v["kernel"]]
+    settings = _worker_state["settings"]
+    out = dict(v)
+    t0 = time.perf_counter()
+    try:
+        sig, consts, attrs = signature(fn, v["dtype"], v["constexprs"], settings["BLOCK_SIZE"])
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(
+                ASTSource(fn, sig, consts, attrs),
+                target=GPUTarget("cuda", v["target"], 32),
+                options=dict(settings["options"]),
+            )
+        text = log.getvalue()
+        for field, rx in _PTXAS.items():
+            m = rx.search(text)
+            out[field] = int(m.group(1)) if m else None
+        out["shared"] = int(k.metadata.shared)
+        ptx = k.asm["ptx"]
+        out["ptx_ld_v4"] = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx))
+        out["ptx_st_v4"] = len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx))
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        try:
+            sass = subprocess.run(
+                [nvidia_tool("cuobjdump"), "-sass", f.name],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        finally:
+            os.unlink(f.name)
+        out.update(analyse_sass(sass))
+        per_thread = settings["BLOCK_SIZE"] // (32 * settings["options"].get("num_warps", 4))
+        out["elements_per_thread"] = per_thread
+        hot = out["sass_hot_path"]
+        out["sass_hot_per_element"] = None if hot is None else round(hot / per_thread, 2)
+        out["ok"] = True
+    except Exception as e:  # recorded: the report says which variant failed and why
+        out["ok"] = False
+        out["error"] = f"{type(e).__name__}: {e}"[:2000]
+    out["compile_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def run(variant_list: List[dict], targets: Iterable[int], jobs: int, progress=True) -> List[dict]:
+    todo = [dict(v, target=t) for t in targets for v in variant_list]
+    results: List[dict] = []
+    t0 = time.perf_counter()
+    if jobs <= 1:
+        _init_worker()
+        it = map(compile_variant, todo)
+        pool = None
+    else:
+        import multiprocessing as mp
+
+        pool = ProcessPoolExecutor(
+            jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker
+        )
+        it = pool.map(compile_variant, todo, chunksize=4)
+    try:
+        for n, r in enumerate(it, 1):
+            results.append(r)
+            if progress and (n % 50 == 0 or n == len(todo) or not r["ok"]):
+                bad = "" if r["ok"] else f"  FAILED {variant_key(r)}: {r['error'][:200]}"
+                print(
+                    f"  {n}/{len(todo)} compiled ({time.perf_counter() - t0:.0f} s){bad}",
+                    flush=True,
+                )
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+#: H200 SXM public figures (NVIDIA H200 datasheet: 4.8 TB/s HBM3e; GH100 SXM: 132 SMs, 1.98 GHz
+#: boost, 4 warp schedulers per SM issuing one warp instruction per clock each).
+H200 = {"hbm_bytes_per_s": 4.8e12, "sms": 132, "boost_hz": 1.98e9, "issue_per_sm_clk": 4}
+#: Per-thread instruction issue rate of the whole chip (instructions per second).
+H200_THREAD_INSTR_PER_S = H200["sms"] * H200["issue_per_sm_clk"] * H200["boost_hz"] * 32
+ANALYSIS_ELEMENTS = 1 << 26
+
+#: op -> (kernel, switches, bytes the kernel moves per element in units of the element size,
+#: what the kernel reads/writes). Statistics passes before the kernel are not included here.
+ANALYSIS_OPS = [
+    ("fuzzy_scale_", "_fuzzy_kernel", {}, 3, "r g,p; w g"),
+    ("volume_scale_", "_step_kernel", {"VOLUME": True}, 3, "r w,g; w g"),
+    ("crystallize_", "_step_kernel", {"CRYSTALLIZE": True}, 4, "r w,g,p; w p"),
+    (
+        "bio_step_ (V+F+C)",
+        "_step_kernel",
+        {"VOLUME": True, "FUZZY": True, "CRYSTALLIZE": True},
+        5,
+        "r w,g,p; w g,p",
+    ),
+    ("rejuvenate_", "_rejuvenate_kernel", {}, 2, "r w; w w"),
+    ("rejuvenate_legacy_", "_legacy_kernel", {}, 2, "r w; w w"),
+    ("rates_init_", "_init_kernel", {}, 1, "w p"),
+    ("temporal_update_", "_temporal_kernel", {}, 2, "r p; w p"),
+    ("weight_adaptive_", "_adaptive_kernel", {}, 2, "r w; w p"),
+    ("activity_update_", "_activity_kernel", {}, 1, "w p (counts per row)"),
+    ("dale_enforce_", "_dale_kernel", {}, 2, "r w; w w (sign per row)"),
+]
+
+
+def _find(results, target, kernel, dtype, **constexprs) -> Optional[dict]:
+    for r in results:
+        if r["target"] != target or r["kernel"] != kernel or r["dtype"] != dtype or not r["ok"]:
+            continue
+        c = r["constexprs"]
+        if all(c.get(k, False) == v for k, v in constexprs.items()):
+            # switches not named must be off (bools) for the op's own variant
+            named = set(constexprs)
+            if all(not x for k, x in c.items() if k not in named and isinstance(x, bool)):
+                return r
+    return None
+
+
+def analysis_rows(results: List[dict], before: Optional[List[dict]] = None) -> List[dict]:
+    rows = []
+    for op, kernel, flags, units, traffic in ANALYSIS_OPS:
+        for dtype in ("fp32", "bf16"):
+            sel = dict(flags, ALIGNED=True, NDIM=0)
+            now = _find(results, 90, kernel, dtype, **sel)
+            old = _find(before, 90, kernel, dtype, **sel) if before else None
+            if now is None and old is None:
+                continue
+            nbytes = units * DTYPES[dtype]
+            floor_us = nbytes * ANALYSIS_ELEMENTS / H200["hbm_bytes_per_s"] * 1e6
+            budget = nbytes * H200_THREAD_INSTR_PER_S / H200["hbm_bytes_per_s"]
+
+            def est(r, floor_us=floor_us):
+                if r is None or r.get("sass_hot_per_element") is None:
+                    return None, None
+                t = r["sass_hot_per_element"] * ANALYSIS_ELEMENTS / H200_THREAD_INSTR_PER_S * 1e6
+                return round(t, 1), round(100 * min(1.0, floor_us / t), 0)
+
+            t_now, pct_now = est(now)
+            t_old, pct_old = est(old)
+            nd = _find(results, 90, kernel, dtype, **dict(flags, ALIGNED=True, NDIM=4))
+            rows.append(
+                {
+                    "op": op,
+                    "dtype": dtype,
+                    "traffic": traffic,
+                    "bytes_per_element": nbytes,
+                    "floor_us": round(floor_us, 1),
+                    "instr_budget": round(budget, 1),
+                    "before": old and old.get("sass_hot_per_element"),
+                    "before_us": t_old,
+                    "before_pct": pct_old,
+                    "now": now and now.get("sass_hot_per_element"),
+                    "now_us": t_now,
+                    "now_pct": pct_now,
+                    "now_ndim4": nd and nd.get("sass_hot_per_element"),
+                    "regs": now and now.get("registers"),
+                    "regs_ndim4": nd and nd.get("registers"),
+                }
+            )
+    return rows
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    return str(x)
+
+
+def analysis_markdown(rows: List[dict], before_label: str, now_label: str) -> str:
+    lines = [
+        f"sm_90, ALIGNED, NDIM 0, {ANALYSIS_ELEMENTS:,} elements. Floor: kernel bytes / "
+        f"{H200['hbm_bytes_per_s'] / 1e12:.1f} TB/s. Instruction time: hot-path instructions per "
+        f"element x elements / {H200_THREAD_INSTR_PER_S / 1e12:.1f}e12 thread-instructions/s "
+        f"({H200['sms']} SMs x {H200['issue_per_sm_clk']} issues/clk x "
+        f"{H200['boost_hz'] / 1e9:.2f} GHz x 32 lanes). Budget: instructions per element that fit "
+        "in the floor. '% bw' = floor / max(floor, instruction time): the best fraction of the "
+        "bandwidth floor the kernel can reach (an upper bound: latency and MUFU rate ignored).",
+        "",
+        f"| op | dtype | traffic | B/elem | floor µs | budget instr/elem | {before_label} "
+        f"instr/elem | µs | % bw | {now_label} instr/elem | µs | % bw | NDIM 4 instr/elem | "
+        "regs (NDIM 0 / 4) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            "| "
+            + " | ".join(
+                _fmt(x)
+                for x in (
+                    r["op"],
+                    r["dtype"],
+                    r["traffic"],
+                    r["bytes_per_element"],
+                    r["floor_us"],
+                    r["instr_budget"],
+                    r["before"],
+                    r["before_us"],
+                    r["before_pct"],
+                    r["now"],
+                    r["now_us"],
+                    r["now_pct"],
+                    r["now_ndim4"],
+                    f"{_fmt(r['regs'])} / {_fmt(r['regs_ndim4'])}",
+                )
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _flags_label(c: dict) -> str:
+    on = [k for k, v in c.items() if isinstance(v, bool) and v and k != "ALIGNED"]
+    return "+".join(on) if on else "-"
+
+
+def _subset_arg(report: dict) -> str:
+    return "" if report["subset"] == "full" else f" --subset {report['subset']}"
+
+
+def report_markdown(report: dict) -> str:
+    res = report["results"]
+    failed = [r for r in res if not r["ok"]]
+    lines = [
+        "# Static GPU report of the Triton kernels",
+        "",
+        f"Date {report['date']}, triton {report['triton']}, torch {report['torch']}, targets "
+        f"{', '.join('sm_%d' % t for t in report['targets'])}, launch options "
+        f"{report['launch_options']}, BLOCK {report['block_size']}, "
+        f"{report['elements_per_thread']} elements per thread. Subset: {report['subset']}.",
+        f"{len(res)} variants compiled, {len(failed)} failed, in {report['seconds']} s "
+        f"(`python benchmarks/gpu_static.py{_subset_arg(report)}`).",
+        "",
+        "Definitions: see the docstring of `benchmarks/gpu_static.py` and `analysis.md`. "
+        "'hot/elem' = SASS instructions on the full-tile hot path per element; 'ld128/st128' = "
+        "128-bit global loads/stores in the full-tile body (SASS); 'spill' = spill stores + "
+        "loads in bytes (ptxas).",
+        "",
+    ]
+    for r in failed:
+        lines.append(f"- FAILED `{variant_key(r)}`: {r['error'][:300]}")
+    spills = [r for r in res if r["ok"] and (r["spill_stores"] or r["spill_loads"])]
+    lines.append(f"Variants that spill: {len(spills)}" + (":" if spills else "."))
+    for r in spills[:40]:
+        lines.append(
+            f"- `{variant_key(r)}`: {r['spill_stores']} B stores, {r['spill_loads']} B loads"
+        )
+    unvec = [
+        r
+        for r in res
+        if r["ok"]
+        and r["constexprs"].get("ALIGNED")
+        and not (r["ldg128_full_tile"] or r["stg128_full_tile"])
+    ]
+    lines.append(
+        f"Aligned variants without a 128-bit access: {len(unvec)}" + (":" if unvec else ".")
+    )
+    for r in unvec[:40]:
+        lines.append(f"- `{variant_key(r)}`")
+    ndims = sorted({r["constexprs"].get("NDIM", 0) for r in res})
+    lo, hi = ndims[0], ndims[-1]
+    for target in report["targets"]:
+        lines += [
+            "",
+            f"## sm_{target}",
+            "",
+            f"Per kernel, switches and dtype: aligned NDIM {lo} | aligned NDIM {hi} | unaligned "
+            f"NDIM {lo}. Each cell: regs, spill B, shared B, ld128/st128, hot/elem.",
+            "",
+            f"| kernel | switches | dtype | aligned NDIM {lo} | aligned NDIM {hi} | "
+            f"unaligned NDIM {lo} |",
+            "|---|---|---|---|---|---|",
+        ]
+        groups: Dict[tuple, dict] = {}
+        for r in res:
+            if r["target"] != target:
+                continue
+            c = r["constexprs"]
+            flags = {k: v for k, v in c.items() if k not in ("ALIGNED", "NDIM")}
+            key = (r["kernel"], _flags_label(flags), r["dtype"])
+            groups.setdefault(key, {})[(bool(c.get("ALIGNED", True)), c.get("NDIM", 0))] = r
+
+        def cell(r):
+            if r is None:
+                return "-"
+            if not r["ok"]:
+                return "FAILED"
+            spill = (r["spill_stores"] or 0) + (r["spill_loads"] or 0)
+            return (
+                f"{r['registers']}, {spill}, {r['shared']}, {r['ldg128_full_tile']}/"
+                f"{r['stg128_full_tile']}, {_fmt(r['sass_hot_per_element'])}"
+            )
+
+        for (kernel, flags, dtype), g in groups.items():
+            lines.append(
+                f"| {kernel} | {flags} | {dtype} | {cell(g.get((True, lo)))} | "
+                f"{cell(g.get((True, hi)))} | {cell(g.get((False, lo)))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def compare_markdown(old: dict, new: dict) -> str:
+    a = {variant_key(r): r for r in old["results"]}
+    b = {variant_key(r): r for r in new["results"]}
+    lines = [
+        "# Static report comparison",
+        "",
+        f"before: {old['date']} (triton {old['triton']}); after: {new['date']} "
+        f"(triton {new['triton']})",
+        "",
+        f"Variants only before: {len(set(a) - set(b))}; only after: {len(set(b) - set(a))}; "
+        f"in both: {len(set(a) & set(b))}.",
+        "",
+        "| variant | regs | spill B | ld128/st128 | hot/elem |",
+        "|---|---|---|---|---|",
+    ]
+    for k in sorted(set(a) & set(b)):
+        x, y = a[k], b[k]
+        if not (x["ok"] and y["ok"]):
+            lines.append(f"| `{k}` | ok {x['ok']} -> {y['ok']} | | | |")
+            continue
+
+        def pair(f, x=x, y=y):
+            return (
+                f"{_fmt(x.get(f))} -> {_fmt(y.get(f))}" if x.get(f) != y.get(f) else _fmt(x.get(f))
+            )
+
+        sx = (x["spill_stores"] or 0) + (x["spill_loads"] or 0)
+        sy = (y["spill_stores"] or 0) + (y["spill_loads"] or 0)
+        lines.append(
+            f"| `{k}` | {pair('registers')} | {sx if sx == sy else f'{sx} -> {sy}'} | "
+            f"{x['ldg128_full_tile']}/{x['stg128_full_tile']} -> "
+            f"{y['ldg128_full_tile']}/{y['stg128_full_tile']} | {pair('sass_hot_per_element')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--subset", choices=("full", "test"), default="full")
+    ap.add_argument("--targets", default=None, help="comma list of capabilities (default 90,80)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--compare", type=Path, default=None, help="an earlier report.json")
+    ap.add_argument("--list", action="store_true", help="only list the variants")
+    args = ap.parse_args(argv)
+
+    import torch
+    import triton
+
+    kernels, settings = discover()
+    vs = variants(kernels, args.subset)
+    if args.targets:
+        targets = [int(t) for t in args.targets.split(",")]
+    else:
+        targets = [90] if args.subset == "test" else list(TARGETS)
+    if args.list:
+        for v in vs:
+            print(variant_key(dict(v, target="*")))
+        print(f"{len(vs)} variants per target, {len(kernels)} kernels: {', '.join(kernels)}")
+        return 0
+    print(f"gpu_static: {len(vs)} variants x {len(targets)} targets, {args.jobs} jobs", flush=True)
+    t0 = time.perf_counter()
+    results = run(vs, targets, args.jobs)
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "targets": targets,
+        "subset": args.subset,
+        "block_size": settings["BLOCK_SIZE"],
+        "launch_options": settings["options"],
+        "elements_per_thread": settings["BLOCK_SIZE"]
+        // (32 * settings["options"].get("num_warps", 4)),
+        "kernels": list(kernels),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "report.md").write_text(report_markdown(report))
+    before = None
+    if args.compare:
+        before = json.loads(args.compare.read_text())
+        (args.out / "compare.md").write_text(compare_markdown(before, report))
+    rows = analysis_rows(results, before["results"] if before else None)
+    (args.out / "analysis_table.md").write_text(
+        analysis_markdown(rows, "before" if before else "(before)", "now")
+    )
+    failed = [r for r in results if not r["ok"]]
+    print(f"gpu_static: {len(results) - len(failed)} ok, {len(failed)} failed -> {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
