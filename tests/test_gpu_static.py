@@ -50,7 +50,8 @@ def subset_report(tmp_path_factory):
 
 def test_every_variant_of_the_subset_compiles(subset_report):
     proc, report, out = subset_report
-    failed = [f"{gpu_static.variant_key(r)}: {r['error']}" for r in report["results"] if not r["ok"]]
+    results = report["results"]
+    failed = [f"{gpu_static.variant_key(r)}: {r['error']}" for r in results if not r["ok"]]
     assert not failed, "\n".join(failed)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     kernels = {r["kernel"] for r in report["results"]}
