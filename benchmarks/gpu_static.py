@@ -7,8 +7,10 @@
 
 Output (``--out``, default ``benchmarks/results/gpu_static/``): ``report.json`` (every variant),
 ``report.md`` (summary tables), ``analysis_table.md`` (per-op instructions per element against
-the H200 bandwidth floor; with ``--compare`` the old report fills the "before" column) and, with
-``--compare``, ``compare.md``. Exit status 1 when a variant fails to compile.
+the H200 bandwidth floor: this report as "before", or with ``--compare OLD.json`` the old one as
+"before" and this one as "after") and, with ``--compare``, ``compare.md`` (every variant's
+changes). ``--from-json REPORT`` re-renders the markdown of a recorded report without
+compiling. Exit status 1 when a variant fails to compile.
 
 **Kernels** are found, not listed: every ``triton.JITFunction`` in
 ``bio_transformations.kernels.triton_backend`` (or, once that module is split, in every submodule
@@ -63,6 +65,7 @@ compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime
 import importlib
@@ -220,7 +223,7 @@ def variants(kernels: dict, subset: str = "full") -> List[dict]:
 
 def variant_key(v: dict) -> str:
     c = ",".join(f"{k}={int(x) if isinstance(x, bool) else x}" for k, x in v["constexprs"].items())
-    return f"{v['target']}|{v['kernel']}|{v['dtype']}|{c}"
+    return f"{v['target']}/{v['kernel']}/{v['dtype']}/{c}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +456,7 @@ def _init_worker() -> None:
 
     # A private, empty cache: every compile runs ptxas, whose -v log gives registers and spills.
     _worker_state["cache"] = tempfile.mkdtemp(prefix="gpu_static_cache_")
+    atexit.register(shutil.rmtree, _worker_state["cache"], ignore_errors=True)
     knobs.cache.dir = _worker_state["cache"]
     knobs.nvidia.dump_ptxas_log = True
     _worker_state["kernels"], _worker_state["settings"] = discover()
@@ -588,47 +592,42 @@ def _find(results, target, kernel, dtype, **constexprs) -> Optional[dict]:
     return None
 
 
-def analysis_rows(results: List[dict], before: Optional[List[dict]] = None) -> List[dict]:
+def analysis_rows(before: List[dict], after: Optional[List[dict]] = None) -> List[dict]:
+    """Per op and dtype (sm_90, aligned, NDIM 0): hot-path instructions per element of the
+    ``before`` report (and of ``after`` when given) against the H200 bandwidth floor."""
     rows = []
+
+    def pick(results, kernel, dtype, flags, ndim):
+        return _find(results, 90, kernel, dtype, **dict(flags, ALIGNED=True, NDIM=ndim))
+
     for op, kernel, flags, units, traffic in ANALYSIS_OPS:
         for dtype in ("fp32", "bf16"):
-            sel = dict(flags, ALIGNED=True, NDIM=0)
-            now = _find(results, 90, kernel, dtype, **sel)
-            old = _find(before, 90, kernel, dtype, **sel) if before else None
-            if now is None and old is None:
-                continue
             nbytes = units * DTYPES[dtype]
             floor_us = nbytes * ANALYSIS_ELEMENTS / H200["hbm_bytes_per_s"] * 1e6
-            budget = nbytes * H200_THREAD_INSTR_PER_S / H200["hbm_bytes_per_s"]
-
-            def est(r, floor_us=floor_us):
-                if r is None or r.get("sass_hot_per_element") is None:
-                    return None, None
-                t = r["sass_hot_per_element"] * ANALYSIS_ELEMENTS / H200_THREAD_INSTR_PER_S * 1e6
-                return round(t, 1), round(100 * min(1.0, floor_us / t), 0)
-
-            t_now, pct_now = est(now)
-            t_old, pct_old = est(old)
-            nd = _find(results, 90, kernel, dtype, **dict(flags, ALIGNED=True, NDIM=4))
-            rows.append(
-                {
-                    "op": op,
-                    "dtype": dtype,
-                    "traffic": traffic,
-                    "bytes_per_element": nbytes,
-                    "floor_us": round(floor_us, 1),
-                    "instr_budget": round(budget, 1),
-                    "before": old and old.get("sass_hot_per_element"),
-                    "before_us": t_old,
-                    "before_pct": pct_old,
-                    "now": now and now.get("sass_hot_per_element"),
-                    "now_us": t_now,
-                    "now_pct": pct_now,
-                    "now_ndim4": nd and nd.get("sass_hot_per_element"),
-                    "regs": now and now.get("registers"),
-                    "regs_ndim4": nd and nd.get("registers"),
-                }
-            )
+            row = {
+                "op": op,
+                "dtype": dtype,
+                "traffic": traffic,
+                "bytes_per_element": nbytes,
+                "floor_us": round(floor_us, 1),
+                "instr_budget": round(
+                    nbytes * H200_THREAD_INSTR_PER_S / H200["hbm_bytes_per_s"], 1
+                ),
+            }
+            found = False
+            for label, results in (("before", before), ("after", after)):
+                r = pick(results, kernel, dtype, flags, 0) if results else None
+                r4 = pick(results, kernel, dtype, flags, 4) if results else None
+                found = found or r is not None
+                per = r and r.get("sass_hot_per_element")
+                t = per * ANALYSIS_ELEMENTS / H200_THREAD_INSTR_PER_S * 1e6 if per else None
+                row[label] = per
+                row[label + "_us"] = None if t is None else round(t, 1)
+                row[label + "_pct"] = None if t is None else round(100 * min(1.0, floor_us / t))
+                row[label + "_ndim4"] = r4 and r4.get("sass_hot_per_element")
+                row[label + "_regs"] = (r and r.get("registers"), r4 and r4.get("registers"))
+            if found:
+                rows.append(row)
     return rows
 
 
@@ -640,7 +639,7 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def analysis_markdown(rows: List[dict], before_label: str, now_label: str) -> str:
+def analysis_markdown(rows: List[dict]) -> str:
     lines = [
         f"sm_90, ALIGNED, NDIM 0, {ANALYSIS_ELEMENTS:,} elements. Floor: kernel bytes / "
         f"{H200['hbm_bytes_per_s'] / 1e12:.1f} TB/s. Instruction time: hot-path instructions per "
@@ -648,37 +647,31 @@ def analysis_markdown(rows: List[dict], before_label: str, now_label: str) -> st
         f"({H200['sms']} SMs x {H200['issue_per_sm_clk']} issues/clk x "
         f"{H200['boost_hz'] / 1e9:.2f} GHz x 32 lanes). Budget: instructions per element that fit "
         "in the floor. '% bw' = floor / max(floor, instruction time): the best fraction of the "
-        "bandwidth floor the kernel can reach (an upper bound: latency and MUFU rate ignored).",
+        "bandwidth floor the kernel can reach (an upper bound: latency and MUFU rate ignored). "
+        "NDIM 4 and registers: before -> after.",
         "",
-        f"| op | dtype | traffic | B/elem | floor µs | budget instr/elem | {before_label} "
-        f"instr/elem | µs | % bw | {now_label} instr/elem | µs | % bw | NDIM 4 instr/elem | "
-        "regs (NDIM 0 / 4) |",
+        "| op | dtype | traffic | B/elem | floor µs | budget instr/elem | before instr/elem | µs "
+        "| % bw | after instr/elem | µs | % bw | NDIM 4 instr/elem | regs NDIM 0 / 4 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def both(r, key):
+        a, b = r["before" + key], r["after" + key]
+        return _fmt(a) if b is None else f"{_fmt(a)} -> {_fmt(b)}"
+
+    def regs(pair):
+        return f"{_fmt(pair[0])} / {_fmt(pair[1])}"
+
     for r in rows:
-        lines.append(
-            "| "
-            + " | ".join(
-                _fmt(x)
-                for x in (
-                    r["op"],
-                    r["dtype"],
-                    r["traffic"],
-                    r["bytes_per_element"],
-                    r["floor_us"],
-                    r["instr_budget"],
-                    r["before"],
-                    r["before_us"],
-                    r["before_pct"],
-                    r["now"],
-                    r["now_us"],
-                    r["now_pct"],
-                    r["now_ndim4"],
-                    f"{_fmt(r['regs'])} / {_fmt(r['regs_ndim4'])}",
-                )
-            )
-            + " |"
-        )
+        reg = regs(r["before_regs"])
+        if r["after"] is not None:
+            reg += " -> " + regs(r["after_regs"])
+        cells = (
+            r["op"], r["dtype"], r["traffic"], r["bytes_per_element"], r["floor_us"],
+            r["instr_budget"], r["before"], r["before_us"], r["before_pct"], r["after"],
+            r["after_us"], r["after_pct"], both(r, "_ndim4"), reg,
+        )  # fmt: skip
+        lines.append("| " + " | ".join(_fmt(x) for x in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -773,8 +766,13 @@ def report_markdown(report: dict) -> str:
 
 
 def compare_markdown(old: dict, new: dict) -> str:
+    """The variants whose measurements changed between two reports."""
     a = {variant_key(r): r for r in old["results"]}
     b = {variant_key(r): r for r in new["results"]}
+    fields = ("ok", "registers", "spill_stores", "spill_loads", "shared", "ldg128_full_tile",
+              "stg128_full_tile", "sass_hot_per_element")  # fmt: skip
+    both = sorted(set(a) & set(b))
+    changed = [k for k in both if any(a[k].get(f) != b[k].get(f) for f in fields)]
     lines = [
         "# Static report comparison",
         "",
@@ -782,28 +780,28 @@ def compare_markdown(old: dict, new: dict) -> str:
         f"(triton {new['triton']})",
         "",
         f"Variants only before: {len(set(a) - set(b))}; only after: {len(set(b) - set(a))}; "
-        f"in both: {len(set(a) & set(b))}.",
+        f"in both: {len(both)}, of which {len(changed)} changed (listed).",
         "",
-        "| variant | regs | spill B | ld128/st128 | hot/elem |",
-        "|---|---|---|---|---|",
+        "| variant | ok | regs | spill B | shared B | ld128/st128 | hot/elem |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for k in sorted(set(a) & set(b)):
+
+    def pair(x, y):
+        return _fmt(x) if x == y else f"{_fmt(x)} -> {_fmt(y)}"
+
+    def spill(r):
+        return (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0)
+
+    def vec(r):
+        return f"{_fmt(r.get('ldg128_full_tile'))}/{_fmt(r.get('stg128_full_tile'))}"
+
+    for k in changed:
         x, y = a[k], b[k]
-        if not (x["ok"] and y["ok"]):
-            lines.append(f"| `{k}` | ok {x['ok']} -> {y['ok']} | | | |")
-            continue
-
-        def pair(f, x=x, y=y):
-            return (
-                f"{_fmt(x.get(f))} -> {_fmt(y.get(f))}" if x.get(f) != y.get(f) else _fmt(x.get(f))
-            )
-
-        sx = (x["spill_stores"] or 0) + (x["spill_loads"] or 0)
-        sy = (y["spill_stores"] or 0) + (y["spill_loads"] or 0)
         lines.append(
-            f"| `{k}` | {pair('registers')} | {sx if sx == sy else f'{sx} -> {sy}'} | "
-            f"{x['ldg128_full_tile']}/{x['stg128_full_tile']} -> "
-            f"{y['ldg128_full_tile']}/{y['stg128_full_tile']} | {pair('sass_hot_per_element')} |"
+            f"| {k} | {pair(x['ok'], y['ok'])} | {pair(x.get('registers'), y.get('registers'))} "
+            f"| {pair(spill(x), spill(y))} | {pair(x.get('shared'), y.get('shared'))} "
+            f"| {pair(vec(x), vec(y))} "
+            f"| {pair(x.get('sass_hot_per_element'), y.get('sass_hot_per_element'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -816,8 +814,38 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--compare", type=Path, default=None, help="an earlier report.json")
     ap.add_argument("--list", action="store_true", help="only list the variants")
+    ap.add_argument(
+        "--from-json", type=Path, default=None,
+        help="re-render the markdown of a recorded report.json instead of compiling",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+    else:
+        report = build_report(args)
+        if report is None:
+            return 0
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.md").write_text(report_markdown(report))
+    if args.compare:
+        before = json.loads(args.compare.read_text())
+        (args.out / "compare.md").write_text(compare_markdown(before, report))
+        rows = analysis_rows(before["results"], report["results"])
+    else:
+        rows = analysis_rows(report["results"])
+    (args.out / "analysis_table.md").write_text(analysis_markdown(rows))
+    failed = [r for r in report["results"] if not r["ok"]]
+    print(
+        f"gpu_static: {len(report['results']) - len(failed)} ok, {len(failed)} failed -> {args.out}"
+    )
+    return 1 if failed else 0
+
+
+def build_report(args) -> Optional[dict]:
+    """Compile the variants ``args`` select; None after ``--list``."""
     import torch
     import triton
 
@@ -831,11 +859,11 @@ def main(argv=None) -> int:
         for v in vs:
             print(variant_key(dict(v, target="*")))
         print(f"{len(vs)} variants per target, {len(kernels)} kernels: {', '.join(kernels)}")
-        return 0
+        return None
     print(f"gpu_static: {len(vs)} variants x {len(targets)} targets, {args.jobs} jobs", flush=True)
     t0 = time.perf_counter()
     results = run(vs, targets, args.jobs)
-    report = {
+    return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "triton": triton.__version__,
         "torch": torch.__version__,
@@ -850,20 +878,6 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "report.md").write_text(report_markdown(report))
-    before = None
-    if args.compare:
-        before = json.loads(args.compare.read_text())
-        (args.out / "compare.md").write_text(compare_markdown(before, report))
-    rows = analysis_rows(results, before["results"] if before else None)
-    (args.out / "analysis_table.md").write_text(
-        analysis_markdown(rows, "before" if before else "(before)", "now")
-    )
-    failed = [r for r in results if not r["ok"]]
-    print(f"gpu_static: {len(results) - len(failed)} ok, {len(failed)} failed -> {args.out}")
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":
