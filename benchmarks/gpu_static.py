@@ -10,7 +10,9 @@ Output (``--out``, default ``benchmarks/results/gpu_static/``): ``report.json`` 
 the H200 bandwidth floor: this report as "before", or with ``--compare OLD.json`` the old one as
 "before" and this one as "after") and, with ``--compare``, ``compare.md`` (every variant's
 changes). ``--from-json REPORT`` re-renders the markdown of a recorded report without
-compiling. Exit status 1 when a variant fails to compile.
+compiling. Results are checkpointed in ``partial-<subset>.jsonl`` as they complete (removed once
+the report is written): an interrupted run picks up where it stopped. Exit status 1 when a
+variant fails to compile.
 
 **Kernels** are found, not listed: every ``triton.JITFunction`` in
 ``bio_transformations.kernels.triton_backend`` (or, once that module is split, in every submodule
@@ -515,13 +517,34 @@ def compile_variant(v: dict) -> dict:
     return out
 
 
-def run(variant_list: List[dict], targets: Iterable[int], jobs: int, progress=True) -> List[dict]:
+def run(
+    variant_list: List[dict],
+    targets: Iterable[int],
+    jobs: int,
+    checkpoint: Optional[Path] = None,
+    progress: bool = True,
+) -> List[dict]:
+    """Compile every variant for every target. With ``checkpoint`` (a JSON-lines file), each
+    result is appended as it completes and variants already there are not compiled again, so
+    an interrupted full run resumes where it stopped."""
     todo = [dict(v, target=t) for t in targets for v in variant_list]
-    results: List[dict] = []
+    done: Dict[str, dict] = {}
+    if checkpoint is not None and checkpoint.exists():
+        wanted = {variant_key(v) for v in todo}
+        for line in checkpoint.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if variant_key(r) in wanted:
+                done[variant_key(r)] = r
+        if done and progress:
+            print(f"  resuming: {len(done)} variants already in {checkpoint}", flush=True)
+    rest = [v for v in todo if variant_key(v) not in done]
     t0 = time.perf_counter()
     if jobs <= 1:
         _init_worker()
-        it = map(compile_variant, todo)
+        it = map(compile_variant, rest)
         pool = None
     else:
         import multiprocessing as mp
@@ -529,20 +552,26 @@ def run(variant_list: List[dict], targets: Iterable[int], jobs: int, progress=Tr
         pool = ProcessPoolExecutor(
             jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker
         )
-        it = pool.map(compile_variant, todo, chunksize=4)
+        it = pool.map(compile_variant, rest, chunksize=2)
+    sink = open(checkpoint, "a") if checkpoint is not None else None
     try:
         for n, r in enumerate(it, 1):
-            results.append(r)
-            if progress and (n % 50 == 0 or n == len(todo) or not r["ok"]):
+            done[variant_key(r)] = r
+            if sink is not None:
+                sink.write(json.dumps(r) + "\n")
+                sink.flush()
+            if progress and (n % 25 == 0 or n == len(rest) or not r["ok"]):
                 bad = "" if r["ok"] else f"  FAILED {variant_key(r)}: {r['error'][:200]}"
                 print(
-                    f"  {n}/{len(todo)} compiled ({time.perf_counter() - t0:.0f} s){bad}",
+                    f"  {n}/{len(rest)} compiled ({time.perf_counter() - t0:.0f} s){bad}",
                     flush=True,
                 )
     finally:
+        if sink is not None:
+            sink.close()
         if pool is not None:
-            pool.shutdown()
-    return results
+            pool.shutdown(cancel_futures=True)
+    return [done[variant_key(v)] for v in todo]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,8 +855,8 @@ def main(argv=None) -> int:
         report = build_report(args)
         if report is None:
             return 0
-        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / f"partial-{args.subset}.jsonl").unlink(missing_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(report_markdown(report))
     if args.compare:
@@ -862,7 +891,9 @@ def build_report(args) -> Optional[dict]:
         return None
     print(f"gpu_static: {len(vs)} variants x {len(targets)} targets, {args.jobs} jobs", flush=True)
     t0 = time.perf_counter()
-    results = run(vs, targets, args.jobs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.out / f"partial-{args.subset}.jsonl"
+    results = run(vs, targets, args.jobs, checkpoint)
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "triton": triton.__version__,
