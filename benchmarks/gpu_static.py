@@ -46,17 +46,22 @@ compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_
 * shared memory: the compiled kernel's metadata (bytes Triton allocates);
 * 128-bit accesses: ``LDG.E.128``/``STG.E.128`` in the SASS of the full-tile body, and
   ``ld.global.v4``/``st.global.v4`` in the PTX of the whole kernel;
+* ``masked_mem_hot_path``: predicated global loads/stores on the hot path (a check of the
+  analysis: the full-tile body has none; the test asserts 0);
 * ``local_mem_hot_path``: local-memory instructions (``LDL``/``STL``: spills, or the stack
   array of a slow path) on the hot path defined next;
 * SASS instructions in the hot path per element, defined as follows. The SASS
-  (``cuobjdump -sass``) is split into basic blocks; code reachable only through ``CALL`` (the
-  out-of-line slow paths, e.g. of correctly rounded division) is cut off. A block is *cold* if it
-  lies on a cycle (the Payne-Hanek loops of precise sin/cos for huge arguments) or makes a
-  ``CALL``. The kernel's first conditional forward branch splits the full-tile body (no masks:
-  unpredicated global loads/stores) from the masked tail-tile body; the full one is the side
-  with fewer predicated global memory instructions. The hot path is the longest path from the
-  entry through the full-tile body to ``EXIT`` over non-cold blocks (NOPs not counted): what a
-  thread executes on a full tile when no value takes a slow path, runtime branches taking their
+  (``cuobjdump -sass``) is split into basic blocks. A block is *cold* if it lies on a cycle
+  (the Payne-Hanek loops of precise sin/cos for huge arguments) or if it makes a ``CALL`` that
+  some path to ``EXIT`` avoids (the out-of-line slow path of correctly rounded division, taken
+  only for extreme operands). A ``CALL`` no path avoids (the 64-bit integer division of the
+  NDIM > 0 index math) is hot, and the callee's own hot path is counted at each call
+  (``calls_hot_path`` counts them). The kernel's first conditional forward branch splits the
+  full-tile body (no masks: unpredicated global loads/stores) from the masked tail-tile body;
+  the full one is the side with fewer predicated global memory instructions
+  (``masked_mem_hot_path`` checks it). The hot path is the longest path from the entry through
+  the full-tile body to ``EXIT`` over non-cold blocks (NOPs not counted): what a thread
+  executes on a full tile when no value takes a slow path, runtime branches taking their
   longer side (``_temporal_kernel``: the noisy update; ``_init_kernel``: the longest mode).
   Per element = that count / elements per thread (``BLOCK / (32 * num_warps)``, 8 here): one
   thread's instructions amortised over the elements it handles, the prologue included. These
@@ -331,36 +336,32 @@ def analyse_sass(text: str) -> dict:
     """Hot-path instruction count and 128-bit accesses of one kernel's SASS (see the module
     docstring for the definition)."""
     instrs = parse_sass(text)
-    calls = [i.target() for i in instrs if i.base == "CALL" and i.target() is not None]
-    end = min(calls) if calls else instrs[-1].addr + 16
-    body = [i for i in instrs if i.addr < end]
-    while body and (
-        body[-1].base == "NOP"
-        or (
-            body[-1].base == "BRA"
-            and not body[-1].conditional
-            and body[-1].target() == body[-1].addr
-        )
-    ):
-        body.pop()  # the trailing self-branch and padding
-    addrs = [i.addr for i in body]
+    while instrs and (
+        instrs[-1].base == "NOP"
+        or (instrs[-1].base == "BRA" and not instrs[-1].conditional
+            and instrs[-1].target() == instrs[-1].addr)
+    ):  # fmt: skip
+        instrs.pop()  # the trailing self-branch and padding
+    addrs = [i.addr for i in instrs]
+    addr_set = set(addrs)
     leaders = {addrs[0]}
-    for k, i in enumerate(body):
-        if i.base in ("BRA", "EXIT", "RET", "CALL", "BRX", "JMX", "JMP"):
-            if k + 1 < len(body):
-                leaders.add(body[k + 1].addr)
-            if i.base in ("BRA", "JMP") and i.target() is not None and i.target() < end:
-                leaders.add(i.target())
+    for k, i in enumerate(instrs):
         if i.base in ("BRX", "JMX"):
             raise ValueError("indirect branch in the SASS: the hot-path analysis cannot follow it")
-    starts = sorted(a for a in leaders if a in set(addrs))
-    blocks: Dict[int, List[Instr]] = {}
+        if i.base in ("BRA", "EXIT", "RET", "CALL", "JMP"):
+            if k + 1 < len(instrs):
+                leaders.add(instrs[k + 1].addr)
+            if i.base in ("BRA", "JMP", "CALL") and i.target() in addr_set:
+                leaders.add(i.target())
+    starts = sorted(leaders)
     pos = {a: k for k, a in enumerate(addrs)}
+    blocks: Dict[int, List[Instr]] = {}
     for j, s in enumerate(starts):
-        stop = pos[starts[j + 1]] if j + 1 < len(starts) else len(body)
-        blocks[s] = body[pos[s] : stop]
+        stop = pos[starts[j + 1]] if j + 1 < len(starts) else len(instrs)
+        blocks[s] = instrs[pos[s] : stop]
     succ: Dict[int, list] = {}
-    exits = set()
+    calls: Dict[int, list] = {}  # block -> subroutine entries it calls
+    exits = set()  # blocks ending in EXIT or RET
     for j, s in enumerate(starts):
         last = blocks[s][-1]
         nxt = starts[j + 1] if j + 1 < len(starts) else None
@@ -377,67 +378,123 @@ def analyse_sass(text: str) -> dict:
         elif nxt is not None:
             out.append(nxt)
         succ[s] = out
-    cold = {s for s in starts if any(i.base == "CALL" for i in blocks[s])}
+        calls[s] = [i.target() for i in blocks[s] if i.base == "CALL" and i.target() in blocks]
+    looped = set()  # blocks on a cycle: the loops of slow paths (Payne-Hanek reduction, ...)
     for comp in _sccs(starts, succ):
         if len(comp) > 1 or comp[0] in succ[comp[0]]:
-            cold.update(comp)
+            looped.update(comp)
+
+    def reach(entry, allowed) -> set:
+        seen, todo = set(), [entry]
+        while todo:
+            b = todo.pop()
+            if b in seen or not allowed(b):
+                continue
+            seen.add(b)
+            todo.extend(succ[b])
+        return seen
+
+    main = reach(starts[0], lambda b: True)
+    in_main = main_addrs(blocks, main)
     # The split between the full-tile and the masked tail-tile bodies.
     split = next(
-        (i for i in body if i.base == "BRA" and i.conditional and (i.target() or 0) > i.addr),
+        (i for i in instrs if i.addr in in_main and i.base == "BRA"
+         and i.conditional and (i.target() or 0) > i.addr),
         None,
-    )
+    )  # fmt: skip
+    end = max(addrs) + 1
     if split is None:
-        region = (addrs[0], end)
-        prologue_end = addrs[0]
+        region, prologue_end = (addrs[0], end), addrs[0]
     else:
-        a = (split.addr + 1, split.target())
-        b = (split.target(), end)
+        a, b = (split.addr + 1, split.target()), (split.target(), end)
 
         def predicated_mem(lo, hi):
             return sum(
-                1 for i in body if lo <= i.addr < hi and i.base in _GLOBAL_MEM and i.conditional
+                1
+                for blk in main
+                for i in blocks[blk]
+                if lo <= i.addr < hi and i.base in ("LDG", "STG") and i.conditional
             )
 
         region = a if predicated_mem(*a) <= predicated_mem(*b) else b
         prologue_end = split.addr + 1
 
-    def allowed(s):
-        return s not in cold and (s < prologue_end or region[0] <= s < region[1])
+    def cost_from(entry, allowed_extra) -> Tuple[Optional[int], list]:
+        """Longest path (instructions, subroutine calls included) from ``entry`` to an EXIT/RET
+        over blocks that are not looped, not a bypassable call, and ``allowed_extra``."""
+        base_ok = lambda blk: blk not in looped and allowed_extra(blk)  # noqa: E731
+        region_blocks = reach(entry, base_ok)
+        ends = exits & region_blocks
+        cold = set()
+        for blk in region_blocks:  # a call that some path avoids is a slow path
+            if calls[blk] and blk != entry:
+                if reach(entry, lambda x, blk=blk: x != blk and base_ok(x)) & ends:
+                    cold.add(blk)
+        memo: Dict[int, Optional[int]] = {}
+        nxt: Dict[int, Optional[int]] = {}
 
-    weight = {s: sum(1 for i in blocks[s] if i.base != "NOP") for s in starts}
-    memo: Dict[int, Optional[int]] = {}
-    nxt_on_path: Dict[int, Optional[int]] = {}
+        def weight(blk) -> int:
+            w = sum(1 for i in blocks[blk] if i.base != "NOP")
+            for t in calls[blk]:
+                callee = callee_cost(t)
+                w += callee if callee is not None else 0
+            return w
 
-    def longest(s) -> Optional[int]:  # acyclic over non-cold blocks
-        if s in memo:
-            return memo[s]
-        memo[s] = None  # guards against a cycle that escaped the SCC pass
-        best, choice = (0 if s in exits else None), None
-        for t in succ[s]:
-            if allowed(t):
-                sub = longest(t)
-                if sub is not None and (best is None or sub > best):
-                    best, choice = sub, t
-        memo[s] = None if best is None else best + weight[s]
-        nxt_on_path[s] = choice
-        return memo[s]
+        def longest(blk) -> Optional[int]:
+            if blk in memo:
+                return memo[blk]
+            memo[blk] = None  # guards against a cycle that escaped the SCC pass
+            best, choice = (0 if blk in exits else None), None
+            for t in succ[blk]:
+                if t in region_blocks and t not in cold:
+                    sub = longest(t)
+                    if sub is not None and (best is None or sub > best):
+                        best, choice = sub, t
+            memo[blk] = None if best is None else best + weight(blk)
+            nxt[blk] = choice
+            return memo[blk]
+
+        total = longest(entry) if entry in region_blocks else None
+        path, blk = [], entry if total is not None else None
+        while blk is not None:
+            path.append(blk)
+            blk = nxt.get(blk)
+        return total, path
+
+    callee_memo: Dict[int, Optional[int]] = {}
+
+    def callee_cost(target) -> Optional[int]:
+        if target not in callee_memo:
+            callee_memo[target] = None  # recursion guard
+            callee_memo[target] = cost_from(target, lambda blk: True)[0]
+        return callee_memo[target]
+
+    def allowed(blk):
+        return blk in main and (blk < prologue_end or region[0] <= blk < region[1])
 
     sys.setrecursionlimit(max(10000, 4 * len(starts)))
-    hot = longest(starts[0]) if allowed(starts[0]) else None
-    path, s = [], starts[0] if hot is not None else None
-    while s is not None:
-        path.append(s)
-        s = nxt_on_path.get(s)
-    full = [i for i in body if region[0] <= i.addr < region[1]]
+    hot, path = cost_from(starts[0], allowed)
+    full = [i for blk in main for i in blocks[blk] if region[0] <= i.addr < region[1]]
     return {
-        "sass_instructions": sum(1 for i in body if i.base != "NOP"),
+        "sass_instructions": sum(1 for blk in main for i in blocks[blk] if i.base != "NOP"),
         "sass_hot_path": hot,
-        "local_mem_hot_path": sum(1 for b in path for i in blocks[b] if i.base in ("LDL", "STL")),
+        "calls_hot_path": sum(len(calls[blk]) for blk in path),
+        # masked (predicated) loads/stores on the hot path: 0 unless the split was misread
+        "masked_mem_hot_path": sum(
+            1 for blk in path for i in blocks[blk] if i.base in ("LDG", "STG") and i.conditional
+        ),
+        "local_mem_hot_path": sum(
+            1 for blk in path for i in blocks[blk] if i.base in ("LDL", "STL")
+        ),
         "ldg128_full_tile": sum(1 for i in full if i.base == "LDG" and ".128" in i.op),
         "stg128_full_tile": sum(1 for i in full if i.base == "STG" and ".128" in i.op),
         "ldg_full_tile": sum(1 for i in full if i.base == "LDG"),
         "stg_full_tile": sum(1 for i in full if i.base == "STG"),
     }
+
+
+def main_addrs(blocks: Dict[int, List[Instr]], main: set) -> set:
+    return {i.addr for blk in main for i in blocks[blk]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def test_every_variant_of_the_subset_compiles(subset_report):
     for r in report["results"]:
         assert r["registers"] and r["registers"] > 0
         assert r["sass_hot_per_element"] and r["sass_hot_per_element"] > 0
+        assert r["masked_mem_hot_path"] == 0, gpu_static.variant_key(r)  # the full-tile path
     for name in ("report.md", "analysis_table.md"):
         assert (out / name).read_text().strip()
 
@@ -144,4 +145,14 @@ def test_hot_path_definition_on_a_hand_made_listing():
     # -> skip the CALL block -> STG, EXIT (2, NOP not counted) = 9
     assert a["sass_hot_path"] == 9
     assert (a["ldg128_full_tile"], a["stg128_full_tile"]) == (1, 1)
-    assert a["sass_instructions"] == 17  # up to the subroutine, NOPs excluded
+    assert a["sass_instructions"] == 17  # the kernel, not the subroutine; NOPs excluded
+    assert a["calls_hot_path"] == 0 and a["masked_mem_hot_path"] == 0
+
+
+def test_a_call_no_path_avoids_is_hot_and_counts_its_callee():
+    # the CALL can no longer be skipped (like the 64-bit division of NDIM > 0 index math)
+    listing = _SASS.replace("@!P3 BRA 0x00b0", "MOV R0, R0")
+    a = gpu_static.analyse_sass(listing)
+    # entry (3) + LDG, BRA (2) + FMUL, MOV, CALL (3) + callee FADD, RET (2) + STG, EXIT (2)
+    assert a["sass_hot_path"] == 12
+    assert a["calls_hot_path"] == 1
