@@ -39,7 +39,7 @@ compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_
 16-byte divisibility on every pointer argument (what the JIT specialises for torch allocations).
 
 **Measured per variant** (``triton.compile`` of an ``ASTSource`` for ``GPUTarget("cuda", cap,
-32)``; ptxas and cuobjdump from the triton wheel, ``triton/backends/nvidia/bin``):
+32)``; ptxas, cuobjdump and nvdisasm from the triton wheel, ``triton/backends/nvidia/bin``):
 
 * registers, stack frame, spill stores/loads: ptxas' own ``-v`` log (a fresh triton cache, so
   ptxas always runs);
@@ -52,13 +52,16 @@ compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_
   array of a slow path) on the hot path defined next;
 * SASS instructions in the hot path per element, defined as follows. The SASS
   (``cuobjdump -sass``) is split into basic blocks. A block is *cold* if it lies on a cycle
-  (the Payne-Hanek loops of precise sin/cos for huge arguments) or if it makes a ``CALL`` that
-  some path to ``EXIT`` avoids (the out-of-line slow path of correctly rounded division, taken
-  only for extreme operands). A ``CALL`` no path avoids (the 64-bit integer division of the
-  NDIM > 0 index math) is hot, and the callee's own hot path is counted at each call
-  (``calls_hot_path`` counts them). The kernel's first conditional forward branch splits the
-  full-tile body (no masks: unpredicated global loads/stores) from the masked tail-tile body;
-  the full one is the side with fewer predicated global memory instructions
+  (the Payne-Hanek loops of precise sin/cos for huge arguments), if it calls a subroutine
+  ``nvdisasm`` names a ``slowpath`` (correctly rounded division's, taken only for extreme
+  operands), or if it makes a ``CALL`` guarded by a fast path: its immediate dominator reaches
+  its immediate post-dominator without it (LLVM's bypass of 64-bit division by a 32-bit one
+  when both operands fit, the case for every tensor below 2^32 elements). Any other ``CALL``
+  (64-bit division and remainder the compiler did not guard) is hot, and the callee's own hot
+  path is counted at each call (``calls_hot_path`` counts them). The kernel's first
+  conditional forward branch splits the full-tile body (no masks: unpredicated global
+  loads/stores) from the masked tail-tile body; the full one is the side with fewer predicated
+  global memory instructions
   (``masked_mem_hot_path`` checks it). The hot path is the longest path from the entry through
   the full-tile body to ``EXIT`` over non-cold blocks (NOPs not counted): what a thread
   executes on a full tile when no value takes a slow path, runtime branches taking their
@@ -332,9 +335,68 @@ def _sccs(nodes, succ) -> List[list]:
     return comps
 
 
-def analyse_sass(text: str) -> dict:
+_CALLEE = re.compile(r"/\*([0-9a-f]{4,})\*/[^;]*\bCALL\.[A-Z.]*\s+`\(\$?([^)`]+)\)")
+
+
+def callee_names(nvdisasm_text: str) -> Dict[int, str]:
+    """``{address of a CALL: callee name}`` from ``nvdisasm -c`` output, which names the
+    subroutines (``$__internal_0_$__cuda_sm3x_div_rn_noftz_f32_slowpath``, ``..._div_s64``)."""
+    return {int(m.group(1), 16): m.group(2) for m in _CALLEE.finditer(nvdisasm_text)}
+
+
+_EXIT = -1  # the virtual exit of the post-dominator computation
+
+
+def _idoms(entry, nodes, succ) -> Dict[int, int]:
+    """Immediate dominators over ``nodes`` (Cooper, Harvey and Kennedy's iteration)."""
+    order, seen, stack = [], {entry}, [(entry, iter(succ[entry]))]
+    while stack:  # reverse postorder
+        v, it = stack[-1]
+        for w in it:
+            if w in nodes and w not in seen:
+                seen.add(w)
+                stack.append((w, iter(succ[w])))
+                break
+        else:
+            stack.pop()
+            order.append(v)
+    order.reverse()
+    index = {v: k for k, v in enumerate(order)}
+    preds: Dict[int, list] = {v: [] for v in order}
+    for v in order:
+        for w in succ[v]:
+            if w in index:
+                preds[w].append(v)
+    idom = {entry: entry}
+
+    def meet(a, b):
+        while a != b:
+            while index[a] > index[b]:
+                a = idom[a]
+            while index[b] > index[a]:
+                b = idom[b]
+        return a
+
+    changed = True
+    while changed:
+        changed = False
+        for v in order[1:]:
+            done = [p for p in preds[v] if p in idom]
+            if not done:
+                continue
+            new = done[0]
+            for p in done[1:]:
+                new = meet(p, new)
+            if idom.get(v) != new:
+                idom[v], changed = new, True
+    return idom
+
+
+def analyse_sass(text: str, callees: Optional[Dict[int, str]] = None) -> dict:
     """Hot-path instruction count and 128-bit accesses of one kernel's SASS (see the module
-    docstring for the definition)."""
+    docstring for the definition). ``callees`` (from :func:`callee_names`) names each CALL's
+    subroutine: calls to a ``slowpath`` are cold; other calls are cold when guarded by a fast
+    path (their dominator reaches their post-dominator without them), hot otherwise."""
     instrs = parse_sass(text)
     while instrs and (
         instrs[-1].base == "NOP"
@@ -348,7 +410,7 @@ def analyse_sass(text: str) -> dict:
     for k, i in enumerate(instrs):
         if i.base in ("BRX", "JMX"):
             raise ValueError("indirect branch in the SASS: the hot-path analysis cannot follow it")
-        if i.base in ("BRA", "EXIT", "RET", "CALL", "JMP"):
+        if i.base in ("BRA", "EXIT", "RET", "JMP"):  # a CALL returns: it ends no block
             if k + 1 < len(instrs):
                 leaders.add(instrs[k + 1].addr)
             if i.base in ("BRA", "JMP", "CALL") and i.target() in addr_set:
@@ -426,10 +488,29 @@ def analyse_sass(text: str) -> dict:
         region_blocks = reach(entry, base_ok)
         ends = exits & region_blocks
         cold = set()
-        for blk in region_blocks:  # a call that some path avoids is a slow path
-            if calls[blk] and blk != entry:
-                if reach(entry, lambda x, blk=blk: x != blk and base_ok(x)) & ends:
-                    cold.add(blk)
+        call_blocks = [blk for blk in region_blocks if calls[blk] and blk != entry]
+        if call_blocks:
+            idom = _idoms(entry, region_blocks, succ)
+            rsucc = {blk: [] for blk in region_blocks}  # the reversed graph, a virtual exit
+            for blk in region_blocks:
+                for t in succ[blk]:
+                    if t in region_blocks:
+                        rsucc[t].append(blk)
+            rsucc[_EXIT] = sorted(ends)
+            ipdom = _idoms(_EXIT, set(region_blocks) | {_EXIT}, rsucc)
+        for blk in call_blocks:
+            names = [(callees or {}).get(i.addr, "") for i in blocks[blk] if i.base == "CALL"]
+            if any("slowpath" in n for n in names):
+                cold.add(blk)  # named a slow path by nvdisasm
+                continue
+            # A call its dominator can bypass on the way to its post-dominator is guarded by a
+            # fast path (LLVM's 32-bit bypass of 64-bit division, a slow path): cold.
+            d, pd = idom.get(blk), ipdom.get(blk)
+            if d is None or pd is None:
+                continue
+            seen = reach(d, lambda x, blk=blk: x != blk and base_ok(x))
+            if (pd in seen) if pd != _EXIT else bool(seen & ends):
+                cold.add(blk)
         memo: Dict[int, Optional[int]] = {}
         nxt: Dict[int, Optional[int]] = {}
 
@@ -559,9 +640,12 @@ def compile_variant(v: dict) -> dict:
                 capture_output=True,
                 text=True,
             ).stdout
+            names = subprocess.run(
+                [nvidia_tool("nvdisasm"), "-c", f.name], check=True, capture_output=True, text=True
+            ).stdout
         finally:
             os.unlink(f.name)
-        out.update(analyse_sass(sass))
+        out.update(analyse_sass(sass, callee_names(names)))
         per_thread = settings["BLOCK_SIZE"] // (32 * settings["options"].get("num_warps", 4))
         out["elements_per_thread"] = per_thread
         hot = out["sass_hot_path"]
