@@ -11,7 +11,10 @@ the H200 bandwidth floor: this report as "before", or with ``--compare OLD.json`
 "before" and this one as "after") and, with ``--compare``, ``compare.md`` (every variant's
 changes). ``--from-json REPORT`` re-renders the markdown of a recorded report without
 compiling. Results are checkpointed in ``partial-<subset>.jsonl`` as they complete (removed once
-the report is written): an interrupted run picks up where it stopped. Exit status 1 when a
+the report of the whole set is written): an interrupted run picks up where it stopped;
+``--targets``/``--ndim``/``--kernels`` restrict a run (their results also go to the
+checkpoint), and ``--from-json partial-full.jsonl`` renders what a checkpoint holds, marked
+partial. Exit status 1 when a
 variant fails to compile.
 
 **Kernels** are found, not listed: every ``triton.JITFunction`` in
@@ -851,7 +854,9 @@ def _flags_label(c: dict) -> str:
 
 
 def _subset_arg(report: dict) -> str:
-    return "" if report["subset"] == "full" else f" --subset {report['subset']}"
+    if report["subset"] in ("full", "test"):
+        return "" if report["subset"] == "full" else " --subset test"
+    return " (resumes the partial run from its checkpoint)"
 
 
 def report_markdown(report: dict) -> str:
@@ -981,6 +986,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--subset", choices=("full", "test"), default="full")
     ap.add_argument("--targets", default=None, help="comma list of capabilities (default 90,80)")
+    ap.add_argument("--ndim", default=None, help="comma list: only these NDIM values")
+    ap.add_argument("--kernels", default=None, help="comma list: only these kernels")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--compare", type=Path, default=None, help="an earlier report.json")
     ap.add_argument("--list", action="store_true", help="only list the variants")
@@ -990,14 +997,17 @@ def main(argv=None) -> int:
     )  # fmt: skip
     args = ap.parse_args(argv)
 
-    if args.from_json:
+    if args.from_json and args.from_json.suffix == ".jsonl":
+        report = report_from_checkpoint(args.from_json)
+    elif args.from_json:
         report = json.loads(args.from_json.read_text())
     else:
         report = build_report(args)
         if report is None:
             return 0
         (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        (args.out / f"partial-{args.subset}.jsonl").unlink(missing_ok=True)
+        if not (args.ndim or args.kernels or args.targets):  # the whole set is in the report
+            (args.out / f"partial-{args.subset}.jsonl").unlink(missing_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(report_markdown(report))
     if args.compare:
@@ -1014,6 +1024,39 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
+def report_from_checkpoint(path: Path) -> dict:
+    """A report of the variants an interrupted run has finished (``partial-full.jsonl``),
+    marked partial, with how many of the full set it holds."""
+    import torch
+    import triton
+
+    kernels, settings = discover()
+    full = {variant_key(dict(v, target=t)) for t in TARGETS for v in variants(kernels)}
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[variant_key(r)] = r
+    results = [r for k, r in sorted(rows.items()) if k in full]
+    return {
+        "date": datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds"),
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "targets": sorted({r["target"] for r in results}, reverse=True),
+        "subset": f"partial: {len(results)} of the {len(full)} variants of the full set",
+        "block_size": settings["BLOCK_SIZE"],
+        "launch_options": settings["options"],
+        "elements_per_thread": settings["BLOCK_SIZE"]
+        // (32 * settings["options"].get("num_warps", 4)),
+        "kernels": list(kernels),
+        "seconds": None,
+        "results": results,
+    }
+
+
 def build_report(args) -> Optional[dict]:
     """Compile the variants ``args`` select; None after ``--list``."""
     import torch
@@ -1021,6 +1064,11 @@ def build_report(args) -> Optional[dict]:
 
     kernels, settings = discover()
     vs = variants(kernels, args.subset)
+    if args.ndim:  # filters: the checkpoint of the full set still collects their results
+        ndims = {int(x) for x in args.ndim.split(",")}
+        vs = [v for v in vs if v["constexprs"].get("NDIM", 0) in ndims]
+    if args.kernels:
+        vs = [v for v in vs if v["kernel"] in args.kernels.split(",")]
     if args.targets:
         targets = [int(t) for t in args.targets.split(",")]
     else:
