@@ -57,11 +57,13 @@ compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_
   (``cuobjdump -sass``) is split into basic blocks. A block is *cold* if it lies on a cycle
   (the Payne-Hanek loops of precise sin/cos for huge arguments), if it calls a subroutine
   ``nvdisasm`` names a ``slowpath`` (correctly rounded division's, taken only for extreme
-  operands), or if it makes a ``CALL`` guarded by a fast path: its immediate dominator reaches
-  its immediate post-dominator without it (LLVM's bypass of 64-bit division by a 32-bit one
-  when both operands fit, the case for every tensor below 2^32 elements). Any other ``CALL``
-  (64-bit division and remainder the compiler did not guard) is hot, and the callee's own hot
-  path is counted at each call (``calls_hot_path`` counts them). The kernel's first
+  operands). A ``CALL`` on one side of a branch (its immediate dominator reaches its immediate
+  post-dominator without it) counts its call site only, and the longest path picks the side:
+  for LLVM's bypass of 64-bit division by a 32-bit one when both operands fit (every tensor
+  below 2^32 elements) that is the inline 32-bit fast path, for a runtime branch the side doing
+  the work. Any other ``CALL`` (64-bit division and remainder the compiler did not guard) is
+  hot, and the callee's own hot path is counted at each call (``calls_hot_path`` counts the
+  calls on the path). The kernel's first
   conditional forward branch splits the full-tile body (no masks: unpredicated global
   loads/stores) from the masked tail-tile body; the full one is the side with fewer predicated
   global memory instructions
@@ -501,24 +503,30 @@ def analyse_sass(text: str, callees: Optional[Dict[int, str]] = None) -> dict:
                         rsucc[t].append(blk)
             rsucc[_EXIT] = sorted(ends)
             ipdom = _idoms(_EXIT, set(region_blocks) | {_EXIT}, rsucc)
+        guarded = set()
         for blk in call_blocks:
             names = [(callees or {}).get(i.addr, "") for i in blocks[blk] if i.base == "CALL"]
             if any("slowpath" in n for n in names):
                 cold.add(blk)  # named a slow path by nvdisasm
                 continue
-            # A call its dominator can bypass on the way to its post-dominator is guarded by a
-            # fast path (LLVM's 32-bit bypass of 64-bit division, a slow path): cold.
+            # A call its dominator can bypass on the way to its post-dominator sits on one side
+            # of a branch: LLVM's 32-bit fast path around 64-bit division (the call is the slow
+            # side), or a runtime branch (the call is part of the work). Its callee is not
+            # counted and the longest path picks the side: the fast path is longer than the
+            # call site, the work side longer than the other.
             d, pd = idom.get(blk), ipdom.get(blk)
             if d is None or pd is None:
                 continue
             seen = reach(d, lambda x, blk=blk: x != blk and base_ok(x))
             if (pd in seen) if pd != _EXIT else bool(seen & ends):
-                cold.add(blk)
+                guarded.add(blk)
         memo: Dict[int, Optional[int]] = {}
         nxt: Dict[int, Optional[int]] = {}
 
         def weight(blk) -> int:
             w = sum(1 for i in blocks[blk] if i.base != "NOP")
+            if blk in guarded:
+                return w
             for t in calls[blk]:
                 callee = callee_cost(t)
                 w += callee if callee is not None else 0

@@ -141,10 +141,13 @@ _SASS = """
 
 
 def test_hot_path_definition_on_a_hand_made_listing():
-    a = gpu_static.analyse_sass(_SASS)
+    # the CALL named a slow path (as nvdisasm names div.rn's): its block is cold
+    a = gpu_static.analyse_sass(_SASS, {0xA0: "__internal_0_$__cuda_sm3x_div_rn_f32_slowpath"})
     # entry (3) -> full body: LDG, BRA (2) -> skip the loop and its tail -> FMUL, BRA (2)
     # -> skip the CALL block -> STG, EXIT (2, NOP not counted) = 9
     assert a["sass_hot_path"] == 9
+    # unnamed, the call on one side of a branch counts its call site (1) but not its callee
+    assert gpu_static.analyse_sass(_SASS)["sass_hot_path"] == 10
     assert (a["ldg128_full_tile"], a["stg128_full_tile"]) == (1, 1)
     assert a["sass_instructions"] == 17  # the kernel, not the subroutine; NOPs excluded
     assert a["calls_hot_path"] == 0 and a["masked_mem_hot_path"] == 0
