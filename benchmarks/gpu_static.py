@@ -863,8 +863,8 @@ def _flags_label(c: dict) -> str:
 
 def _subset_arg(report: dict) -> str:
     if report["subset"] in ("full", "test"):
-        return "" if report["subset"] == "full" else " --subset test"
-    return " (resumes the partial run from its checkpoint)"
+        return "`" if report["subset"] == "full" else " --subset test`"
+    return "`, which resumes the partial run from its checkpoint"
 
 
 def report_markdown(report: dict) -> str:
@@ -877,8 +877,9 @@ def report_markdown(report: dict) -> str:
         f"{', '.join('sm_%d' % t for t in report['targets'])}, launch options "
         f"{report['launch_options']}, BLOCK {report['block_size']}, "
         f"{report['elements_per_thread']} elements per thread. Subset: {report['subset']}.",
-        f"{len(res)} variants compiled, {len(failed)} failed, in {report['seconds']} s "
-        f"(`python benchmarks/gpu_static.py{_subset_arg(report)}`).",
+        f"{len(res)} variants compiled, {len(failed)} failed"
+        + (f", in {report['seconds']} s " if report["seconds"] is not None else " ")
+        + f"(`python benchmarks/gpu_static.py{_subset_arg(report)}).",
         "",
         "Definitions: see the docstring of `benchmarks/gpu_static.py` and `analysis.md`. "
         "'hot/elem' = SASS instructions on the full-tile hot path per element; 'ld128/st128' = "
