@@ -9,16 +9,16 @@ measurement (or the reason an item was skipped) is one line of ``results.jsonl``
 once. ``--budget`` (seconds, default 330) is a hard deadline for this process: an item starts only
 when its estimated cost fits in what is left, in this priority order:
 
-0. checks: ``agreement`` (every op, triton against torch with ``BIO_RNG=philox`` on ~1M
-   elements, fp32 and bf16, contiguous, channels_last and unaligned), ``no_host_sync``,
-   ``cuda_graph``, ``one_launch``;
+0. checks: ``agreement`` (every op, triton against torch with the Philox stream,
+   ``settings.override(rng="philox")``, on ~1M elements, fp32 and bf16, contiguous,
+   channels_last and unaligned), ``no_host_sync``, ``cuda_graph``, ``one_launch``;
 1. every op at 64M elements, fp32, contiguous (NDIM 0), aligned, with ``copy_`` of the same bytes;
 2. the same in bf16;
 3. the fused step in 4-D: contiguous against channels_last, and one channels_last conv in a launch
    with a 64M Linear weight;
 4. the fused step unaligned (views at a 4-byte offset), and one unaligned tensor in a launch with
    an aligned 64M one;
-5. model-level ``bio_step()`` on a 100-layer model (64M weights): device and host time;
+5. model-level ``bio_step(volume=True)`` on a 100-layer model (64M weights): device and host time;
 6. ``torch.compile`` of the same formula (``bench_cases.FORMULAS``), fused step first.
 
 Timing (per item): the tensors the op writes are restored from pristine copies, L2 is flushed
@@ -31,7 +31,7 @@ cannot restore inputs outside the timed window.
 Bytes per element: ``bytes_floor`` is what the op must move (each operand read once, each result
 written once, plus one read of ``w`` where a per-layer statistic of it is needed first);
 ``bytes_moved`` estimates what the current implementation moves (statistics passes included:
-e.g. the fp32 fused step 24, rejuvenation 36). ``copy_`` of ``bytes_floor`` is timed on the
+e.g. the fp32 fused step 28, rejuvenation 36). ``copy_`` of ``bytes_floor`` is timed on the
 same device: ``frac_copy = copy time / op time`` is the fraction of measured copy bandwidth the
 op reaches; ``GBps_floor`` = ``bytes_floor * n / time``.
 
@@ -62,6 +62,15 @@ NU, DAMP, THRESH, DRE = 0.16, 0.6, 4.5e-05, 8.0
 BASE_LR, STAB, VAR = 0.1, 2.0, 0.2
 LO, HI, DECAY, NOISE = 0.5, 2.0, 0.9995, 0.016
 KEY = 0x5EED_0001
+
+
+def step_params():
+    """The fused step's stages and scalars (imported here: ``main`` sets TRITON_INTERPRET
+    before anything imports triton)."""
+    from bio_transformations.kernels.contract import StepParams
+
+    return StepParams(True, True, True, BASE_LR, STAB, VAR, THRESH, DAMP)
+
 
 #: op -> (writes, floor bytes in units of the element size). Floor: every operand read once,
 #: every result written once, one read of w where a statistic of it comes first.
@@ -95,9 +104,10 @@ def bytes_moved(op: str, dt: int) -> int:
     """Bytes per element the current implementation moves (kernel plus statistics passes)."""
     up = 0 if dt == 4 else dt + 4  # _upcast: a float32 copy of a 16-bit weight for statistics
     return {
-        "bio_step_": 5 * dt + dt,  # kernel r w,g,p w g,p; abs_means reads w
+        # kernel r w,g,p w g,p; abs_means reads w, grads_nonzero (the zero-gradient gate) g
+        "bio_step_": 5 * dt + 2 * dt,
         "volume_scale_": 3 * dt,
-        "crystallize_": 4 * dt + dt,
+        "crystallize_": 4 * dt + 2 * dt,
         "fuzzy_scale_": 3 * dt,
         # kernel r/w w; clean_weights_ nan_to_num_ + clamp_ (r/w each); sum, dot, norm (fp32)
         "rejuvenate_": 2 * dt + 4 * dt + up + 3 * 4,
@@ -170,7 +180,9 @@ class Env:
         self.torch_backend = kernels.torch_backend
         if kernels.triton_available():
             set_backend("triton")
-        self.ours = kernels.backend_module(self.device)  # triton_backend (or torch in dry runs)
+        # kernels.triton (the torch backend in a dry run without triton); the same module for
+        # every dtype the timings use
+        self.ours = kernels.backend_module(self.device, torch.float32)
         self.ours_name = "triton" if self.ours is not self.torch_backend else "torch"
         self.n = (1 << 10) if dry else (1 << 26)
         self.agree_n = (1 << 10) if dry else (1 << 20)
@@ -224,10 +236,9 @@ def op_call(B, op: str, d: Dict[str, list]) -> Callable[[], object]:
     """``op`` of backend module ``B`` on the lists in ``d`` (one entry per layer)."""
     w, g, p = d["w"], d["g"], d["p"]
     keys = [KEY + i for i in range(len(w))]
+    step = step_params()
     return {
-        "bio_step_": lambda: B.bio_step_(
-            w, g, p, keys, True, True, True, BASE_LR, STAB, VAR, THRESH, DAMP
-        ),
+        "bio_step_": lambda: B.bio_step_(w, g, p, keys, step),
         "volume_scale_": lambda: B.volume_scale_(w, g, keys, BASE_LR, STAB, VAR),
         "crystallize_": lambda: B.crystallize_(w, g, p, THRESH, DAMP),
         "fuzzy_scale_": lambda: B.fuzzy_scale_(g, p),
@@ -365,15 +376,21 @@ def bench_op(env: Env, rec: Recorder, item: str, op: str, d: Dict[str, list], dt
 
 
 def check_agreement(env: Env) -> str:
-    """Every op, ours against torch_backend with BIO_RNG=philox, on ~1M elements: fp32 and
-    bf16, contiguous, channels_last and unaligned in one launch. Elements may differ where a
-    random decision sits at its threshold (rejuvenation, crystallize after the volume draw):
-    at most 1e-4 of them, beyond a tolerance of 16 ulp (fp32) / 2 ulp (bf16)."""
-    import torch
+    """Every op, ours against torch_backend drawing Triton's Philox stream, on ~1M elements:
+    fp32 and bf16, contiguous, channels_last and unaligned in one launch. Elements may differ
+    where a random decision sits at its threshold (rejuvenation, crystallize after the volume
+    draw): at most 1e-4 of them, beyond a tolerance of 16 ulp (fp32) / 2 ulp (bf16)."""
+    from bio_transformations.kernels import settings
 
     if env.ours is env.torch_backend:
         return "skipped: ours is the torch backend (triton does not import)"
-    os.environ["BIO_RNG"] = "philox"
+    with settings.override(rng="philox"):  # the torch backend draws Triton's Philox numbers
+        return _agreement(env)
+
+
+def _agreement(env: Env) -> str:
+    import torch
+
     side = int(math.isqrt(env.agree_n))
     worst = {}
     for dtype, eps in ((torch.float32, 16 * 2.0**-23), (torch.bfloat16, 2 * 2.0**-7)):
@@ -460,7 +477,8 @@ def check_no_host_sync(env: Env) -> str:
 
 
 def check_cuda_graph(env: Env) -> str:
-    """One captured model-level bio_step(): replay == eager with the same keys, twice alike."""
+    """One captured model-level bio_step(volume=True): replay == eager with the same keys,
+    twice alike."""
     import torch
 
     model = _model(env)
@@ -483,14 +501,14 @@ def check_cuda_graph(env: Env) -> str:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
-        model.bio_step()
+        model.bio_step(volume=True)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     restore()
     steps = [b.rng_step.clone() if torch.is_tensor(b.rng_step) else b.rng_step for b in bios]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        model.bio_step()
+        model.bio_step(volume=True)
     torch.cuda.synchronize()
     restore()
     graph.replay()
@@ -506,7 +524,7 @@ def check_cuda_graph(env: Env) -> str:
             b.rng_step.copy_(s)
         else:
             b.rng_step = s
-    model.bio_step()
+    model.bio_step(volume=True)
     torch.cuda.synchronize()
     eager = state()
     if not all(torch.equal(a, b) for a, b in zip(replayed, eager)):
@@ -523,10 +541,10 @@ def check_one_launch(env: Env) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     model = _model(env, layers=12, width=128)
-    model.bio_step()  # warm-up
+    model.bio_step(volume=True)  # warm-up
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model.bio_step()
+        model.bio_step(volume=True)
         torch.cuda.synchronize()
     counts = {e.key: e.count for e in prof.key_averages()}
     step = [n for n in counts if "_step_kernel" in n]
@@ -644,8 +662,8 @@ def plan(env: Env) -> List[tuple]:
 
 
 def bench_model(env: Env, rec: Recorder, item: str) -> None:
-    """Model-level bio_step() on a converted bias-free MLP of ``env.layers`` layers (100; 10 in
-    a dry run) and ~n weights."""
+    """Model-level bio_step(volume=True) on a converted bias-free MLP of ``env.layers`` layers
+    (100; 10 in a dry run) and ~n weights."""
     import torch
     import torch.nn as nn
 
@@ -662,7 +680,7 @@ def bench_model(env: Env, rec: Recorder, item: str) -> None:
     d = {"g": [w.grad for w in weights], "p": [b.fuzzy_learning_rate_parameters for b in bios]}
     bench_op(env, rec, item, "bio_step_", d, 4,
              {"dtype": "float32", "layers": env.layers, "width": width},
-             fn=lambda: model.bio_step())  # fmt: skip
+             fn=lambda: model.bio_step(volume=True))  # fmt: skip
 
 
 def run(out: Path, dry: bool, budget: float) -> int:

@@ -17,25 +17,30 @@ checkpoint), and ``--from-json partial-full.jsonl`` renders what a checkpoint ho
 partial. Exit status 1 when a
 variant fails to compile.
 
-**Kernels** are found, not listed: every ``triton.JITFunction`` in
-``bio_transformations.kernels.triton_backend`` (or, once that module is split, in every submodule
-of the package ``bio_transformations.kernels.triton``) whose first five parameters are ``tab,
-blocks, keys, stats, counts`` -- the launch convention of the backend's ``_launch``. Helpers
-(``_tile``, the ``*_body`` functions, ...) are compiled inside them.
+**Kernels** are found, not listed: every ``triton.JITFunction`` in a submodule of the package
+``bio_transformations.kernels.triton`` whose first two parameters are ``tab, blocks``, followed
+by an operand witness -- the launch convention of ``launch.launch``: ``(tab, blocks, <operand
+witnesses>, <scalars>, [keys], [stats], [counts], S, W, BLOCK, ALIGNED, NDIM, <switches>)``.
+Helpers (``tile``, ``for_tile``, the ``*_body`` functions, ...) are compiled inside them.
 
 **Signatures** follow from the parameter names (the naming convention of the backend):
 
 * ``tab`` ``*i64``, ``blocks`` ``*i32``, ``keys`` ``*i64``, ``stats`` ``*fp32``,
   ``counts`` ``*i64`` (:data:`FIXED_PARAMS`);
-* a capital letter and digits (``W0``, ``G0``, ``P0``, ``S0``, ...) is an operand witness: a
+* a capital letter and digits (``W0``, ``G0``, ``P0``, ``S0``, ``C0``) is an operand witness: a
   pointer to the variant's element dtype, except the names in :data:`WITNESS_DTYPES` (``C0``,
   the int64 activation counts);
 * any other runtime parameter is an ``fp32`` scalar (Python floats), except those in
-  :data:`INT_SCALARS` (``mode``);
-* constexprs: ``W`` (the table row width ``_Plan`` computes: witnesses + 4 + 3*NDIM) and
-  ``BLOCK`` (the module's ``BLOCK_SIZE``) are derived; ``NDIM`` takes :data:`NDIM_VALUES`; every
-  other constexpr is a boolean switch (``ALIGNED``, ``VOLUME``, ``FUZZY``, ``CRYSTALLIZE``, and any
-  flag added later) unless :data:`CONSTEXPR_VALUES` lists its values.
+  :data:`INT_SCALARS`;
+* constexprs: ``S`` (the witnesses the launcher passes), ``W`` (the table row width ``Plan``
+  computes: S + 4 + 3*NDIM) and ``BLOCK`` (``launch.BLOCK_SIZE``) are derived; ``NDIM`` and
+  ``MODE`` take :data:`CONSTEXPR_VALUES`; every other constexpr is a boolean switch
+  (``ALIGNED``, ``VOLUME``, ``FUZZY``, ``CRYSTALLIZE``, ``NOISY``, and any flag added later);
+* ``keys``, ``stats``, ``counts`` and ``P0`` are passed as None (a constexpr) where the
+  launcher passes None for the variant's switches (:data:`NONE_WHEN`, read off the op functions
+  of ``kernels/triton/*.py``; ``tests/test_gpu_static.py`` checks it against the launches those
+  functions really make), and switch combinations no launcher makes are not compiled
+  (:data:`NEVER_LAUNCHED`: ``bio_step_`` with every stage off launches nothing).
 
 Variants are the product of dtype (fp32, fp16, bf16) and every constexpr's values; each is
 compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_fp_fusion``) and
@@ -98,10 +103,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
-
-# The interpreter replaces JITFunctions with InterpretedFunctions, which cannot be compiled.
-os.environ.pop("TRITON_INTERPRET", None)
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu_static"
@@ -116,14 +118,31 @@ FIXED_PARAMS = {
 }
 #: Operand witnesses whose dtype is not the variant's element dtype.
 WITNESS_DTYPES = {"C0": "*i64"}  # activation counts (int64 buffer); Dale signs share w's dtype
-#: Runtime scalars that are not fp32.
-INT_SCALARS = {"mode": "i32"}
+#: Runtime scalars that are not fp32 (none today: every scalar the launchers pass is a float).
+INT_SCALARS: Dict[str, str] = {}
 #: NDIM: 0 (contiguous launch) .. 5 (a Conv3d weight dense in a permuted order).
 NDIM_VALUES = tuple(range(6))
-#: Values of constexprs that are not boolean switches (others: False, True).
-CONSTEXPR_VALUES: Dict[str, tuple] = {"NDIM": NDIM_VALUES}
+#: Values of constexprs that are not boolean switches (others: False, True). ``MODE``: the
+#: initial distribution of ``rates_init_`` (baseline, uniform, normal, lognormal).
+CONSTEXPR_VALUES: Dict[str, tuple] = {"NDIM": NDIM_VALUES, "MODE": (0, 1, 2, 3)}
 #: Derived constexprs (computed per variant, not switched).
-DERIVED = ("W", "BLOCK")
+DERIVED = ("S", "W", "BLOCK")
+#: Per kernel, the parameters its launcher passes as None, as a function of the variant's
+#: switches (``kernels/triton/step.py``: ``bio_step_``; ``rates.py``: ``rates_init_``,
+#: ``temporal_update_``). Parameters not named here are always passed.
+NONE_WHEN: Dict[str, Dict[str, Callable[[dict], bool]]] = {
+    "_step_kernel": {
+        "keys": lambda c: not c["VOLUME"],
+        "stats": lambda c: not c["CRYSTALLIZE"],
+        "P0": lambda c: not (c["FUZZY"] or c["CRYSTALLIZE"]),
+    },
+    "_init_kernel": {"keys": lambda c: c["MODE"] == 0},
+    "_temporal_kernel": {"keys": lambda c: not c["NOISY"]},
+}
+#: Per kernel, the switch combinations no launcher makes (not compiled).
+NEVER_LAUNCHED: Dict[str, Callable[[dict], bool]] = {
+    "_step_kernel": lambda c: not (c["VOLUME"] or c["FUZZY"] or c["CRYSTALLIZE"]),
+}
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}  # name -> bytes per element
 TARGETS = (90, 80)
 
@@ -136,18 +155,25 @@ _WITNESS = re.compile(r"^[A-Z][0-9]+$")
 
 
 def kernel_modules() -> list:
-    """The Triton backend's modules: the single module while it exists, else the package's."""
-    name = "bio_transformations.kernels.triton_backend"
-    try:
-        return [importlib.import_module(name)]
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise
+    """The Triton backend's modules: the package ``bio_transformations.kernels.triton`` and
+    every submodule of it."""
     pkg = importlib.import_module("bio_transformations.kernels.triton")
     mods = [pkg]
     for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
         mods.append(importlib.import_module(info.name))
     return mods
+
+
+def _is_kernel(fn) -> bool:
+    """``tab, blocks`` then an operand witness: what ``launch.launch`` passes (the device
+    helper ``tile(tab, blocks, W, ...)`` is not a kernel)."""
+    p = fn.params
+    return (
+        len(p) > 2
+        and (p[0].name, p[1].name) == ("tab", "blocks")
+        and not p[2].is_constexpr
+        and bool(_WITNESS.match(p[2].name))
+    )
 
 
 def discover() -> Tuple[Dict[str, object], dict]:
@@ -158,19 +184,33 @@ def discover() -> Tuple[Dict[str, object], dict]:
     settings: dict = {}
     for mod in kernel_modules():
         for obj in vars(mod).values():
-            if isinstance(obj, triton.runtime.JITFunction) and tuple(obj.arg_names[:5]) == tuple(
-                FIXED_PARAMS
-            ):
+            if isinstance(obj, triton.runtime.JITFunction) and _is_kernel(obj):
                 kernels.setdefault(obj.__name__, obj)
         if "BLOCK_SIZE" in vars(mod):
             settings.setdefault("BLOCK_SIZE", int(mod.BLOCK_SIZE))
         if "_LAUNCH" in vars(mod):
             settings.setdefault("options", dict(mod._LAUNCH))
     if not kernels:
+        if any(type(o).__name__ == "InterpretedFunction" for m in kernel_modules() for o in
+               vars(m).values()):  # fmt: skip
+            raise RuntimeError("the kernels were decorated under TRITON_INTERPRET=1: unset it")
         raise RuntimeError("no Triton kernel (parameters tab, blocks, ...) found in the backend")
     if "BLOCK_SIZE" not in settings or "options" not in settings:
         raise RuntimeError("the backend defines no BLOCK_SIZE or _LAUNCH (launch options)")
     return dict(sorted(kernels.items())), settings
+
+
+def source_hash() -> str:
+    """A fingerprint of the kernels' source (every module of the backend) and the triton
+    version: a checkpoint row of other kernels is never resumed."""
+    import hashlib
+
+    import triton
+
+    h = hashlib.sha256(triton.__version__.encode())
+    for mod in sorted(kernel_modules(), key=lambda m: m.__name__):
+        h.update(mod.__name__.encode() + b"\0" + Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _switches(fn) -> Dict[str, tuple]:
@@ -182,20 +222,40 @@ def _switches(fn) -> Dict[str, tuple]:
     return out
 
 
+def absent(kernel: str, constexprs: dict) -> List[str]:
+    """The parameters the launcher of ``kernel`` passes as None for these switches."""
+    return sorted(p for p, when in NONE_WHEN.get(kernel, {}).items() if when(constexprs))
+
+
+def launched(kernel: str, constexprs: dict) -> bool:
+    """Whether a launcher makes this switch combination."""
+    never = NEVER_LAUNCHED.get(kernel)
+    return never is None or not never(constexprs)
+
+
 def signature(fn, dtype: str, constexprs: dict, block: int) -> Tuple[dict, dict, dict]:
-    """``(signature, constexprs with the derived ones, attrs)`` for one variant of ``fn``."""
+    """``(signature, constexprs with the derived ones and the None parameters, attrs)`` for one
+    variant of ``fn``."""
     sig, consts, attrs = {}, dict(constexprs), {}
+    none = set(absent(fn.__name__, constexprs))
     witnesses = [p.name for p in fn.params if not p.is_constexpr and _WITNESS.match(p.name)]
+    present = [w for w in witnesses if w not in none]  # S: the columns the launcher fills
     for i, p in enumerate(fn.params):
         name = p.name
         if p.is_constexpr:
             sig[name] = "constexpr"
-            if name == "W":
-                consts[name] = len(witnesses) + 4 + 3 * int(constexprs.get("NDIM", 0))
+            if name == "S":
+                consts[name] = len(present)
+            elif name == "W":
+                consts[name] = len(present) + 4 + 3 * int(constexprs.get("NDIM", 0))
             elif name == "BLOCK":
                 consts[name] = block
             elif name not in consts:
                 raise KeyError(f"{fn.__name__}: no value for constexpr {name}")
+            continue
+        if name in none:
+            sig[name] = "constexpr"
+            consts[name] = None
             continue
         if name in FIXED_PARAMS:
             sig[name] = FIXED_PARAMS[name]
@@ -209,15 +269,17 @@ def signature(fn, dtype: str, constexprs: dict, block: int) -> Tuple[dict, dict,
 
 
 def variants(kernels: dict, subset: str = "full") -> List[dict]:
-    """Every (kernel, dtype, constexpr values) to compile. ``subset='test'`` keeps, per kernel,
-    fp32 aligned NDIM 0 with every other switch on, and for the kernel with the most switches
-    (the fused step) also bf16 aligned NDIM 0 and fp32 unaligned at the largest NDIM."""
+    """Every (kernel, dtype, constexpr values) a launcher can make, to compile.
+    ``subset='test'`` keeps, per kernel, fp32 aligned NDIM 0 with every other switch on (and
+    the last value of a valued one, ``MODE`` 3: lognormal, the longest), and for the kernel with
+    the most switches (the fused step) also bf16 aligned NDIM 0 and fp32 unaligned at the
+    largest NDIM."""
     out = []
     widest = max(kernels, key=lambda k: len(_switches(kernels[k])))
     for name, fn in kernels.items():
         sw = _switches(fn)
         if subset == "test":
-            flags = {k: True for k, v in sw.items() if k not in ("ALIGNED", "NDIM")}
+            flags = {k: v[-1] for k, v in sw.items() if k not in ("ALIGNED", "NDIM")}
             picks = [("fp32", True, 0)]
             if name == widest:
                 picks += [("bf16", True, 0), ("fp32", False, max(NDIM_VALUES))]
@@ -227,12 +289,20 @@ def variants(kernels: dict, subset: str = "full") -> List[dict]:
                     combo["ALIGNED"] = aligned
                 if "NDIM" in sw:
                     combo["NDIM"] = ndim
-                out.append({"kernel": name, "dtype": dtype, "constexprs": combo})
+                out.append(
+                    {"kernel": name, "dtype": dtype, "constexprs": combo,
+                     "none": absent(name, combo)}
+                )  # fmt: skip
             continue
         keys = list(sw)
         for dtype in DTYPES:
             for values in itertools.product(*(sw[k] for k in keys)):
-                out.append({"kernel": name, "dtype": dtype, "constexprs": dict(zip(keys, values))})
+                combo = dict(zip(keys, values))
+                if launched(name, combo):
+                    out.append(
+                        {"kernel": name, "dtype": dtype, "constexprs": combo,
+                         "none": absent(name, combo)}
+                    )  # fmt: skip
     return out
 
 
@@ -603,6 +673,8 @@ _worker_state: dict = {}
 
 
 def _init_worker() -> None:
+    # The interpreter replaces JITFunctions with InterpretedFunctions, which cannot be compiled.
+    os.environ.pop("TRITON_INTERPRET", None)
     from triton import knobs
 
     # A private, empty cache: every compile runs ptxas, whose -v log gives registers and spills.
@@ -611,6 +683,7 @@ def _init_worker() -> None:
     knobs.cache.dir = _worker_state["cache"]
     knobs.nvidia.dump_ptxas_log = True
     _worker_state["kernels"], _worker_state["settings"] = discover()
+    _worker_state["source"] = source_hash()
 
 
 def compile_variant(v: dict) -> dict:
@@ -623,7 +696,7 @@ def compile_variant(v: dict) -> dict:
         _init_worker()
     fn = _worker_state["kernels"][v["kernel"]]
     settings = _worker_state["settings"]
-    out = dict(v)
+    out = dict(v, source=_worker_state["source"])
     t0 = time.perf_counter()
     try:
         sig, consts, attrs = signature(fn, v["dtype"], v["constexprs"], settings["BLOCK_SIZE"])
@@ -683,15 +756,22 @@ def run(
     done: Dict[str, dict] = {}
     if checkpoint is not None and checkpoint.exists():
         wanted = {variant_key(v) for v in todo}
+        source, stale = source_hash(), 0
         for line in checkpoint.read_text().splitlines():
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
-            if variant_key(r) in wanted:
+            if r.get("source") != source:  # compiled from other kernels (or triton)
+                stale += 1
+            elif variant_key(r) in wanted:
                 done[variant_key(r)] = r
-        if done and progress:
-            print(f"  resuming: {len(done)} variants already in {checkpoint}", flush=True)
+        if (done or stale) and progress:
+            print(
+                f"  resuming: {len(done)} variants already in {checkpoint}"
+                + (f" ({stale} rows of other kernel sources ignored)" if stale else ""),
+                flush=True,
+            )
     rest = [v for v in todo if variant_key(v) not in done]
     t0 = time.perf_counter()
     if jobs <= 1:
@@ -752,8 +832,8 @@ ANALYSIS_OPS = [
     ),
     ("rejuvenate_", "_rejuvenate_kernel", {}, 2, "r w; w w"),
     ("rejuvenate_legacy_", "_legacy_kernel", {}, 2, "r w; w w"),
-    ("rates_init_", "_init_kernel", {}, 1, "w p"),
-    ("temporal_update_", "_temporal_kernel", {}, 2, "r p; w p"),
+    ("rates_init_", "_init_kernel", {"MODE": 3}, 1, "w p"),  # lognormal: the longest draw
+    ("temporal_update_", "_temporal_kernel", {"NOISY": True}, 2, "r p; w p"),
     ("weight_adaptive_", "_adaptive_kernel", {}, 2, "r w; w p"),
     ("activity_update_", "_activity_kernel", {}, 1, "w p (counts per row)"),
     ("dale_enforce_", "_dale_kernel", {}, 2, "r w; w w (sign per row)"),
@@ -765,7 +845,9 @@ def _find(results, target, kernel, dtype, **constexprs) -> Optional[dict]:
         if r["target"] != target or r["kernel"] != kernel or r["dtype"] != dtype or not r["ok"]:
             continue
         c = r["constexprs"]
-        if all(c.get(k, False) == v for k, v in constexprs.items()):
+        # a switch the variant lacks matches: before the refactor MODE and NOISY were runtime
+        # branches, whose longest side the hot path took
+        if all(c.get(k, v) == v for k, v in constexprs.items()):
             # switches not named must be off (bools) for the op's own variant
             named = set(constexprs)
             if all(not x for k, x in c.items() if k not in named and isinstance(x, bool)):
@@ -991,6 +1073,7 @@ def compare_markdown(old: dict, new: dict) -> str:
 
 
 def main(argv=None) -> int:
+    os.environ.pop("TRITON_INTERPRET", None)  # before triton decorates the kernels
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--subset", choices=("full", "test"), default="full")
@@ -1041,13 +1124,15 @@ def report_from_checkpoint(path: Path) -> dict:
 
     kernels, settings = discover()
     full = {variant_key(dict(v, target=t)) for t in TARGETS for v in variants(kernels)}
+    source = source_hash()
     rows = {}
     for line in path.read_text().splitlines():
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
             continue
-        rows[variant_key(r)] = r
+        if r.get("source") == source:  # rows of other kernel sources are not these kernels'
+            rows[variant_key(r)] = r
     results = [r for k, r in sorted(rows.items()) if k in full]
     return {
         "date": datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds"),

@@ -94,9 +94,9 @@ def test_deadline_drops_every_item_but_keeps_the_checks(tmp_path):
 
 
 def test_bytes_per_element_accounting():
-    # the figures for float32: the fused step moves 24 B (20 in the kernel + mean|w|),
-    # rejuvenation 36 B against 12 ideal
-    assert gpu_check.bytes_moved("bio_step_", 4) == 24
+    # float32: the fused step moves 28 B (20 in the kernel, mean|w| reads w, the zero-gradient
+    # gate reads g; the 24 predates the gate), rejuvenation 36 B against 12 ideal
+    assert gpu_check.bytes_moved("bio_step_", 4) == 28
     assert gpu_check.bytes_moved("rejuvenate_", 4) == 36
     assert gpu_check.OPS["rejuvenate_"][1] * 4 == 12
     assert gpu_check.bytes_moved("volume_scale_", 2) == 6

@@ -1,14 +1,15 @@
 """The static GPU report (benchmarks/gpu_static.py): kernels compiled ahead of time, no GPU.
 
 The compile test runs the tool's representative subset (``--subset test``: every kernel in fp32,
-aligned, NDIM 0, all switches on, plus the fused step in bf16 and unaligned at the largest NDIM;
-sm_90; about 40 s on 2 busy cores) in a subprocess, because this test process imports Triton
-under ``TRITON_INTERPRET=1``. The full set (576 variants x sm_90, sm_80) runs with
+aligned, NDIM 0, all switches on (MODE 3), plus the fused step in bf16 and unaligned at the
+largest NDIM; sm_90; about 40 s on 2 busy cores) in a subprocess, because this test process
+imports Triton under ``TRITON_INTERPRET=1``. The full set (684 variants x sm_90, sm_80) runs with
 ``make gpu-static``; its recorded results are in benchmarks/results/gpu_static/.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -23,9 +24,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_static  # noqa: E402
 
 #: NDIM-0 variants of the test subset that spill today (ptxas -v), as "kernel|dtype|switches
-#: on" (4 B, in the masked tail-tile body, not on the hot path; the full report lists every
-#: spilling variant). The test fails both on a new spill and on a listed one that no longer
-#: spills, so this list can only shrink deliberately.
+#: on" (8 B stored and loaded since the zero-gradient gate, 4 B before; off the hot path:
+#: ``local_mem_hot_path`` is 0; the full report lists every spilling variant). The test fails
+#: both on a new spill and on a listed one that no longer spills, so this list can only shrink
+#: deliberately.
 KNOWN_NDIM0_SPILLS = {"_step_kernel|bf16|VOLUME+FUZZY+CRYSTALLIZE+ALIGNED"}
 
 
@@ -100,17 +102,99 @@ def test_variant_space_covers_every_kernel_and_switch():
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
     )
     info = json.loads(out.stdout)
+    # every JIT function of the package that takes (tab, blocks, <witness>, ...): not `tile`
+    assert set(info["kernels"]) == {
+        "_fuzzy_kernel", "_step_kernel", "_rejuvenate_kernel", "_legacy_kernel", "_init_kernel",
+        "_temporal_kernel", "_adaptive_kernel", "_activity_kernel", "_dale_kernel",
+    }  # fmt: skip
     expected = 0
-    for switches in info["switches"].values():
+    for name, switches in info["switches"].items():
         assert switches["ALIGNED"] == [False, True]
         assert switches["NDIM"] == list(gpu_static.NDIM_VALUES)
-        n = len(gpu_static.DTYPES)
-        for values in switches.values():
-            n *= len(values)
-        expected += n
+        combos = [dict(zip(switches, c)) for c in itertools.product(*switches.values())]
+        expected += len(gpu_static.DTYPES) * sum(gpu_static.launched(name, c) for c in combos)
     assert info["n"] == expected
     assert set(info["switches"]["_step_kernel"]) >= {"VOLUME", "FUZZY", "CRYSTALLIZE"}
+    assert info["switches"]["_init_kernel"]["MODE"] == [0, 1, 2, 3]
     assert info["settings"]["BLOCK_SIZE"] % (32 * info["settings"]["options"]["num_warps"]) == 0
+
+
+def test_none_parameters_and_switches_are_those_the_launchers_pass():
+    """Every op of the Triton backend, run in the interpreter on tiny tensors, with its launches
+    recorded: the parameters each launch passes as None are ``gpu_static.absent``'s, every
+    switch combination launched is one ``gpu_static`` compiles, and every one it compiles is
+    launched by some op."""
+    import torch
+
+    trb = pytest.importorskip("bio_transformations.kernels.triton")
+    from bio_transformations.kernels.contract import StepParams
+    from bio_transformations.kernels.triton import dale, launch, rates, rejuvenate, step
+
+    if not trb.INTERPRETED:
+        pytest.skip("needs the interpreter (CPU tensors)")
+    calls = []
+
+    def spy(kernel, elems, rows=(), written=(), keys=None, stats=None, counts=None,
+            scalars=(), **meta):  # fmt: skip
+        names = kernel.arg_names
+        positional = [*(e[0] for e in elems), *(r[0] for r in rows), *scalars]
+        none = {n for n, v in zip(names[2:], positional) if v is None}
+        optional = {"keys": keys, "stats": stats, "counts": counts}
+        none |= {n for n, v in optional.items() if n in names and v is None}
+        name = getattr(kernel, "fn", kernel).__name__
+        calls.append((name, dict(meta), sorted(none)))
+        launch.launch(kernel, elems, rows, written, keys, stats, counts, scalars, **meta)
+
+    mp = pytest.MonkeyPatch()
+    for mod in (step, rejuvenate, rates, dale):
+        mp.setattr(mod, "launch", spy)
+    try:
+        gen = torch.Generator().manual_seed(0)
+
+        def t(*shape, scale=1.0, shift=0.0):
+            return torch.randn(*shape, generator=gen).mul_(scale).add_(shift)
+
+        w = [t(4, 16, scale=0.1), t(3, 5, scale=0.1)]
+        g = [t(4, 16, scale=1e-3), t(3, 5, scale=1e-3)]
+        p = [t(4, 16, scale=0.1, shift=1.0), t(3, 5, scale=0.1, shift=1.0)]
+        keys = [11, 12]
+        trb.fuzzy_scale_(g, p)
+        for stages in itertools.product((False, True), repeat=3):
+            trb.bio_step_(w, g, p, keys, StepParams(*stages, 0.1, 2.0, 0.2, 0.05, 0.6))
+        trb.crystallize_(w, g, p, 0.05, 0.6)
+        trb.volume_scale_(w, g, keys, 0.1, 2.0, 0.2)
+        trb.rejuvenate_(w, keys, 8.0)
+        trb.rejuvenate_legacy_(w, keys, 8.0)
+        for dist in ("baseline", "uniform", "normal", "lognormal"):
+            trb.rates_init_(p, keys, dist, 0.16, 0.5, 2.0)
+        for noise in (0.0, 0.016):
+            trb.temporal_update_(p, keys, 0.9995, noise, 0.5, 2.0)
+        trb.weight_adaptive_(p, w, keys, 0.16, 0.5, 2.0)
+        counts = [torch.arange(4, dtype=torch.int64), torch.arange(3, dtype=torch.int64)]
+        trb.activity_update_(p, counts, keys, 0.16, 0.5, 2.0)
+        trb.dale_enforce_(w, [torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([1.0, -1, 1])])
+    finally:
+        mp.undo()
+
+    seen = set()
+    for name, meta, none in calls:
+        assert gpu_static.launched(name, meta), (name, meta)
+        assert gpu_static.absent(name, meta) == none, (name, meta, none)
+        seen.add((name, tuple(sorted(meta.items()))))
+    code = (
+        "import sys, json; sys.path.insert(0, 'benchmarks'); import gpu_static as g; "
+        "k, s = g.discover(); print(json.dumps(g.variants(k)))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    compiled = {
+        (v["kernel"], tuple(sorted((k, x) for k, x in v["constexprs"].items()
+                                   if k not in ("ALIGNED", "NDIM"))))
+        for v in json.loads(out.stdout)
+    }  # fmt: skip
+    assert compiled == seen
 
 
 # A hand-made SASS listing: prologue, the full/masked split, a slow-path loop and a CALL in the
