@@ -13,7 +13,7 @@ else
 TRITON_PIN ?=
 endif
 
-.PHONY: install run test lint docs bench soak mutate clean
+.PHONY: install run test lint docs bench soak mutate gpu-static clean
 
 install: $(STAMP)
 
@@ -64,6 +64,11 @@ mutate: $(STAMP)
 		mutmut run --max-children $(or $(JOBS),2) ; mutmut results > survivors.txt ; \
 		mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
 	@echo "survivors: $(MUTATE_DIR)/survivors.txt (mutmut show NAME in $(MUTATE_DIR))"
+
+# Static GPU report: every Triton kernel variant compiled for sm_90 and sm_80, no GPU needed.
+# ARGS="--compare benchmarks/results/gpu_static/before.json" diffs against the recorded BEFORE.
+gpu-static: $(STAMP)
+	$(PY) benchmarks/gpu_static.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) docs/_build .pytest_cache .benchmarks build/mutate

@@ -1,0 +1,1198 @@
+"""Static GPU report of the Triton backend: every kernel variant compiled ahead of time, no GPU.
+
+    python benchmarks/gpu_static.py                       # full report, sm_90 and sm_80
+    python benchmarks/gpu_static.py --subset test         # the representative subset the test uses
+    python benchmarks/gpu_static.py --compare OLD.json    # also diff against an earlier report
+    make gpu-static                                       # the full report
+
+Output (``--out``, default ``benchmarks/results/gpu_static/``): ``report.json`` (every variant),
+``report.md`` (summary tables), ``analysis_table.md`` (per-op instructions per element against
+the H200 bandwidth floor: this report as "before", or with ``--compare OLD.json`` the old one as
+"before" and this one as "after") and, with ``--compare``, ``compare.md`` (every variant's
+changes). ``--from-json REPORT`` re-renders the markdown of a recorded report without
+compiling. Results are checkpointed in ``partial-<subset>.jsonl`` as they complete (removed once
+the report of the whole set is written): an interrupted run picks up where it stopped;
+``--targets``/``--ndim``/``--kernels`` restrict a run (their results also go to the
+checkpoint), and ``--from-json partial-full.jsonl`` renders what a checkpoint holds, marked
+partial. Exit status 1 when a
+variant fails to compile.
+
+**Kernels** are found, not listed: every ``triton.JITFunction`` in a submodule of the package
+``bio_transformations.kernels.triton`` whose first two parameters are ``tab, blocks``, followed
+by an operand witness -- the launch convention of ``launch.launch``: ``(tab, blocks, <operand
+witnesses>, <scalars>, [keys], [stats], [counts], S, W, BLOCK, ALIGNED, NDIM, <switches>)``.
+Helpers (``tile``, ``for_tile``, the ``*_body`` functions, ...) are compiled inside them.
+
+**Signatures** follow from the parameter names (the naming convention of the backend):
+
+* ``tab`` ``*i64``, ``blocks`` ``*i32``, ``keys`` ``*i64``, ``stats`` ``*fp32``,
+  ``counts`` ``*i64`` (:data:`FIXED_PARAMS`);
+* a capital letter and digits (``W0``, ``G0``, ``P0``, ``S0``, ``C0``) is an operand witness: a
+  pointer to the variant's element dtype, except the names in :data:`WITNESS_DTYPES` (``C0``,
+  the int64 activation counts);
+* any other runtime parameter is an ``fp32`` scalar (Python floats), except those in
+  :data:`INT_SCALARS`;
+* constexprs: ``S`` (the witnesses the launcher passes), ``W`` (the table row width ``Plan``
+  computes: S + 4 + 3*NDIM) and ``BLOCK`` (``launch.BLOCK_SIZE``) are derived; ``NDIM`` and
+  ``MODE`` take :data:`CONSTEXPR_VALUES`; every other constexpr is a boolean switch
+  (``ALIGNED``, ``VOLUME``, ``FUZZY``, ``CRYSTALLIZE``, ``NOISY``, and any flag added later);
+* ``keys``, ``stats``, ``counts`` and ``P0`` are passed as None (a constexpr) where the
+  launcher passes None for the variant's switches (:data:`NONE_WHEN`, read off the op functions
+  of ``kernels/triton/*.py``; ``tests/test_gpu_static.py`` checks it against the launches those
+  functions really make), and switch combinations no launcher makes are not compiled
+  (:data:`NEVER_LAUNCHED`: ``bio_step_`` with every stage off launches nothing).
+
+Variants are the product of dtype (fp32, fp16, bf16) and every constexpr's values; each is
+compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_fp_fusion``) and
+16-byte divisibility on every pointer argument (what the JIT specialises for torch allocations).
+
+**Measured per variant** (``triton.compile`` of an ``ASTSource`` for ``GPUTarget("cuda", cap,
+32)``; ptxas, cuobjdump and nvdisasm from the triton wheel, ``triton/backends/nvidia/bin``):
+
+* registers, stack frame, spill stores/loads: ptxas' own ``-v`` log (a fresh triton cache, so
+  ptxas always runs);
+* shared memory: the compiled kernel's metadata (bytes Triton allocates);
+* 128-bit accesses: ``LDG.E.128``/``STG.E.128`` in the SASS of the full-tile body, and
+  ``ld.global.v4``/``st.global.v4`` in the PTX of the whole kernel;
+* ``masked_mem_hot_path``: predicated global loads/stores on the hot path (a check of the
+  analysis: the full-tile body has none; the test asserts 0);
+* ``local_mem_hot_path``: local-memory instructions (``LDL``/``STL``: spills, or the stack
+  array of a slow path) on the hot path defined next;
+* SASS instructions in the hot path per element, defined as follows. The SASS
+  (``cuobjdump -sass``) is split into basic blocks. A block is *cold* if it lies on a cycle
+  (the Payne-Hanek loops of precise sin/cos for huge arguments), if it calls a subroutine
+  ``nvdisasm`` names a ``slowpath`` (correctly rounded division's, taken only for extreme
+  operands). A ``CALL`` on one side of a branch (its immediate dominator reaches its immediate
+  post-dominator without it) counts its call site only, and the longest path picks the side:
+  for LLVM's bypass of 64-bit division by a 32-bit one when both operands fit (every tensor
+  below 2^32 elements) that is the inline 32-bit fast path, for a runtime branch the side doing
+  the work. Any other ``CALL`` (64-bit division and remainder the compiler did not guard) is
+  hot, and the callee's own hot path is counted at each call (``calls_hot_path`` counts the
+  calls on the path). The kernel's first
+  conditional forward branch splits the full-tile body (no masks: unpredicated global
+  loads/stores) from the masked tail-tile body; the full one is the side with fewer predicated
+  global memory instructions
+  (``masked_mem_hot_path`` checks it). The hot path is the longest path from the entry through
+  the full-tile body to ``EXIT`` over non-cold blocks (NOPs not counted): what a thread
+  executes on a full tile when no value takes a slow path, runtime branches taking their
+  longer side (``_temporal_kernel``: the noisy update; ``_init_kernel``: the longest mode).
+  Per element = that count / elements per thread (``BLOCK / (32 * num_warps)``, 8 here): one
+  thread's instructions amortised over the elements it handles, the prologue included. These
+  are issued (per-thread) instructions, not cycles: MUFU (ex2, lg2, rcp, sin/cos) issue at a
+  quarter of the FP32 rate, and latency is not modelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import datetime
+import importlib
+import io
+import itertools
+import json
+import os
+import pkgutil
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu_static"
+
+#: Launch-convention parameters and their types.
+FIXED_PARAMS = {
+    "tab": "*i64",
+    "blocks": "*i32",
+    "keys": "*i64",
+    "stats": "*fp32",
+    "counts": "*i64",
+}
+#: Operand witnesses whose dtype is not the variant's element dtype.
+WITNESS_DTYPES = {"C0": "*i64"}  # activation counts (int64 buffer); Dale signs share w's dtype
+#: Runtime scalars that are not fp32 (none today: every scalar the launchers pass is a float).
+INT_SCALARS: Dict[str, str] = {}
+#: NDIM: 0 (contiguous launch) .. 5 (a Conv3d weight dense in a permuted order).
+NDIM_VALUES = tuple(range(6))
+#: Values of constexprs that are not boolean switches (others: False, True). ``MODE``: the
+#: initial distribution of ``rates_init_`` (baseline, uniform, normal, lognormal).
+CONSTEXPR_VALUES: Dict[str, tuple] = {"NDIM": NDIM_VALUES, "MODE": (0, 1, 2, 3)}
+#: Derived constexprs (computed per variant, not switched).
+DERIVED = ("S", "W", "BLOCK")
+#: Per kernel, the parameters its launcher passes as None, as a function of the variant's
+#: switches (``kernels/triton/step.py``: ``bio_step_``; ``rates.py``: ``rates_init_``,
+#: ``temporal_update_``). Parameters not named here are always passed.
+NONE_WHEN: Dict[str, Dict[str, Callable[[dict], bool]]] = {
+    "_step_kernel": {
+        "keys": lambda c: not c["VOLUME"],
+        "stats": lambda c: not c["CRYSTALLIZE"],
+        "P0": lambda c: not (c["FUZZY"] or c["CRYSTALLIZE"]),
+    },
+    "_init_kernel": {"keys": lambda c: c["MODE"] == 0},
+    "_temporal_kernel": {"keys": lambda c: not c["NOISY"]},
+}
+#: Per kernel, the switch combinations no launcher makes (not compiled).
+NEVER_LAUNCHED: Dict[str, Callable[[dict], bool]] = {
+    "_step_kernel": lambda c: not (c["VOLUME"] or c["FUZZY"] or c["CRYSTALLIZE"]),
+}
+DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}  # name -> bytes per element
+TARGETS = (90, 80)
+
+_WITNESS = re.compile(r"^[A-Z][0-9]+$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery and variants
+# ---------------------------------------------------------------------------------------------
+
+
+def kernel_modules() -> list:
+    """The Triton backend's modules: the package ``bio_transformations.kernels.triton`` and
+    every submodule of it."""
+    pkg = importlib.import_module("bio_transformations.kernels.triton")
+    mods = [pkg]
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        mods.append(importlib.import_module(info.name))
+    return mods
+
+
+def _is_kernel(fn) -> bool:
+    """``tab, blocks`` then an operand witness: what ``launch.launch`` passes (the device
+    helper ``tile(tab, blocks, W, ...)`` is not a kernel)."""
+    p = fn.params
+    return (
+        len(p) > 2
+        and (p[0].name, p[1].name) == ("tab", "blocks")
+        and not p[2].is_constexpr
+        and bool(_WITNESS.match(p[2].name))
+    )
+
+
+def discover() -> Tuple[Dict[str, object], dict]:
+    """``({kernel name: JITFunction}, launch settings)`` from the backend's modules."""
+    import triton
+
+    kernels: Dict[str, object] = {}
+    settings: dict = {}
+    for mod in kernel_modules():
+        for obj in vars(mod).values():
+            if isinstance(obj, triton.runtime.JITFunction) and _is_kernel(obj):
+                kernels.setdefault(obj.__name__, obj)
+        if "BLOCK_SIZE" in vars(mod):
+            settings.setdefault("BLOCK_SIZE", int(mod.BLOCK_SIZE))
+        if "_LAUNCH" in vars(mod):
+            settings.setdefault("options", dict(mod._LAUNCH))
+    if not kernels:
+        if any(type(o).__name__ == "InterpretedFunction" for m in kernel_modules() for o in
+               vars(m).values()):  # fmt: skip
+            raise RuntimeError("the kernels were decorated under TRITON_INTERPRET=1: unset it")
+        raise RuntimeError("no Triton kernel (parameters tab, blocks, ...) found in the backend")
+    if "BLOCK_SIZE" not in settings or "options" not in settings:
+        raise RuntimeError("the backend defines no BLOCK_SIZE or _LAUNCH (launch options)")
+    return dict(sorted(kernels.items())), settings
+
+
+def source_hash() -> str:
+    """A fingerprint of the kernels' source (every module of the backend) and the triton
+    version: a checkpoint row of other kernels is never resumed."""
+    import hashlib
+
+    import triton
+
+    h = hashlib.sha256(triton.__version__.encode())
+    for mod in sorted(kernel_modules(), key=lambda m: m.__name__):
+        h.update(mod.__name__.encode() + b"\0" + Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _switches(fn) -> Dict[str, tuple]:
+    """Each switched constexpr of ``fn`` and its values."""
+    out = {}
+    for p in fn.params:
+        if p.is_constexpr and p.name not in DERIVED:
+            out[p.name] = CONSTEXPR_VALUES.get(p.name, (False, True))
+    return out
+
+
+def absent(kernel: str, constexprs: dict) -> List[str]:
+    """The parameters the launcher of ``kernel`` passes as None for these switches."""
+    return sorted(p for p, when in NONE_WHEN.get(kernel, {}).items() if when(constexprs))
+
+
+def launched(kernel: str, constexprs: dict) -> bool:
+    """Whether a launcher makes this switch combination."""
+    never = NEVER_LAUNCHED.get(kernel)
+    return never is None or not never(constexprs)
+
+
+def signature(fn, dtype: str, constexprs: dict, block: int) -> Tuple[dict, dict, dict]:
+    """``(signature, constexprs with the derived ones and the None parameters, attrs)`` for one
+    variant of ``fn``."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    none = set(absent(fn.__name__, constexprs))
+    witnesses = [p.name for p in fn.params if not p.is_constexpr and _WITNESS.match(p.name)]
+    present = [w for w in witnesses if w not in none]  # S: the columns the launcher fills
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+            if name == "S":
+                consts[name] = len(present)
+            elif name == "W":
+                consts[name] = len(present) + 4 + 3 * int(constexprs.get("NDIM", 0))
+            elif name == "BLOCK":
+                consts[name] = block
+            elif name not in consts:
+                raise KeyError(f"{fn.__name__}: no value for constexpr {name}")
+            continue
+        if name in none:
+            sig[name] = "constexpr"
+            consts[name] = None
+            continue
+        if name in FIXED_PARAMS:
+            sig[name] = FIXED_PARAMS[name]
+        elif name in witnesses:
+            sig[name] = WITNESS_DTYPES.get(name, "*" + dtype)
+        else:
+            sig[name] = INT_SCALARS.get(name, "fp32")
+        if sig[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def variants(kernels: dict, subset: str = "full") -> List[dict]:
+    """Every (kernel, dtype, constexpr values) a launcher can make, to compile.
+    ``subset='test'`` keeps, per kernel, fp32 aligned NDIM 0 with every other switch on (and
+    the last value of a valued one, ``MODE`` 3: lognormal, the longest), and for the kernel with
+    the most switches (the fused step) also bf16 aligned NDIM 0 and fp32 unaligned at the
+    largest NDIM."""
+    out = []
+    widest = max(kernels, key=lambda k: len(_switches(kernels[k])))
+    for name, fn in kernels.items():
+        sw = _switches(fn)
+        if subset == "test":
+            flags = {k: v[-1] for k, v in sw.items() if k not in ("ALIGNED", "NDIM")}
+            picks = [("fp32", True, 0)]
+            if name == widest:
+                picks += [("bf16", True, 0), ("fp32", False, max(NDIM_VALUES))]
+            for dtype, aligned, ndim in picks:
+                combo = dict(flags)
+                if "ALIGNED" in sw:
+                    combo["ALIGNED"] = aligned
+                if "NDIM" in sw:
+                    combo["NDIM"] = ndim
+                out.append(
+                    {"kernel": name, "dtype": dtype, "constexprs": combo,
+                     "none": absent(name, combo)}
+                )  # fmt: skip
+            continue
+        keys = list(sw)
+        for dtype in DTYPES:
+            for values in itertools.product(*(sw[k] for k in keys)):
+                combo = dict(zip(keys, values))
+                if launched(name, combo):
+                    out.append(
+                        {"kernel": name, "dtype": dtype, "constexprs": combo,
+                         "none": absent(name, combo)}
+                    )  # fmt: skip
+    return out
+
+
+def variant_key(v: dict) -> str:
+    c = ",".join(f"{k}={int(x) if isinstance(x, bool) else x}" for k, x in v["constexprs"].items())
+    return f"{v['target']}/{v['kernel']}/{v['dtype']}/{c}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools from the triton wheel
+# ---------------------------------------------------------------------------------------------
+
+
+def nvidia_tool(name: str) -> str:
+    """``name`` from the triton wheel (``triton/backends/nvidia/bin``), else from PATH."""
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(
+            f"{name} is neither in the triton wheel ({path.parent}) nor on PATH"
+        )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# SASS analysis
+# ---------------------------------------------------------------------------------------------
+
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_GLOBAL_MEM = ("LDG", "STG", "ATOMG", "RED")
+
+
+class Instr:
+    __slots__ = ("addr", "pred", "op", "args")
+
+    def __init__(self, addr, pred, op, args):
+        self.addr, self.pred, self.op, self.args = addr, pred, op, args
+
+    @property
+    def conditional(self) -> bool:
+        return self.pred is not None and self.pred not in ("@PT", "@UPT")
+
+    def target(self) -> Optional[int]:
+        m = re.search(r"0x([0-9a-f]+)", self.args)
+        return int(m.group(1), 16) if m else None
+
+    @property
+    def base(self) -> str:
+        return self.op.split(".")[0]
+
+
+def parse_sass(text: str) -> List[Instr]:
+    out = []
+    for m in _SASS.finditer(text):
+        pred = m.group(2).strip() if m.group(2) else None
+        out.append(Instr(int(m.group(1), 16), pred, m.group(3), m.group(4).strip()))
+    if not out:
+        raise ValueError("no SASS instructions found in the cuobjdump output")
+    return out
+
+
+def _sccs(nodes, succ) -> List[list]:
+    """Tarjan's strongly connected components (iterative)."""
+    index, low, on, stack, comps, counter = {}, {}, set(), [], [], [0]
+    for root in nodes:
+        if root in index:
+            continue
+        work = [(root, iter(succ[root]))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            advanced = False
+            for w in it:
+                if w not in index:
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(succ[w])))
+                    advanced = True
+                    break
+                if w in on:
+                    low[v] = min(low[v], index[w])
+            if advanced:
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                comps.append(comp)
+    return comps
+
+
+_CALLEE = re.compile(r"/\*([0-9a-f]{4,})\*/[^;]*\bCALL\.[A-Z.]*\s+`\(\$?([^)`]+)\)")
+
+
+def callee_names(nvdisasm_text: str) -> Dict[int, str]:
+    """``{address of a CALL: callee name}`` from ``nvdisasm -c`` output, which names the
+    subroutines (``$__internal_0_$__cuda_sm3x_div_rn_noftz_f32_slowpath``, ``..._div_s64``)."""
+    return {int(m.group(1), 16): m.group(2) for m in _CALLEE.finditer(nvdisasm_text)}
+
+
+_EXIT = -1  # the virtual exit of the post-dominator computation
+
+
+def _idoms(entry, nodes, succ) -> Dict[int, int]:
+    """Immediate dominators over ``nodes`` (Cooper, Harvey and Kennedy's iteration)."""
+    order, seen, stack = [], {entry}, [(entry, iter(succ[entry]))]
+    while stack:  # reverse postorder
+        v, it = stack[-1]
+        for w in it:
+            if w in nodes and w not in seen:
+                seen.add(w)
+                stack.append((w, iter(succ[w])))
+                break
+        else:
+            stack.pop()
+            order.append(v)
+    order.reverse()
+    index = {v: k for k, v in enumerate(order)}
+    preds: Dict[int, list] = {v: [] for v in order}
+    for v in order:
+        for w in succ[v]:
+            if w in index:
+                preds[w].append(v)
+    idom = {entry: entry}
+
+    def meet(a, b):
+        while a != b:
+            while index[a] > index[b]:
+                a = idom[a]
+            while index[b] > index[a]:
+                b = idom[b]
+        return a
+
+    changed = True
+    while changed:
+        changed = False
+        for v in order[1:]:
+            done = [p for p in preds[v] if p in idom]
+            if not done:
+                continue
+            new = done[0]
+            for p in done[1:]:
+                new = meet(p, new)
+            if idom.get(v) != new:
+                idom[v], changed = new, True
+    return idom
+
+
+def analyse_sass(text: str, callees: Optional[Dict[int, str]] = None) -> dict:
+    """Hot-path instruction count and 128-bit accesses of one kernel's SASS (see the module
+    docstring for the definition). ``callees`` (from :func:`callee_names`) names each CALL's
+    subroutine: calls to a ``slowpath`` are cold; other calls are cold when guarded by a fast
+    path (their dominator reaches their post-dominator without them), hot otherwise."""
+    instrs = parse_sass(text)
+    while instrs and (
+        instrs[-1].base == "NOP"
+        or (instrs[-1].base == "BRA" and not instrs[-1].conditional
+            and instrs[-1].target() == instrs[-1].addr)
+    ):  # fmt: skip
+        instrs.pop()  # the trailing self-branch and padding
+    addrs = [i.addr for i in instrs]
+    addr_set = set(addrs)
+    leaders = {addrs[0]}
+    for k, i in enumerate(instrs):
+        if i.base in ("BRX", "JMX"):
+            raise ValueError("indirect branch in the SASS: the hot-path analysis cannot follow it")
+        if i.base in ("BRA", "EXIT", "RET", "JMP"):  # a CALL returns: it ends no block
+            if k + 1 < len(instrs):
+                leaders.add(instrs[k + 1].addr)
+            if i.base in ("BRA", "JMP", "CALL") and i.target() in addr_set:
+                leaders.add(i.target())
+    starts = sorted(leaders)
+    pos = {a: k for k, a in enumerate(addrs)}
+    blocks: Dict[int, List[Instr]] = {}
+    for j, s in enumerate(starts):
+        stop = pos[starts[j + 1]] if j + 1 < len(starts) else len(instrs)
+        blocks[s] = instrs[pos[s] : stop]
+    succ: Dict[int, list] = {}
+    calls: Dict[int, list] = {}  # block -> subroutine entries it calls
+    exits = set()  # blocks ending in EXIT or RET
+    for j, s in enumerate(starts):
+        last = blocks[s][-1]
+        nxt = starts[j + 1] if j + 1 < len(starts) else None
+        out = []
+        if last.base in ("BRA", "JMP"):
+            if last.target() in blocks:
+                out.append(last.target())
+            if last.conditional and nxt is not None:
+                out.append(nxt)
+        elif last.base in ("EXIT", "RET"):
+            exits.add(s)
+            if last.conditional and nxt is not None:
+                out.append(nxt)
+        elif nxt is not None:
+            out.append(nxt)
+        succ[s] = out
+        calls[s] = [i.target() for i in blocks[s] if i.base == "CALL" and i.target() in blocks]
+    looped = set()  # blocks on a cycle: the loops of slow paths (Payne-Hanek reduction, ...)
+    for comp in _sccs(starts, succ):
+        if len(comp) > 1 or comp[0] in succ[comp[0]]:
+            looped.update(comp)
+
+    def reach(entry, allowed) -> set:
+        seen, todo = set(), [entry]
+        while todo:
+            b = todo.pop()
+            if b in seen or not allowed(b):
+                continue
+            seen.add(b)
+            todo.extend(succ[b])
+        return seen
+
+    main = reach(starts[0], lambda b: True)
+    in_main = main_addrs(blocks, main)
+    # The split between the full-tile and the masked tail-tile bodies.
+    split = next(
+        (i for i in instrs if i.addr in in_main and i.base == "BRA"
+         and i.conditional and (i.target() or 0) > i.addr),
+        None,
+    )  # fmt: skip
+    end = max(addrs) + 1
+    if split is None:
+        region, prologue_end = (addrs[0], end), addrs[0]
+    else:
+        a, b = (split.addr + 1, split.target()), (split.target(), end)
+
+        def predicated_mem(lo, hi):
+            return sum(
+                1
+                for blk in main
+                for i in blocks[blk]
+                if lo <= i.addr < hi and i.base in ("LDG", "STG") and i.conditional
+            )
+
+        region = a if predicated_mem(*a) <= predicated_mem(*b) else b
+        prologue_end = split.addr + 1
+
+    def cost_from(entry, allowed_extra) -> Tuple[Optional[int], list]:
+        """Longest path (instructions, subroutine calls included) from ``entry`` to an EXIT/RET
+        over blocks that are not looped, not a bypassable call, and ``allowed_extra``."""
+        base_ok = lambda blk: blk not in looped and allowed_extra(blk)  # noqa: E731
+        region_blocks = reach(entry, base_ok)
+        ends = exits & region_blocks
+        cold = set()
+        call_blocks = [blk for blk in region_blocks if calls[blk] and blk != entry]
+        if call_blocks:
+            idom = _idoms(entry, region_blocks, succ)
+            rsucc = {blk: [] for blk in region_blocks}  # the reversed graph, a virtual exit
+            for blk in region_blocks:
+                for t in succ[blk]:
+                    if t in region_blocks:
+                        rsucc[t].append(blk)
+            rsucc[_EXIT] = sorted(ends)
+            ipdom = _idoms(_EXIT, set(region_blocks) | {_EXIT}, rsucc)
+        guarded = set()
+        for blk in call_blocks:
+            names = [(callees or {}).get(i.addr, "") for i in blocks[blk] if i.base == "CALL"]
+            if any("slowpath" in n for n in names):
+                cold.add(blk)  # named a slow path by nvdisasm
+                continue
+            # A call its dominator can bypass on the way to its post-dominator sits on one side
+            # of a branch: LLVM's 32-bit fast path around 64-bit division (the call is the slow
+            # side), or a runtime branch (the call is part of the work). Its callee is not
+            # counted and the longest path picks the side: the fast path is longer than the
+            # call site, the work side longer than the other.
+            d, pd = idom.get(blk), ipdom.get(blk)
+            if d is None or pd is None:
+                continue
+            seen = reach(d, lambda x, blk=blk: x != blk and base_ok(x))
+            if (pd in seen) if pd != _EXIT else bool(seen & ends):
+                guarded.add(blk)
+        memo: Dict[int, Optional[int]] = {}
+        nxt: Dict[int, Optional[int]] = {}
+
+        def weight(blk) -> int:
+            w = sum(1 for i in blocks[blk] if i.base != "NOP")
+            if blk in guarded:
+                return w
+            for t in calls[blk]:
+                callee = callee_cost(t)
+                w += callee if callee is not None else 0
+            return w
+
+        def longest(blk) -> Optional[int]:
+            if blk in memo:
+                return memo[blk]
+            memo[blk] = None  # guards against a cycle that escaped the SCC pass
+            best, choice = (0 if blk in exits else None), None
+            for t in succ[blk]:
+                if t in region_blocks and t not in cold:
+                    sub = longest(t)
+                    if sub is not None and (best is None or sub > best):
+                        best, choice = sub, t
+            memo[blk] = None if best is None else best + weight(blk)
+            nxt[blk] = choice
+            return memo[blk]
+
+        total = longest(entry) if entry in region_blocks else None
+        path, blk = [], entry if total is not None else None
+        while blk is not None:
+            path.append(blk)
+            blk = nxt.get(blk)
+        return total, path
+
+    callee_memo: Dict[int, Optional[int]] = {}
+
+    def callee_cost(target) -> Optional[int]:
+        if target not in callee_memo:
+            callee_memo[target] = None  # recursion guard
+            callee_memo[target] = cost_from(target, lambda blk: True)[0]
+        return callee_memo[target]
+
+    def allowed(blk):
+        return blk in main and (blk < prologue_end or region[0] <= blk < region[1])
+
+    sys.setrecursionlimit(max(10000, 4 * len(starts)))
+    hot, path = cost_from(starts[0], allowed)
+    full = [i for blk in main for i in blocks[blk] if region[0] <= i.addr < region[1]]
+    return {
+        "sass_instructions": sum(1 for blk in main for i in blocks[blk] if i.base != "NOP"),
+        "sass_hot_path": hot,
+        "calls_hot_path": sum(len(calls[blk]) for blk in path),
+        # masked (predicated) loads/stores on the hot path: 0 unless the split was misread
+        "masked_mem_hot_path": sum(
+            1 for blk in path for i in blocks[blk] if i.base in ("LDG", "STG") and i.conditional
+        ),
+        "local_mem_hot_path": sum(
+            1 for blk in path for i in blocks[blk] if i.base in ("LDL", "STL")
+        ),
+        "ldg128_full_tile": sum(1 for i in full if i.base == "LDG" and ".128" in i.op),
+        "stg128_full_tile": sum(1 for i in full if i.base == "STG" and ".128" in i.op),
+        "ldg_full_tile": sum(1 for i in full if i.base == "LDG"),
+        "stg_full_tile": sum(1 for i in full if i.base == "STG"),
+    }
+
+
+def main_addrs(blocks: Dict[int, List[Instr]], main: set) -> set:
+    return {i.addr for blk in main for i in blocks[blk]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling one variant
+# ---------------------------------------------------------------------------------------------
+
+_PTXAS = {
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "registers": re.compile(r"Used (\d+) registers"),
+}
+_worker_state: dict = {}
+
+
+def _init_worker() -> None:
+    # The interpreter replaces JITFunctions with InterpretedFunctions, which cannot be compiled.
+    os.environ.pop("TRITON_INTERPRET", None)
+    from triton import knobs
+
+    # A private, empty cache: every compile runs ptxas, whose -v log gives registers and spills.
+    _worker_state["cache"] = tempfile.mkdtemp(prefix="gpu_static_cache_")
+    atexit.register(shutil.rmtree, _worker_state["cache"], ignore_errors=True)
+    knobs.cache.dir = _worker_state["cache"]
+    knobs.nvidia.dump_ptxas_log = True
+    _worker_state["kernels"], _worker_state["settings"] = discover()
+    _worker_state["source"] = source_hash()
+
+
+def compile_variant(v: dict) -> dict:
+    """Compile one variant for its target and measure it; never raises (errors are recorded)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "kernels" not in _worker_state:
+        _init_worker()
+    fn = _worker_state["kernels"][v["kernel"]]
+    settings = _worker_state["settings"]
+    out = dict(v, source=_worker_state["source"])
+    t0 = time.perf_counter()
+    try:
+        sig, consts, attrs = signature(fn, v["dtype"], v["constexprs"], settings["BLOCK_SIZE"])
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(
+                ASTSource(fn, sig, consts, attrs),
+                target=GPUTarget("cuda", v["target"], 32),
+                options=dict(settings["options"]),
+            )
+        text = log.getvalue()
+        for field, rx in _PTXAS.items():
+            m = rx.search(text)
+            out[field] = int(m.group(1)) if m else None
+        out["shared"] = int(k.metadata.shared)
+        ptx = k.asm["ptx"]
+        out["ptx_ld_v4"] = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx))
+        out["ptx_st_v4"] = len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", ptx))
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        try:
+            sass = subprocess.run(
+                [nvidia_tool("cuobjdump"), "-sass", f.name],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            names = subprocess.run(
+                [nvidia_tool("nvdisasm"), "-c", f.name], check=True, capture_output=True, text=True
+            ).stdout
+        finally:
+            os.unlink(f.name)
+        out.update(analyse_sass(sass, callee_names(names)))
+        per_thread = settings["BLOCK_SIZE"] // (32 * settings["options"].get("num_warps", 4))
+        out["elements_per_thread"] = per_thread
+        hot = out["sass_hot_path"]
+        out["sass_hot_per_element"] = None if hot is None else round(hot / per_thread, 2)
+        out["ok"] = True
+    except Exception as e:  # recorded: the report says which variant failed and why
+        out["ok"] = False
+        out["error"] = f"{type(e).__name__}: {e}"[:2000]
+    out["compile_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def run(
+    variant_list: List[dict],
+    targets: Iterable[int],
+    jobs: int,
+    checkpoint: Optional[Path] = None,
+    progress: bool = True,
+) -> List[dict]:
+    """Compile every variant for every target. With ``checkpoint`` (a JSON-lines file), each
+    result is appended as it completes and variants already there are not compiled again, so
+    an interrupted full run resumes where it stopped."""
+    todo = [dict(v, target=t) for t in targets for v in variant_list]
+    done: Dict[str, dict] = {}
+    if checkpoint is not None and checkpoint.exists():
+        wanted = {variant_key(v) for v in todo}
+        source, stale = source_hash(), 0
+        for line in checkpoint.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if r.get("source") != source:  # compiled from other kernels (or triton)
+                stale += 1
+            elif variant_key(r) in wanted:
+                done[variant_key(r)] = r
+        if (done or stale) and progress:
+            print(
+                f"  resuming: {len(done)} variants already in {checkpoint}"
+                + (f" ({stale} rows of other kernel sources ignored)" if stale else ""),
+                flush=True,
+            )
+    rest = [v for v in todo if variant_key(v) not in done]
+    t0 = time.perf_counter()
+    if jobs <= 1:
+        _init_worker()
+        it = map(compile_variant, rest)
+        pool = None
+    else:
+        import multiprocessing as mp
+
+        pool = ProcessPoolExecutor(
+            jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker
+        )
+        it = pool.map(compile_variant, rest, chunksize=2)
+    sink = open(checkpoint, "a") if checkpoint is not None else None
+    try:
+        for n, r in enumerate(it, 1):
+            done[variant_key(r)] = r
+            if sink is not None:
+                sink.write(json.dumps(r) + "\n")
+                sink.flush()
+            if progress and (n % 25 == 0 or n == len(rest) or not r["ok"]):
+                bad = "" if r["ok"] else f"  FAILED {variant_key(r)}: {r['error'][:200]}"
+                print(
+                    f"  {n}/{len(rest)} compiled ({time.perf_counter() - t0:.0f} s){bad}",
+                    flush=True,
+                )
+    finally:
+        if sink is not None:
+            sink.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return [done[variant_key(v)] for v in todo]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+#: H200 SXM public figures (NVIDIA H200 datasheet: 4.8 TB/s HBM3e; GH100 SXM: 132 SMs, 1.98 GHz
+#: boost, 4 warp schedulers per SM issuing one warp instruction per clock each).
+H200 = {"hbm_bytes_per_s": 4.8e12, "sms": 132, "boost_hz": 1.98e9, "issue_per_sm_clk": 4}
+#: Per-thread instruction issue rate of the whole chip (instructions per second).
+H200_THREAD_INSTR_PER_S = H200["sms"] * H200["issue_per_sm_clk"] * H200["boost_hz"] * 32
+ANALYSIS_ELEMENTS = 1 << 26
+
+#: op -> (kernel, switches, bytes the kernel moves per element in units of the element size,
+#: what the kernel reads/writes). Statistics passes before the kernel are not included here.
+ANALYSIS_OPS = [
+    ("fuzzy_scale_", "_fuzzy_kernel", {}, 3, "r g,p; w g"),
+    ("volume_scale_", "_step_kernel", {"VOLUME": True}, 3, "r w,g; w g"),
+    ("crystallize_", "_step_kernel", {"CRYSTALLIZE": True}, 4, "r w,g,p; w p"),
+    (
+        "bio_step_ (V+F+C)",
+        "_step_kernel",
+        {"VOLUME": True, "FUZZY": True, "CRYSTALLIZE": True},
+        5,
+        "r w,g,p; w g,p",
+    ),
+    ("rejuvenate_", "_rejuvenate_kernel", {}, 2, "r w; w w"),
+    ("rejuvenate_legacy_", "_legacy_kernel", {}, 2, "r w; w w"),
+    ("rates_init_", "_init_kernel", {"MODE": 3}, 1, "w p"),  # lognormal: the longest draw
+    ("temporal_update_", "_temporal_kernel", {"NOISY": True}, 2, "r p; w p"),
+    ("weight_adaptive_", "_adaptive_kernel", {}, 2, "r w; w p"),
+    ("activity_update_", "_activity_kernel", {}, 1, "w p (counts per row)"),
+    ("dale_enforce_", "_dale_kernel", {}, 2, "r w; w w (sign per row)"),
+]
+
+
+def _find(results, target, kernel, dtype, **constexprs) -> Optional[dict]:
+    for r in results:
+        if r["target"] != target or r["kernel"] != kernel or r["dtype"] != dtype or not r["ok"]:
+            continue
+        c = r["constexprs"]
+        # a switch the variant lacks matches: before the refactor MODE and NOISY were runtime
+        # branches, whose longest side the hot path took
+        if all(c.get(k, v) == v for k, v in constexprs.items()):
+            # switches not named must be off (bools) for the op's own variant
+            named = set(constexprs)
+            if all(not x for k, x in c.items() if k not in named and isinstance(x, bool)):
+                return r
+    return None
+
+
+def analysis_rows(before: List[dict], after: Optional[List[dict]] = None) -> List[dict]:
+    """Per op and dtype (sm_90, aligned, NDIM 0): hot-path instructions per element of the
+    ``before`` report (and of ``after`` when given) against the H200 bandwidth floor."""
+    rows = []
+
+    def pick(results, kernel, dtype, flags, ndim):
+        return _find(results, 90, kernel, dtype, **dict(flags, ALIGNED=True, NDIM=ndim))
+
+    for op, kernel, flags, units, traffic in ANALYSIS_OPS:
+        for dtype in ("fp32", "bf16"):
+            nbytes = units * DTYPES[dtype]
+            floor_us = nbytes * ANALYSIS_ELEMENTS / H200["hbm_bytes_per_s"] * 1e6
+            row = {
+                "op": op,
+                "dtype": dtype,
+                "traffic": traffic,
+                "bytes_per_element": nbytes,
+                "floor_us": round(floor_us, 1),
+                "instr_budget": round(
+                    nbytes * H200_THREAD_INSTR_PER_S / H200["hbm_bytes_per_s"], 1
+                ),
+            }
+            found = False
+            for label, results in (("before", before), ("after", after)):
+                r = pick(results, kernel, dtype, flags, 0) if results else None
+                r4 = pick(results, kernel, dtype, flags, 4) if results else None
+                found = found or r is not None
+                per = r and r.get("sass_hot_per_element")
+                t = per * ANALYSIS_ELEMENTS / H200_THREAD_INSTR_PER_S * 1e6 if per else None
+                row[label] = per
+                row[label + "_us"] = None if t is None else round(t, 1)
+                row[label + "_pct"] = None if t is None else round(100 * min(1.0, floor_us / t))
+                row[label + "_ndim4"] = r4 and r4.get("sass_hot_per_element")
+                row[label + "_regs"] = (r and r.get("registers"), r4 and r4.get("registers"))
+            if found:
+                rows.append(row)
+    return rows
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    return str(x)
+
+
+def analysis_markdown(rows: List[dict]) -> str:
+    lines = [
+        f"sm_90, ALIGNED, NDIM 0, {ANALYSIS_ELEMENTS:,} elements. Floor: kernel bytes / "
+        f"{H200['hbm_bytes_per_s'] / 1e12:.1f} TB/s. Instruction time: hot-path instructions per "
+        f"element x elements / {H200_THREAD_INSTR_PER_S / 1e12:.1f}e12 thread-instructions/s "
+        f"({H200['sms']} SMs x {H200['issue_per_sm_clk']} issues/clk x "
+        f"{H200['boost_hz'] / 1e9:.2f} GHz x 32 lanes). Budget: instructions per element that fit "
+        "in the floor. '% bw' = floor / max(floor, instruction time): the best fraction of the "
+        "bandwidth floor the kernel can reach (an upper bound: latency and MUFU rate ignored). "
+        "NDIM 4 and registers: before -> after.",
+        "",
+        "| op | dtype | traffic | B/elem | floor µs | budget instr/elem | before instr/elem | µs "
+        "| % bw | after instr/elem | µs | % bw | NDIM 4 instr/elem | regs NDIM 0 / 4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def both(r, key):
+        a, b = r["before" + key], r["after" + key]
+        return _fmt(a) if b is None else f"{_fmt(a)} -> {_fmt(b)}"
+
+    def regs(pair):
+        return f"{_fmt(pair[0])} / {_fmt(pair[1])}"
+
+    for r in rows:
+        reg = regs(r["before_regs"])
+        if r["after"] is not None:
+            reg += " -> " + regs(r["after_regs"])
+        cells = (
+            r["op"], r["dtype"], r["traffic"], r["bytes_per_element"], r["floor_us"],
+            r["instr_budget"], r["before"], r["before_us"], r["before_pct"], r["after"],
+            r["after_us"], r["after_pct"], both(r, "_ndim4"), reg,
+        )  # fmt: skip
+        lines.append("| " + " | ".join(_fmt(x) for x in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _flags_label(c: dict) -> str:
+    on = [k for k, v in c.items() if isinstance(v, bool) and v and k != "ALIGNED"]
+    return "+".join(on) if on else "-"
+
+
+def _subset_arg(report: dict) -> str:
+    if report["subset"] in ("full", "test"):
+        return "`" if report["subset"] == "full" else " --subset test`"
+    return "`, which resumes the partial run from its checkpoint"
+
+
+def report_markdown(report: dict) -> str:
+    res = report["results"]
+    failed = [r for r in res if not r["ok"]]
+    lines = [
+        "# Static GPU report of the Triton kernels",
+        "",
+        f"Date {report['date']}, triton {report['triton']}, torch {report['torch']}, targets "
+        f"{', '.join('sm_%d' % t for t in report['targets'])}, launch options "
+        f"{report['launch_options']}, BLOCK {report['block_size']}, "
+        f"{report['elements_per_thread']} elements per thread. Subset: {report['subset']}.",
+        f"{len(res)} variants compiled, {len(failed)} failed"
+        + (f", in {report['seconds']} s " if report["seconds"] is not None else " ")
+        + f"(`python benchmarks/gpu_static.py{_subset_arg(report)}).",
+        "",
+        "Definitions: see the docstring of `benchmarks/gpu_static.py` and `analysis.md`. "
+        "'hot/elem' = SASS instructions on the full-tile hot path per element; 'ld128/st128' = "
+        "128-bit global loads/stores in the full-tile body (SASS); 'spill' = spill stores + "
+        "loads in bytes (ptxas).",
+        "",
+    ]
+    for r in failed:
+        lines.append(f"- FAILED `{variant_key(r)}`: {r['error'][:300]}")
+    spills = [r for r in res if r["ok"] and (r["spill_stores"] or r["spill_loads"])]
+    lines.append(f"Variants that spill: {len(spills)}" + (":" if spills else "."))
+    for r in spills[:40]:
+        lines.append(
+            f"- `{variant_key(r)}`: {r['spill_stores']} B stores, {r['spill_loads']} B loads"
+        )
+    unvec = [
+        r
+        for r in res
+        if r["ok"]
+        and r["constexprs"].get("ALIGNED")
+        and not (r["ldg128_full_tile"] or r["stg128_full_tile"])
+    ]
+    lines.append(
+        f"Aligned variants without a 128-bit access: {len(unvec)}" + (":" if unvec else ".")
+    )
+    for r in unvec[:40]:
+        lines.append(f"- `{variant_key(r)}`")
+    ndims = sorted({r["constexprs"].get("NDIM", 0) for r in res})
+    lo, hi = ndims[0], ndims[-1]
+    for target in report["targets"]:
+        lines += [
+            "",
+            f"## sm_{target}",
+            "",
+            f"Per kernel, switches and dtype: aligned NDIM {lo} | aligned NDIM {hi} | unaligned "
+            f"NDIM {lo}. Each cell: regs, spill B, shared B, ld128/st128, hot/elem.",
+            "",
+            f"| kernel | switches | dtype | aligned NDIM {lo} | aligned NDIM {hi} | "
+            f"unaligned NDIM {lo} |",
+            "|---|---|---|---|---|---|",
+        ]
+        groups: Dict[tuple, dict] = {}
+        for r in res:
+            if r["target"] != target:
+                continue
+            c = r["constexprs"]
+            flags = {k: v for k, v in c.items() if k not in ("ALIGNED", "NDIM")}
+            key = (r["kernel"], _flags_label(flags), r["dtype"])
+            groups.setdefault(key, {})[(bool(c.get("ALIGNED", True)), c.get("NDIM", 0))] = r
+
+        def cell(r):
+            if r is None:
+                return "-"
+            if not r["ok"]:
+                return "FAILED"
+            spill = (r["spill_stores"] or 0) + (r["spill_loads"] or 0)
+            return (
+                f"{r['registers']}, {spill}, {r['shared']}, {r['ldg128_full_tile']}/"
+                f"{r['stg128_full_tile']}, {_fmt(r['sass_hot_per_element'])}"
+            )
+
+        for (kernel, flags, dtype), g in groups.items():
+            lines.append(
+                f"| {kernel} | {flags} | {dtype} | {cell(g.get((True, lo)))} | "
+                f"{cell(g.get((True, hi)))} | {cell(g.get((False, lo)))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def compare_markdown(old: dict, new: dict) -> str:
+    """The variants whose measurements changed between two reports."""
+    a = {variant_key(r): r for r in old["results"]}
+    b = {variant_key(r): r for r in new["results"]}
+    fields = ("ok", "registers", "spill_stores", "spill_loads", "shared", "ldg128_full_tile",
+              "stg128_full_tile", "sass_hot_per_element")  # fmt: skip
+    both = sorted(set(a) & set(b))
+    changed = [k for k in both if any(a[k].get(f) != b[k].get(f) for f in fields)]
+    lines = [
+        "# Static report comparison",
+        "",
+        f"before: {old['date']} (triton {old['triton']}); after: {new['date']} "
+        f"(triton {new['triton']})",
+        "",
+        f"Variants only before: {len(set(a) - set(b))}; only after: {len(set(b) - set(a))}; "
+        f"in both: {len(both)}, of which {len(changed)} changed (listed).",
+        "",
+        "| variant | ok | regs | spill B | shared B | ld128/st128 | hot/elem |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def pair(x, y):
+        return _fmt(x) if x == y else f"{_fmt(x)} -> {_fmt(y)}"
+
+    def spill(r):
+        return (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0)
+
+    def vec(r):
+        return f"{_fmt(r.get('ldg128_full_tile'))}/{_fmt(r.get('stg128_full_tile'))}"
+
+    for k in changed:
+        x, y = a[k], b[k]
+        lines.append(
+            f"| {k} | {pair(x['ok'], y['ok'])} | {pair(x.get('registers'), y.get('registers'))} "
+            f"| {pair(spill(x), spill(y))} | {pair(x.get('shared'), y.get('shared'))} "
+            f"| {pair(vec(x), vec(y))} "
+            f"| {pair(x.get('sass_hot_per_element'), y.get('sass_hot_per_element'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    os.environ.pop("TRITON_INTERPRET", None)  # before triton decorates the kernels
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--subset", choices=("full", "test"), default="full")
+    ap.add_argument("--targets", default=None, help="comma list of capabilities (default 90,80)")
+    ap.add_argument("--ndim", default=None, help="comma list: only these NDIM values")
+    ap.add_argument("--kernels", default=None, help="comma list: only these kernels")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--compare", type=Path, default=None, help="an earlier report.json")
+    ap.add_argument("--list", action="store_true", help="only list the variants")
+    ap.add_argument(
+        "--from-json", type=Path, default=None,
+        help="re-render the markdown of a recorded report.json instead of compiling",
+    )  # fmt: skip
+    args = ap.parse_args(argv)
+
+    if args.from_json and args.from_json.suffix == ".jsonl":
+        report = report_from_checkpoint(args.from_json)
+    elif args.from_json:
+        report = json.loads(args.from_json.read_text())
+    else:
+        report = build_report(args)
+        if report is None:
+            return 0
+        (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        if not (args.ndim or args.kernels or args.targets):  # the whole set is in the report
+            (args.out / f"partial-{args.subset}.jsonl").unlink(missing_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.md").write_text(report_markdown(report))
+    if args.compare:
+        before = json.loads(args.compare.read_text())
+        (args.out / "compare.md").write_text(compare_markdown(before, report))
+        rows = analysis_rows(before["results"], report["results"])
+    else:
+        rows = analysis_rows(report["results"])
+    (args.out / "analysis_table.md").write_text(analysis_markdown(rows))
+    failed = [r for r in report["results"] if not r["ok"]]
+    print(
+        f"gpu_static: {len(report['results']) - len(failed)} ok, {len(failed)} failed -> {args.out}"
+    )
+    return 1 if failed else 0
+
+
+def report_from_checkpoint(path: Path) -> dict:
+    """A report of the variants an interrupted run has finished (``partial-full.jsonl``),
+    marked partial, with how many of the full set it holds."""
+    import torch
+    import triton
+
+    kernels, settings = discover()
+    full = {variant_key(dict(v, target=t)) for t in TARGETS for v in variants(kernels)}
+    source = source_hash()
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("source") == source:  # rows of other kernel sources are not these kernels'
+            rows[variant_key(r)] = r
+    results = [r for k, r in sorted(rows.items()) if k in full]
+    return {
+        "date": datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds"),
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "targets": sorted({r["target"] for r in results}, reverse=True),
+        "subset": f"partial: {len(results)} of the {len(full)} variants of the full set",
+        "block_size": settings["BLOCK_SIZE"],
+        "launch_options": settings["options"],
+        "elements_per_thread": settings["BLOCK_SIZE"]
+        // (32 * settings["options"].get("num_warps", 4)),
+        "kernels": list(kernels),
+        "seconds": None,
+        "results": results,
+    }
+
+
+def build_report(args) -> Optional[dict]:
+    """Compile the variants ``args`` select; None after ``--list``."""
+    import torch
+    import triton
+
+    kernels, settings = discover()
+    vs = variants(kernels, args.subset)
+    if args.ndim:  # filters: the checkpoint of the full set still collects their results
+        ndims = {int(x) for x in args.ndim.split(",")}
+        vs = [v for v in vs if v["constexprs"].get("NDIM", 0) in ndims]
+    if args.kernels:
+        vs = [v for v in vs if v["kernel"] in args.kernels.split(",")]
+    if args.targets:
+        targets = [int(t) for t in args.targets.split(",")]
+    else:
+        targets = [90] if args.subset == "test" else list(TARGETS)
+    if args.list:
+        for v in vs:
+            print(variant_key(dict(v, target="*")))
+        print(f"{len(vs)} variants per target, {len(kernels)} kernels: {', '.join(kernels)}")
+        return None
+    print(f"gpu_static: {len(vs)} variants x {len(targets)} targets, {args.jobs} jobs", flush=True)
+    t0 = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.out / f"partial-{args.subset}.jsonl"
+    results = run(vs, targets, args.jobs, checkpoint)
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "targets": targets,
+        "subset": args.subset,
+        "block_size": settings["BLOCK_SIZE"],
+        "launch_options": settings["options"],
+        "elements_per_thread": settings["BLOCK_SIZE"]
+        // (32 * settings["options"].get("num_warps", 4)),
+        "kernels": list(kernels),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "results": results,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
