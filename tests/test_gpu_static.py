@@ -134,8 +134,8 @@ def test_none_parameters_and_switches_are_those_the_launchers_pass():
         pytest.skip("needs the interpreter (CPU tensors)")
     calls = []
 
-    def spy(kernel, elems, rows=(), written=(), keys=None, stats=None, counts=None,
-            scalars=(), **meta):  # fmt: skip
+    def spy(kernel, elems, rows=(), written=(), keys=None, offsets=None, stats=None,
+            counts=None, scalars=(), **meta):  # fmt: skip
         names = kernel.arg_names
         positional = [*(e[0] for e in elems), *(r[0] for r in rows), *scalars]
         none = {n for n, v in zip(names[2:], positional) if v is None}
@@ -143,7 +143,10 @@ def test_none_parameters_and_switches_are_those_the_launchers_pass():
         none |= {n for n, v in optional.items() if n in names and v is None}
         name = getattr(kernel, "fn", kernel).__name__
         calls.append((name, dict(meta), sorted(none)))
-        launch.launch(kernel, elems, rows, written, keys, stats, counts, scalars, **meta)
+        launch.launch(
+            kernel, elems, rows, written, keys=keys, offsets=offsets, stats=stats,
+            counts=counts, scalars=scalars, **meta,
+        )  # fmt: skip
 
     mp = pytest.MonkeyPatch()
     for mod in (step, rejuvenate, rates, dale):
