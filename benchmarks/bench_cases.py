@@ -266,8 +266,8 @@ class ResNetLike(nn.Module):
 
 
 class DigitsCNN(nn.Module):
-    """The CNN of ``bio_transformations.experiment`` (``make run``) for 8x8 digits, written out
-    here because the upstream process cannot import this project's package."""
+    """A small CNN for 8x8 digits (the earlier main job's), written out here because the
+    upstream process cannot import this project's package."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
         super().__init__()

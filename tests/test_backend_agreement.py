@@ -48,13 +48,9 @@ with kernels.use_backend("triton"):
 
 
 def _triton_modules():
-    """The Triton backend's modules: ``kernels/triton_backend.py``, or each module of a
-    ``kernels/triton/`` package."""
+    """The Triton backend's modules: each module of the ``kernels/triton/`` package."""
     found = []
-    for name in (
-        "bio_transformations.kernels.triton_backend",
-        "bio_transformations.kernels.triton",
-    ):
+    for name in ("bio_transformations.kernels.triton",):
         try:
             module = importlib.import_module(name)
         except ImportError:

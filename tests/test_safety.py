@@ -1,4 +1,4 @@
-"""Safe by default (issue 18): no silent no-ops, unused layers keep their rates, the right
+"""Safe by default: no silent no-ops, unused layers keep their rates, the right
 output layer, attention layers, unconverting and pretrained weights."""
 
 from __future__ import annotations
