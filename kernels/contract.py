@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["OPS", "StepParams"]
+__all__ = ["OPS", "StepParams", "one_stage_ops"]
 
 #: Every op's name, in the order both backend modules define them.
 OPS = (
@@ -93,3 +93,25 @@ class StepParams:
     def any(self) -> bool:
         """Whether any stage runs."""
         return self.volume or self.fuzzy or self.crystallize
+
+
+def one_stage_ops(bio_step_):
+    """``crystallize_`` and ``volume_scale_`` for a backend whose ``bio_step_`` fuses the stages:
+    each is that step with one stage on, so the fused kernel (or loop) is written once."""
+
+    def crystallize_(weights, grads, rates, crystal_thresh: float, dampening: float) -> None:
+        """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
+        bio_step_(
+            weights, grads, rates, None, StepParams.crystallize_only(crystal_thresh, dampening)
+        )
+
+    def volume_scale_(
+        weights, grads, keys, base_lr: float, stability_factor: float, lr_variability: float,
+        spans=None,
+    ) -> None:  # fmt: skip
+        """``g *= |N(m, lr_variability*m)|``, ``m = base_lr*exp(-stability_factor*|w|/(|w|+1))``;
+        Philox: ``z = tl.randn(key, i)``."""
+        params = StepParams.volume_only(base_lr, stability_factor, lr_variability)
+        bio_step_(weights, grads, None, keys, params, spans)
+
+    return crystallize_, volume_scale_

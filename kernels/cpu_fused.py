@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import torch_backend
-from .contract import StepParams
+from .contract import StepParams, one_stage_ops
 from .rng import normal
 from .stats import abs_means, current_reduction, grads_nonzero
 from .torch_backend import (  # noqa: F401  (the ops this path does not change)
@@ -147,22 +147,5 @@ def _run_layers(step, flat, means, gates, weights, grads, rates, keys, params, u
         step(w, g, p, z, mean, gate, params)
 
 
-def crystallize_(
-    weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
-) -> None:
-    """``torch_backend.crystallize_`` as one compiled loop per layer group."""
-    bio_step_(weights, grads, rates, None, StepParams.crystallize_only(crystal_thresh, dampening))
-
-
-def volume_scale_(
-    weights: Tensors,
-    grads: Tensors,
-    keys: Sequence[int],
-    base_lr: float,
-    stability_factor: float,
-    lr_variability: float,
-    spans=None,
-) -> None:
-    """``torch_backend.volume_scale_`` as one compiled loop per layer group."""
-    params = StepParams.volume_only(base_lr, stability_factor, lr_variability)
-    bio_step_(weights, grads, None, keys, params, spans)
+# The one-stage ops are this fused step with one stage on.
+crystallize_, volume_scale_ = one_stage_ops(bio_step_)

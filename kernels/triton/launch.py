@@ -134,6 +134,13 @@ def tile(tab, blocks, W: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def stream_of(keys, t):
+    """Tensor ``t``'s Philox key and the global flat index of its first element (the shard's
+    start; 0 unsharded): the key table holds one ``(key, first index)`` pair per tensor."""
+    return tl.load(keys + 2 * t), tl.load(keys + 2 * t + 1)
+
+
+@triton.jit
 def operand(row, col: tl.constexpr, like, ALIGNED: tl.constexpr):
     """Elementwise operand ``col`` of this table row as a pointer of ``like``'s type."""
     ptr = tl.load(row + col).to(like.dtype)

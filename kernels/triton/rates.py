@@ -23,6 +23,7 @@ from .launch import (
     operand,
     per_unit,
     round_to,
+    stream_of,
     tile,
     unit_of,
 )
@@ -62,7 +63,7 @@ def _init_kernel(
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     key = 0
     if MODE != 0:  # baseline draws nothing (and gets no keys)
-        key = tl.load(keys + 2 * t)
+        key, _ = stream_of(keys, t)  # initial draws: whole layers, no shard offset
     values = (key, nu, shift, lo, hi)
     for_tile(
         _init_body, (operand(row, 0, P0, ALIGNED),), values, row, offs, n, full, (S, NDIM, MODE)
@@ -112,8 +113,7 @@ def _temporal_kernel(
     key = 0
     base = 0
     if NOISY:
-        key = tl.load(keys + 2 * t)
-        base = tl.load(keys + 2 * t + 1)  # the shard's first global index
+        key, base = stream_of(keys, t)
     values = (key, decay, noise, lo, hi, base)
     for_tile(
         _temporal_body,
@@ -174,8 +174,7 @@ def _adaptive_kernel(
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     ptrs = (operand(row, 0, P0, ALIGNED), operand(row, 1, W0, ALIGNED))
-    key = tl.load(keys + 2 * t)
-    base = tl.load(keys + 2 * t + 1)  # the shard's first global index
+    key, base = stream_of(keys, t)
     denominator = tl.load(stats + t)  # mean|w| + 1e-8, from torch on the device
     values = (key, denominator, nu, lo, hi, base)
     for_tile(_adaptive_body, ptrs, values, row, offs, n, full, (S, NDIM))
@@ -226,8 +225,7 @@ def _activity_kernel(
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
     ptrs = (operand(row, 0, P0, ALIGNED), per_unit(row, 1, C0))
-    key = tl.load(keys + 2 * t)
-    base = tl.load(keys + 2 * t + 1)  # the shard's first global index
+    key, base = stream_of(keys, t)
     mean_c = tl.load(stats + 2 * t)  # stats.activity_stats, on the device
     denominator = tl.load(stats + 2 * t + 1)
     values = (key, mean_c, denominator, nu, lo, hi, base)

@@ -22,6 +22,7 @@ from .launch import (
     logical,
     operand,
     round_to,
+    stream_of,
     tile,
 )
 
@@ -61,8 +62,7 @@ def _rejuvenate_kernel(
     NDIM: tl.constexpr,
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
-    key = tl.load(keys + 2 * t)
-    base = tl.load(keys + 2 * t + 1)  # the shard's first global index
+    key, base = stream_of(keys, t)
     std = tl.load(stats + 3 * t)  # stats.rejuvenation_stats, on the device
     mu = tl.load(stats + 3 * t + 1)
     sigma = tl.load(stats + 3 * t + 2)
@@ -121,8 +121,7 @@ def _legacy_kernel(
     NDIM: tl.constexpr,
 ):  # fmt: skip
     t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
-    key = tl.load(keys + 2 * t)
-    base = tl.load(keys + 2 * t + 1)  # the shard's first global index
+    key, base = stream_of(keys, t)
     max_aw = tl.load(stats + 2 * t)  # stats.legacy_stats, on the device
     scale = tl.load(stats + 2 * t + 1)
     out_index = tl.load(row + S + LIST_INDEX)

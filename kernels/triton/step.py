@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import StepParams
+from ..contract import StepParams, one_stage_ops
 from ..stats import crystallize_stats
-from .launch import exp, flat_offsets, for_tile, launch, logical, operand, round_to, tile
+from .launch import exp, flat_offsets, for_tile, launch, logical, operand, round_to, stream_of, tile
 
 Tensor = torch.Tensor
 Tensors = Sequence[Tensor]
@@ -91,8 +91,7 @@ def _step_kernel(
     key = 0
     base = 0
     if VOLUME:
-        key = tl.load(keys + 2 * t)
-        base = tl.load(keys + 2 * t + 1)  # the shard's first global index
+        key, base = stream_of(keys, t)
     mean_aw = 0.0
     nonzero = 0.0
     if CRYSTALLIZE:
@@ -148,25 +147,5 @@ def bio_step_(
     )  # fmt: skip
 
 
-def crystallize_(
-    weights: Tensors, grads: Tensors, rates: Tensors, crystal_thresh: float, dampening: float
-) -> None:
-    """``mask = (|g|/|w| < crystal_thresh) | (|g| > mean|w|)``; ``p[mask] *= dampening``."""
-    bio_step_(weights, grads, rates, None, StepParams.crystallize_only(crystal_thresh, dampening))
-
-
-def volume_scale_(
-    weights: Tensors,
-    grads: Tensors,
-    keys: Sequence[int],
-    base_lr: float,
-    stability_factor: float,
-    lr_variability: float,
-    spans=None,
-) -> None:
-    """``g *= |N(m, lr_variability*m)|``, ``m = base_lr*exp(-stability_factor*|w|/(|w|+1))``.
-
-    Philox: ``z = tl.randn(key, i)``.
-    """
-    params = StepParams.volume_only(base_lr, stability_factor, lr_variability)
-    bio_step_(weights, grads, None, keys, params, spans)
+# The one-stage ops are this fused step with one stage on.
+crystallize_, volume_scale_ = one_stage_ops(bio_step_)
