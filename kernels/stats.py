@@ -154,11 +154,18 @@ def grads_nonzero(grads: Tensors) -> list:
     shard that is all zero does not make the layer's gradient all zero.
     """
     if _reduction.get() is None:
-        return [
-            (torch.linalg.vector_norm(g, 0, dtype=compute_dtype(g)) > 0).to(compute_dtype(g))
-            for g in grads
-        ]
+        return [_nonzero(g) for g in grads]
     return crystallize_stats(None, grads)[1]
+
+
+def _nonzero(g: Tensor) -> Tensor:
+    """:func:`grads_nonzero` of one gradient: not all zero iff its minimum or its maximum is not
+    zero. ``aminmax`` propagates NaN (NaN != 0: a NaN counts) and is one vectorized pass, where
+    the count ``vector_norm(g, 0)`` is 7-10x slower on the CPU (3.6 ms for 4M weights)."""
+    if g.numel() == 0:
+        return torch.zeros((), dtype=compute_dtype(g), device=g.device)
+    lo, hi = torch.aminmax(g)
+    return torch.ne(torch.stack((lo, hi)), 0).any().to(compute_dtype(g))
 
 
 def crystallize_stats(weights: Optional[Tensors], grads: Optional[Tensors]) -> tuple:

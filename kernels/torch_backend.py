@@ -101,25 +101,34 @@ def _volume_chunk(wc: Tensor, gc: Tensor, zc: Tensor, p: StepParams, a: Tensor, 
     gc.mul_(factor)
 
 
-def _crystallize_chunk(
-    wc: Tensor, gc: Tensor, pc: Tensor, mean: Tensor, gate: Tensor, p: StepParams, a, b
-):
-    """``p *= d`` where ``|g| < t*|w|`` or ``|g| > mean|w|``, and the layer's gradient is not
-    all zero (``gate``, 0 or 1). The masks are 0/1 floats: comparisons written into a float
-    tensor, and ``lerp``, are vectorized on the CPU where bool masks and ``where`` are 3-5x
-    slower. ``lerp(p, p*d, m)`` is exactly ``p`` for ``m = 0`` and exactly ``p*d`` for
-    ``m = 1``; NaN compares false as in the bool form."""
+def _crystallize_chunk(wc: Tensor, gc: Tensor, pc: Tensor, mean: Tensor, damp: Tensor, t, a, b):
+    """``p *= damp`` where ``|g| < t*|w|`` or ``|g| > mean|w|``. ``damp`` is the layer's
+    :func:`_dampening` (1 for a layer whose gradient is all zero, so that rule costs no pass).
+    The masks are 0/1 floats: comparisons written into a float tensor, and ``lerp``, are
+    vectorized on the CPU where bool masks and ``where`` are 3-5x slower. ``lerp(p, p*damp, m)``
+    is exactly ``p`` for ``m = 0`` and exactly ``p*damp`` for ``m = 1``; NaN compares false as
+    in the bool form."""
     torch.abs(gc, out=a)
-    torch.abs(wc, out=b).mul_(p.crystal_thresh)  # |g|/|w| < t as |g| < t*|w|: no division
+    torch.abs(wc, out=b).mul_(t)  # |g|/|w| < t as |g| < t*|w|: no division
     torch.lt(a, b, out=b)
     torch.gt(a, mean, out=a)
     torch.maximum(a, b, out=a)
-    if gate is not None:
-        a.mul_(gate)
-    torch.lerp(pc, torch.mul(pc, p.dampening, out=b), a, out=pc)
+    torch.lerp(pc, torch.mul(pc, damp, out=b), a, out=pc)
 
 
-def _stages(wc, gc, pc, zc, mean, gate, p: StepParams, scratch: Tensor) -> None:
+def _dampening(gates: Sequence[Tensor], dampening: float) -> List[Tensor]:
+    """Per layer the factor a selected rate is multiplied by: ``dampening``, or 1 where the
+    layer's gradient is all zero (``gate`` 0, :func:`stats.grads_nonzero`), so ``p*1 = p`` keeps
+    its rates exactly. 0-d tensors in the gates' dtype (float32 ``d`` for float32 rates, as a
+    Python float multiplies them), from three ops for the whole group."""
+    if not gates:
+        return []
+    g = torch.stack(list(gates))
+    d = torch.full((), dampening, dtype=g.dtype, device=g.device)
+    return list(torch.where(g > 0, d, 1.0).unbind(0))
+
+
+def _stages(wc, gc, pc, zc, mean, damp, p: StepParams, scratch: Tensor) -> None:
     """Every stage of ``p`` on one chunk (or pack), in place, before moving on."""
     n = gc.numel()
     a, b = scratch[0, :n], scratch[1, :n]
@@ -128,7 +137,7 @@ def _stages(wc, gc, pc, zc, mean, gate, p: StepParams, scratch: Tensor) -> None:
     if p.fuzzy:
         gc.mul_(pc)
     if p.crystallize:
-        _crystallize_chunk(wc, gc, pc, mean, gate, p, a, b)
+        _crystallize_chunk(wc, gc, pc, mean, damp, p.crystal_thresh, a, b)
 
 
 def _packs(sizes: Sequence[int]) -> List[List[int]]:
@@ -145,17 +154,17 @@ def _packs(sizes: Sequence[int]) -> List[List[int]]:
 
 
 def _cpu_step_(
-    ws: list, gs: list, ps: Optional[list], keys, p: StepParams, means, gates, slabs
+    ws: list, gs: list, ps: Optional[list], keys, p: StepParams, means, damps, slabs
 ) -> None:
     """The step on CPU float32/float64 contiguous tensors (one dtype): per large layer one
     pass over cache-sized chunks running every stage; small layers packed into flat buffers.
 
     The random draws are each layer's own stream (one ``normal`` per layer, as the separate
     op draws it; ``slabs``: where a local shard lies, so its draws follow the global index);
-    ``means`` (``mean|w|``, computed before the step: ``w`` is not changed by it) and ``gates``
-    (``stats.grads_nonzero`` of the gradients before the step, which keeps the rates of a
-    layer whose gradient is all zero) come from :func:`_run_step`; crystallization sees the
-    gradient after volume and fuzzy scaling.
+    ``means`` (``mean|w|``, computed before the step: ``w`` is not changed by it) and ``damps``
+    (:func:`_dampening` of ``stats.grads_nonzero`` of the gradients before the step: 1 keeps
+    the rates of a layer whose gradient is all zero) come from :func:`_run_step`;
+    crystallization sees the gradient after volume and fuzzy scaling.
     """
     dtype = ws[0].dtype
     small = [i for i, w in enumerate(ws) if w.numel() < PACK_BELOW]
@@ -173,13 +182,13 @@ def _cpu_step_(
             piece = slice(start, start + CPU_CHUNK)
             _stages(
                 w.view(-1)[piece], g.view(-1)[piece], pf[piece] if pf is not None else None,
-                z[piece] if z is not None else None, means[i], gates[i], p, scratch,
+                z[piece] if z is not None else None, means[i], damps[i], p, scratch,
             )  # fmt: skip
     for pack in packs:
-        _pack_step_([small[j] for j in pack], ws, gs, ps, keys, means, gates, slabs, p, scratch)
+        _pack_step_([small[j] for j in pack], ws, gs, ps, keys, means, damps, slabs, p, scratch)
 
 
-def _pack_step_(idx, ws, gs, ps, keys, means, gates, slabs, p: StepParams, scratch: Tensor) -> None:
+def _pack_step_(idx, ws, gs, ps, keys, means, damps, slabs, p: StepParams, scratch: Tensor) -> None:
     """The stages on a pack of small layers: gather into flat buffers, run, scatter back."""
     sizes = [ws[i].numel() for i in idx]
     wf = torch.cat([ws[i].view(-1) for i in idx]) if (p.volume or p.crystallize) else None
@@ -190,17 +199,17 @@ def _pack_step_(idx, ws, gs, ps, keys, means, gates, slabs, p: StepParams, scrat
         zf = torch.empty(wf.numel(), dtype=torch.float32)
         for i, zc in zip(idx, zf.split(sizes)):
             normal_into(keys[i], zc, slabs[i])  # each layer's own stream, as the op draws it
-    mf = gate = None
+    mf = df = None
     if p.crystallize:  # each weight compared with its own layer's mean|w|
         mf = torch.empty_like(wf)
         fills = [means[i].expand(n) for i, n in zip(idx, sizes)]
         torch._foreach_copy_(list(mf.split(sizes)), fills)
-        # Each weight gated by its own layer's "gradient not all zero" (no host read).
-        gate = torch.empty_like(wf)
+        # ... and dampened by its own layer's factor (1 where the gradient is all zero).
+        df = torch.empty_like(wf)
         torch._foreach_copy_(
-            list(gate.split(sizes)), [gates[i].expand(n) for i, n in zip(idx, sizes)]
+            list(df.split(sizes)), [damps[i].expand(n) for i, n in zip(idx, sizes)]
         )
-    _stages(wf, gf, pf, zf, mf, gate, p, scratch)
+    _stages(wf, gf, pf, zf, mf, df, p, scratch)
     if p.volume or p.fuzzy:
         torch._foreach_copy_([gs[i].view(-1) for i in idx], list(gf.split(sizes)))
     if p.crystallize:
@@ -226,11 +235,14 @@ def _run_step(weights, grads, rates, keys, p: StepParams, eager_one, spans=None)
         r = rates[i] if rates is not None and (p.fuzzy or p.crystallize) else None
         (fast if _fast_cpu(w, g, r) else other).append(i)
     if fast:
+        damps = [None] * len(fast)
+        if p.crystallize:  # per layer d, or 1 where the gradient is all zero: no gate pass
+            damps = _dampening([gates[i] for i in fast], p.dampening)
         _cpu_step_(
             [weights[i] for i in fast], [grads[i] for i in fast],
             [rates[i] for i in fast] if rates is not None else None,
             [keys[i] for i in fast] if keys is not None else None, p,
-            [means[i] for i in fast], [gates[i] for i in fast],
+            [means[i] for i in fast], damps,
             [slab(weights[i], spans, i) for i in fast],
         )  # fmt: skip
     for i in other:

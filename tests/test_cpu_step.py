@@ -120,3 +120,48 @@ def test_blocked_statistics_are_the_reference_values():
     std, mu, sigma = stats.rejuvenation_stats(w.clamp(-1, 1))
     torch.testing.assert_close(std, w.clamp(-1, 1).std(), rtol=1e-9, atol=0)
     assert torch.isfinite(mu) and torch.isfinite(sigma)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_grads_nonzero_is_the_count_of_nonzero_elements(dtype):
+    """The gate (min or max not zero) against its definition, the L0 count, at every position a
+    vectorized reduction treats differently (head, body, tail)."""
+    tiny = torch.finfo(dtype).tiny * 0.5  # subnormal: not zero, squares to zero
+    cases = [
+        torch.zeros(0, dtype=dtype),
+        torch.zeros(3, 5, dtype=dtype),
+        -torch.zeros(70, dtype=dtype),
+    ]
+    for n in (1, 17, 1000):
+        for pos in {0, n // 2, n - 1}:
+            for value in (float("nan"), float("inf"), -float("inf"), tiny, -tiny, -3.0):
+                g = torch.zeros(n, dtype=dtype)
+                g[pos] = value
+                cases.append(g)
+    got = stats.grads_nonzero(cases)
+    for g, gate in zip(cases, got):
+        want = (g != 0).any()  # the definition: some element is not zero (NaN != 0)
+        assert gate.dtype == stats.compute_dtype(g) and gate.shape == ()
+        assert float(gate) == float(want), (g, gate)
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_an_all_zero_gradient_keeps_its_rates_on_every_path(blocks, request):
+    """Chunked and packed layers whose gradient is all zero (+0 or -0) keep their rates exactly;
+    one NaN in an otherwise zero gradient opens the gate; the others crystallize as usual."""
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    data = layers(torch.float32, special=False)
+    data[0][1].zero_()  # packed
+    data[5][1].zero_().neg_()  # chunked at the small sizes, -0.0
+    data[3][1].zero_()
+    data[3][1][7] = float("nan")
+    rates_before = [p.clone() for _, _, p in data]
+    ref = clone(data)
+    w, g, p = split(data)
+    params = StepParams.crystallize_only(1e-3, 0.6)
+    tb.bio_step_(w, g, p, None, params)
+    general_path(ref, params, [None] * len(SIZES))
+    for i, ((_, _, p1), (_, _, p2)) in enumerate(zip(data, ref)):
+        assert torch.equal(p1, p2), i
+        assert torch.equal(p1, rates_before[i]) == (i in (0, 5)), i
