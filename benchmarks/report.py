@@ -69,9 +69,11 @@ CONTENDER_STYLE = {
     "copy": ("black", "", ":"),
 }
 #: (kind, op, size, required upstream/ours ratio, which of ours): the CPU speed targets.
+#: Crystallize at 4M and the 64-layer model step are issue 16's (with default settings:
+#: >= 4x and >= 3x, beside the FCNet's TRAIN_TARGETS); the others are the earlier op targets.
 TARGETS: List[Tuple[str, str, str, float, Tuple[str, ...]]] = [
     ("op", "fuzzy", "4M", 0.9, ("ours_torch",)),
-    ("op", "crystallize", "4M", 5.0, ("ours_torch", "ours_torch_cpufused")),
+    ("op", "crystallize", "4M", 4.0, ("ours_torch", "ours_torch_cpufused")),
     ("op", "rejuvenate", "4M", 2.5, ("ours_torch",)),
     ("op", "volume", "4M", 1.5, ("ours_torch", "ours_torch_cpufused")),
     ("model", "step", "mlp64", 3.0, ("ours_torch", "ours_torch_fused", "ours_torch_cpufused")),
