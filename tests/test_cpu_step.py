@@ -165,3 +165,18 @@ def test_an_all_zero_gradient_keeps_its_rates_on_every_path(blocks, request):
     for i, ((_, _, p1), (_, _, p2)) in enumerate(zip(data, ref)):
         assert torch.equal(p1, p2), i
         assert torch.equal(p1, rates_before[i]) == (i in (0, 5)), i
+
+
+def test_grads_nonzero_of_a_mixed_list():
+    """One call over layers of different dtypes and sizes: each gate in its own compute dtype."""
+    grads = [
+        torch.zeros(5, dtype=torch.float16),
+        torch.tensor([0.0, -1e-3], dtype=torch.bfloat16),
+        torch.zeros(0, dtype=torch.float64),
+        torch.tensor([0.0, float("nan")], dtype=torch.float64),
+        torch.zeros(4, 4),
+    ]
+    got = stats.grads_nonzero(grads)
+    assert [float(x) for x in got] == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert [x.dtype for x in got] == [torch.float32, torch.float32, torch.float64, torch.float64,
+                                      torch.float32]  # fmt: skip
