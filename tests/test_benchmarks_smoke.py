@@ -130,3 +130,15 @@ def test_recording_refuses_a_dirty_tree(tmp_path):
     assert problem is not None and "a.txt" in problem
     state = provenance.git_state(str(tmp_path))
     assert state["dirty"] is True and state["changed"] == ["a.txt"]
+
+
+def test_ab_revisions_compares_two_revisions_in_one_process():
+    """benchmarks/ab_revisions.py: HEAD's CPU step beside the working tree's, results checked
+    bit for bit (one round at 64K: no timing is asserted)."""
+    cmd = [sys.executable, os.path.join(BENCH, "ab_revisions.py"), "HEAD", "--rounds", "1",
+           "--size", "64K"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for case in ("crystallize 64K", "mlp64 bio_step", "fcnet bio_step"):
+        assert f"{case:18s} new/old" in done.stdout
+    assert done.stdout.count("bit-identical: True") == 3, done.stdout
