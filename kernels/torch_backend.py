@@ -120,7 +120,7 @@ def _dampening(gates: Sequence[Tensor], dampening: float) -> List[Tensor]:
     """Per layer the factor a selected rate is multiplied by: ``dampening``, or 1 where the
     layer's gradient is all zero (``gate`` 0, :func:`stats.grads_nonzero`), so ``p*1 = p`` keeps
     its rates exactly. 0-d tensors in the gates' dtype (float32 ``d`` for float32 rates, as a
-    Python float multiplies them), from three ops for the whole group."""
+    Python float multiplies them), from one stack and one ``where`` for the whole group."""
     if not gates:
         return []
     g = torch.stack(list(gates))
