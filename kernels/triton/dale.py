@@ -32,9 +32,9 @@ def _dale_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.const
 def _dale_kernel(
     tab, blocks, W0, S0,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr,
+    NDIM: tl.constexpr, INDEX32: tl.constexpr,
 ):  # fmt: skip
-    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    t, row, n, offs, _, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     ptrs = (operand(row, 0, W0, ALIGNED), per_unit(row, 1, S0))
     for_tile(_dale_body, ptrs, (0,), row, offs, n, full, (S, NDIM))
 
