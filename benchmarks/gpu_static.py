@@ -861,7 +861,11 @@ def analysis_rows(before: List[dict], after: Optional[List[dict]] = None) -> Lis
     rows = []
 
     def pick(results, kernel, dtype, flags, ndim):
-        return _find(results, 90, kernel, dtype, **dict(flags, ALIGNED=True, NDIM=ndim))
+        # INDEX32: what every launch of tensors below 2**31 elements compiles (a report from
+        # before the switch matches it: a switch a variant lacks matches)
+        return _find(
+            results, 90, kernel, dtype, **dict(flags, ALIGNED=True, NDIM=ndim, INDEX32=True)
+        )
 
     for op, kernel, flags, units, traffic in ANALYSIS_OPS:
         for dtype in ("fp32", "bf16"):
@@ -1080,6 +1084,11 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default=None, help="comma list of capabilities (default 90,80)")
     ap.add_argument("--ndim", default=None, help="comma list: only these NDIM values")
     ap.add_argument("--kernels", default=None, help="comma list: only these kernels")
+    ap.add_argument("--dtypes", default=None, help="comma list: only these dtypes (fp32, ...)")
+    ap.add_argument(
+        "--where", default=None,
+        help="comma list of SWITCH=VALUE (e.g. INDEX32=1,ALIGNED=1): only variants with these",
+    )  # fmt: skip
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--compare", type=Path, default=None, help="an earlier report.json")
     ap.add_argument("--list", action="store_true", help="only list the variants")
@@ -1098,7 +1107,7 @@ def main(argv=None) -> int:
         if report is None:
             return 0
         (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        if not (args.ndim or args.kernels or args.targets):  # the whole set is in the report
+        if not (args.ndim or args.kernels or args.targets or args.dtypes or args.where):
             (args.out / f"partial-{args.subset}.jsonl").unlink(missing_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(report_markdown(report))
@@ -1163,6 +1172,13 @@ def build_report(args) -> Optional[dict]:
         vs = [v for v in vs if v["constexprs"].get("NDIM", 0) in ndims]
     if args.kernels:
         vs = [v for v in vs if v["kernel"] in args.kernels.split(",")]
+    if getattr(args, "dtypes", None):
+        vs = [v for v in vs if v["dtype"] in args.dtypes.split(",")]
+    if getattr(args, "where", None):
+        for cond in args.where.split(","):
+            name, value = cond.split("=")
+            vs = [v for v in vs if name not in v["constexprs"]
+                  or int(v["constexprs"][name]) == int(value)]  # fmt: skip
     if args.targets:
         targets = [int(t) for t in args.targets.split(",")]
     else:
