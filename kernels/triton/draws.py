@@ -138,28 +138,47 @@ def grouped(row, start, base, S: tl.constexpr, NDIM: tl.constexpr):
 
 
 @triton.jit
-def for_draw_tile(BODY: tl.constexpr, ptrs, values, row, offs, n, full, grouped,
-                  FLAGS: tl.constexpr):  # fmt: skip
-    """``for_tile`` for the kernels that draw: ``BODY(ptrs, values, row, offs, n, FLAGS,
-    MASKED, GROUPED)`` on this block. The common case, a full block that draws grouped, runs
-    unmasked (vectorised); every other block runs masked, grouped or scattered (the scattered
-    draw costs a Philox call per element: vectorising its loads would not show). Each case is
-    a whole body (loads, draws, stores), so no tensor leaves a runtime branch (no layout
-    conversion between the two draw paths), and the first branch splits the common body from
-    the rest (the split ``benchmarks/gpu_static.py`` measures). ``grouped`` None: the variant
-    draws nothing (``for_tile``'s two cases)."""
-    if grouped is None:
-        if full:
-            BODY(ptrs, values, row, offs, n, FLAGS, False, True)
-        else:
-            BODY(ptrs, values, row, offs, n, FLAGS, True, True)
+def row_aligned(row, N: tl.constexpr, ALIGNED: tl.constexpr):
+    """Whether this row's ``N`` elementwise operands are all 16-byte aligned: None (known at
+    compile time) when the whole launch is (``ALIGNED``), else one check per block, so one
+    misaligned tensor (a view into a DDP bucket, ...) no longer costs the others their
+    128-bit accesses."""
+    if ALIGNED:
+        ok = None
     else:
-        if full & grouped:
-            BODY(ptrs, values, row, offs, n, FLAGS, False, True)
-        elif grouped:
-            BODY(ptrs, values, row, offs, n, FLAGS, True, True)
-        else:
-            BODY(ptrs, values, row, offs, n, FLAGS, True, False)
+        bits = tl.load(row)
+        for col in tl.static_range(1, N):
+            bits = bits | tl.load(row + col)
+        ok = (bits & 15) == 0
+    return ok
+
+
+@triton.jit
+def for_block(BODY: tl.constexpr, fast_ptrs, ptrs, values, row, offs, n, full, grouped,
+              aligned, FLAGS: tl.constexpr):  # fmt: skip
+    """``BODY(ptrs, values, row, offs, n, FLAGS, MASKED, GROUPED)`` on this block.
+
+    The common case -- a full block, drawing grouped (``grouped`` None: the kernel draws
+    nothing), of a row whose operands are aligned (``aligned`` None: all are) -- runs unmasked
+    on ``fast_ptrs`` (alignment-hinted: vectorised). Every other block runs masked on ``ptrs``:
+    a tail block, a misaligned row (scalar accesses either way), a scattered draw (a Philox
+    call per element: vectorising its loads would not show). Each case is a whole body (loads,
+    draws, stores), so no tensor leaves a runtime branch (no layout conversion between the
+    draw paths), and the first branch splits the common body from the rest (the split
+    ``benchmarks/gpu_static.py`` measures)."""
+    fast = full
+    if grouped is not None:
+        fast = fast & grouped
+    if aligned is not None:
+        fast = fast & aligned
+    if fast:
+        BODY(fast_ptrs, values, row, offs, n, FLAGS, False, True)
+    elif grouped is None:
+        BODY(ptrs, values, row, offs, n, FLAGS, True, True)
+    elif grouped:
+        BODY(ptrs, values, row, offs, n, FLAGS, True, True)
+    else:
+        BODY(ptrs, values, row, offs, n, FLAGS, True, False)
 
 
 @triton.jit

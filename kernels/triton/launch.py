@@ -37,7 +37,16 @@ convolution weights, ``.t()`` of a matrix, ...) whose operands share one layout 
 anything else runs on a contiguous copy that is copied back.
 
 **Tiles**: a block that lies wholly inside its tensor runs unmasked (so Triton can vectorise);
-the tail block of each tensor runs masked. :func:`for_tile` makes that choice for every kernel.
+the tail block of each tensor runs masked. ``draws.for_block`` makes that choice for every
+kernel, per block: also masked (scalar) for a row whose operands are not 16-byte aligned when
+the launch is not all aligned (``ALIGNED`` False), and for a block that draws scattered.
+
+**Per row, not per launch**: ``NDIM`` and ``ALIGNED`` are one value per launch (the compiled
+variant), but a contiguous row of an ``NDIM > 0`` launch (its first dim entry is
+``(numel, 1, 1)``) skips the index math and draws grouped, and an aligned row of an unaligned
+launch keeps its 128-bit accesses: one uniform branch per block, read from the table.
+``INDEX32`` (every tensor below :data:`INDEX32_LIMIT` elements) makes the offsets and index math
+32-bit.
 """
 
 from __future__ import annotations
@@ -210,16 +219,6 @@ def flat_offsets(tensors: Sequence[Tensor], spans) -> Optional[list]:
 def unit_of(row, idx, S: tl.constexpr):
     """Output unit (weight row) of logical index ``idx``."""
     return idx // tl.load(row + S + ROW_LEN).to(idx.dtype)
-
-
-@triton.jit
-def for_tile(BODY: tl.constexpr, ptrs, values, row, offs, n, full, FLAGS: tl.constexpr):
-    """``BODY(ptrs, values, row, offs, n, FLAGS, MASKED)`` on this block: unmasked when the
-    block is full (lets Triton vectorise), masked on a tensor's tail block."""
-    if full:
-        BODY(ptrs, values, row, offs, n, FLAGS, False)
-    else:
-        BODY(ptrs, values, row, offs, n, FLAGS, True)
 
 
 # ---------------------------------------------------------------------------------------------

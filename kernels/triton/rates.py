@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .. import settings, torch_backend
 from ..stats import abs_means, activity_stats
-from .draws import fast_exp, for_draw_tile, grouped, normals, uniforms
+from .draws import fast_exp, for_block, grouped, normals, row_aligned, uniforms
 from .launch import (
     clamp,
     flat_offsets,
@@ -73,7 +73,11 @@ def _init_kernel(
     values = (key, start, nu, shift, lo, hi)
     draw = grouped(row, start, 0, S, NDIM) if MODE != 0 else None
     ptrs = (operand(row, 0, P0, ALIGNED),)
-    for_draw_tile(_init_body, ptrs, values, row, offs, n, full, draw, (S, NDIM, MODE, BLOCK))
+    aligned = row_aligned(row, 1, ALIGNED)
+    fast = (operand(row, 0, P0, True),)
+    for_block(
+        _init_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, MODE, BLOCK)
+    )
 
 
 def rates_init_(
@@ -127,7 +131,21 @@ def _temporal_kernel(
     values = (key, start, base, decay, noise, lo, hi)
     draw = grouped(row, start, base, S, NDIM) if NOISY else None
     ptrs = (operand(row, 0, P0, ALIGNED),)
-    for_draw_tile(_temporal_body, ptrs, values, row, offs, n, full, draw, (S, NDIM, NOISY, BLOCK))
+    aligned = row_aligned(row, 1, ALIGNED)
+    fast = (operand(row, 0, P0, True),)
+    for_block(
+        _temporal_body,
+        fast,
+        ptrs,
+        values,
+        row,
+        offs,
+        n,
+        full,
+        draw,
+        aligned,
+        (S, NDIM, NOISY, BLOCK),
+    )
 
 
 def temporal_update_(
@@ -184,7 +202,11 @@ def _adaptive_kernel(
     denominator = tl.load(stats + t)  # mean|w| + 1e-8, from torch on the device
     values = (key, start, base, denominator, nu, lo, hi)
     draw = grouped(row, start, base, S, NDIM)
-    for_draw_tile(_adaptive_body, ptrs, values, row, offs, n, full, draw, (S, NDIM, BLOCK))
+    aligned = row_aligned(row, 2, ALIGNED)
+    fast = (operand(row, 0, P0, True), operand(row, 1, W0, True))
+    for_block(
+        _adaptive_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, BLOCK)
+    )
 
 
 def weight_adaptive_(
@@ -240,7 +262,11 @@ def _activity_kernel(
     denominator = tl.load(stats + 2 * t + 1)
     values = (key, start, base, mean_c, denominator, nu, lo, hi)
     draw = grouped(row, start, base, S, NDIM)
-    for_draw_tile(_activity_body, ptrs, values, row, offs, n, full, draw, (S, NDIM, BLOCK))
+    aligned = row_aligned(row, 1, ALIGNED)
+    fast = (operand(row, 0, P0, True), ptrs[1])  # the counts are gathered per unit: no hint
+    for_block(
+        _activity_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, BLOCK)
+    )
 
 
 def activity_update_(

@@ -11,7 +11,16 @@ import triton
 import triton.language as tl
 
 from ..stats import clean_weights_, legacy_stats_many, rejuvenation_stats_many
-from .draws import fast_exp, for_draw_tile, grouped, normals, uniform, uniforms, words_of
+from .draws import (
+    fast_exp,
+    for_block,
+    grouped,
+    normals,
+    row_aligned,
+    uniform,
+    uniforms,
+    words_of,
+)
 from .launch import (
     LIST_INDEX,
     clamp,
@@ -73,7 +82,11 @@ def _rejuvenate_kernel(
     values = (key, start, base, tl.math.fdiv(neg_dre, std), mu, sigma, counts, out_index)
     ptrs = (operand(row, 0, W0, ALIGNED),)
     draw = grouped(row, start, base, S, NDIM)
-    for_draw_tile(_rejuvenate_body, ptrs, values, row, offs, n, full, draw, (S, NDIM, BLOCK))
+    aligned = row_aligned(row, 1, ALIGNED)
+    fast = (operand(row, 0, W0, True),)
+    for_block(
+        _rejuvenate_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, BLOCK)
+    )
 
 
 def _zero_counts(weights: list) -> Tensor:
@@ -134,7 +147,9 @@ def _legacy_kernel(
     values = (key, start, base, max_aw, scale, counts, out_index)
     ptrs = (operand(row, 0, W0, ALIGNED),)
     draw = grouped(row, start, base, S, NDIM)
-    for_draw_tile(_legacy_body, ptrs, values, row, offs, n, full, draw, (S, NDIM, BLOCK))
+    aligned = row_aligned(row, 1, ALIGNED)
+    fast = (operand(row, 0, W0, True),)
+    for_block(_legacy_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, BLOCK))
 
 
 def rejuvenate_legacy_(weights: Tensors, keys: Sequence[int], dre: float, spans=None) -> Tensor:

@@ -12,15 +12,17 @@ import triton.language as tl
 
 from ..contract import StepParams, one_stage_ops
 from ..stats import crystallize_stats
-from .draws import for_draw_tile, grouped, normals
-from .launch import exp, flat_offsets, for_tile, launch, operand, round_to, stream_of, tile
+from .draws import for_block, grouped, normals, row_aligned
+from .launch import exp, flat_offsets, launch, operand, round_to, stream_of, tile
 
 Tensor = torch.Tensor
 Tensors = Sequence[Tensor]
 
 
 @triton.jit
-def _fuzzy_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+def _fuzzy_body(
+    ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
+):
     g_ptr, p_ptr = ptrs
     mask = offs < n if MASKED else None
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
@@ -36,7 +38,9 @@ def _fuzzy_kernel(
 ):  # fmt: skip
     t, row, n, offs, start, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     ptrs = (operand(row, 0, G0, ALIGNED), operand(row, 1, P0, ALIGNED))
-    for_tile(_fuzzy_body, ptrs, (0,), row, offs, n, full, (S, NDIM))
+    fast = (operand(row, 0, G0, True), operand(row, 1, P0, True))
+    aligned = row_aligned(row, 2, ALIGNED)
+    for_block(_fuzzy_body, fast, ptrs, (0,), row, offs, n, full, None, aligned, (S, NDIM))
 
 
 def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
@@ -91,10 +95,15 @@ def _step_kernel(
     t, row, n, offs, start, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     w_ptr = operand(row, 0, W0, ALIGNED)
     g_ptr = operand(row, 1, G0, ALIGNED)
+    # The alignment hint must sit on the pointer's own load: the fast body's copies.
+    w_fast = operand(row, 0, W0, True)
+    g_fast = operand(row, 1, G0, True)
     if FUZZY or CRYSTALLIZE:
         p_ptr = operand(row, 2, P0, ALIGNED)
+        p_fast = operand(row, 2, P0, True)
     else:
         p_ptr = g_ptr  # volume scaling alone has no rates operand; never read
+        p_fast = g_fast
     key = 0
     base = 0
     if VOLUME:
@@ -106,8 +115,9 @@ def _step_kernel(
         nonzero = tl.load(stats + 2 * t + 1)  # stats.grads_nonzero, of the unscaled gradient
     values = (key, start, base, mean_aw, nonzero, base_lr, neg_stability, variability, thresh,
               damp)  # fmt: skip
-    for_draw_tile(
+    for_block(
         _step_body,
+        (w_fast, g_fast, p_fast),
         (w_ptr, g_ptr, p_ptr),
         values,
         row,
@@ -115,6 +125,7 @@ def _step_kernel(
         n,
         full,
         grouped(row, start, base, S, NDIM) if VOLUME else None,
+        row_aligned(row, S, ALIGNED),  # S: the step's operands are all elementwise
         (S, NDIM, VOLUME, FUZZY, CRYSTALLIZE, BLOCK),
     )
 
