@@ -942,6 +942,42 @@ def analysis_markdown(rows: List[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def counts_markdown(before: List[dict], after: List[dict], target: int) -> str:
+    """Per op and dtype on ``target`` (aligned, INDEX32 where compiled): hot-path instructions
+    per element and registers, NDIM 0 and 4, before -> after (no bandwidth floor: the H200
+    figures are sm_90's)."""
+    lines = [
+        f"sm_{target}, ALIGNED, hot-path SASS instructions per element (before -> after).",
+        "",
+        "| op | dtype | NDIM 0 instr/elem | NDIM 4 instr/elem | regs NDIM 0 | regs NDIM 4 |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def pick(results, kernel, dtype, flags, ndim):
+        return _find(
+            results, target, kernel, dtype, **dict(flags, ALIGNED=True, NDIM=ndim, INDEX32=True)
+        )
+
+    def pair(a, b, key):
+        x = a and a.get(key)
+        y = b and b.get(key)
+        return f"{_fmt(x)} -> {_fmt(y)}"
+
+    for op, kernel, flags, _, _ in ANALYSIS_OPS:
+        for dtype in ("fp32", "bf16"):
+            b0, b4 = (pick(before, kernel, dtype, flags, d) for d in (0, 4))
+            a0, a4 = (pick(after, kernel, dtype, flags, d) for d in (0, 4))
+            if not (b0 or a0):
+                continue
+            cells = (
+                op, dtype, pair(b0, a0, "sass_hot_per_element"),
+                pair(b4, a4, "sass_hot_per_element"), pair(b0, a0, "registers"),
+                pair(b4, a4, "registers"),
+            )  # fmt: skip
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _flags_label(c: dict) -> str:
     on = [k for k, v in c.items() if isinstance(v, bool) and v and k != "ALIGNED"]
     return "+".join(on) if on else "-"
@@ -1090,7 +1126,10 @@ def main(argv=None) -> int:
         help="comma list of SWITCH=VALUE (e.g. INDEX32=1,ALIGNED=1): only variants with these",
     )  # fmt: skip
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--compare", type=Path, default=None, help="an earlier report.json")
+    ap.add_argument(
+        "--compare", default=None,
+        help="an earlier report.json (or a comma list of reports, taken together)",
+    )  # fmt: skip
     ap.add_argument("--list", action="store_true", help="only list the variants")
     ap.add_argument(
         "--from-json", type=Path, default=None,
@@ -1111,10 +1150,15 @@ def main(argv=None) -> int:
             (args.out / f"partial-{args.subset}.jsonl").unlink(missing_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(report_markdown(report))
-    if args.compare:
-        before = json.loads(args.compare.read_text())
+    if args.compare:  # one report, or a comma list whose results are taken together
+        olds = [json.loads(Path(p).read_text()) for p in str(args.compare).split(",")]
+        before = dict(olds[0], results=[r for o in olds for r in o["results"]])
         (args.out / "compare.md").write_text(compare_markdown(before, report))
         rows = analysis_rows(before["results"], report["results"])
+        for target in sorted({r["target"] for r in report["results"]} - {90}):
+            (args.out / f"analysis_table_sm{target}.md").write_text(
+                counts_markdown(before["results"], report["results"], target)
+            )
     else:
         rows = analysis_rows(report["results"])
     (args.out / "analysis_table.md").write_text(analysis_markdown(rows))

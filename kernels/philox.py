@@ -20,6 +20,15 @@ are identical; the only textual difference is that 3.8 folds negative int32 draw
 * Normals: Box-Muller on a pair of uniforms, the first clamped below at float32(1e-7); angle
   float32(2*pi) * u2; ``r = sqrt(-2 log u1)``; outputs ``r cos`` and ``r sin``.
 
+**The element map the kernels draw with** (docs: "Randomness", "The counter -> element map";
+its one device-side implementation is ``kernels/triton/draws.py``): element ``i`` of a layer
+(its global row-major index) reads word ``i % 4`` of the call at counter
+``(lo32(i // 4), hi32(i // 4), stream, 0)``: :func:`element_words`, :func:`element_uniforms`,
+and :func:`element_normals`, whose lanes 0, 1 are the cos and sin outputs of Box-Muller on words
+``(w0, w1)`` and lanes 2, 3 those of ``(w2, w3)``, with the angle
+``float32(int32(b)) * float32(pi * 2**-31)`` in [-pi, pi] (:func:`box_muller_pair`). One
+Philox call thus serves four elements, and each uniform pair two normals.
+
 Unsigned 32-bit words are carried in int64 tensors (values in ``[0, 2**32)``). Integers and
 uniforms are exact; normals go through log/sqrt/cos/sin, whose float32 results differ between math
 libraries (torch vs numpy in Triton's interpreter, or a GPU's libdevice) by a few ulp.
