@@ -35,7 +35,9 @@ Helpers (``tile``, ``for_tile``, the ``*_body`` functions, ...) are compiled ins
 * constexprs: ``S`` (the witnesses the launcher passes), ``W`` (the table row width ``Plan``
   computes: S + 4 + 3*NDIM) and ``BLOCK`` (``launch.BLOCK_SIZE``) are derived; ``NDIM`` and
   ``MODE`` take :data:`CONSTEXPR_VALUES`; every other constexpr is a boolean switch
-  (``ALIGNED``, ``VOLUME``, ``FUZZY``, ``CRYSTALLIZE``, ``NOISY``, and any flag added later);
+  (``ALIGNED``, ``INDEX32``, ``VOLUME``, ``FUZZY``, ``CRYSTALLIZE``, ``NOISY``, and any flag
+  added later; ``ALIGNED``, ``NDIM`` and ``INDEX32`` are set by ``launch.launch`` for every
+  kernel, the others by the op);
 * ``keys``, ``stats``, ``counts`` and ``P0`` are passed as None (a constexpr) where the
   launcher passes None for the variant's switches (:data:`NONE_WHEN`, read off the op functions
   of ``kernels/triton/*.py``; ``tests/test_gpu_static.py`` checks it against the launches those
@@ -69,9 +71,12 @@ compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_
   the work. Any other ``CALL`` (64-bit division and remainder the compiler did not guard) is
   hot, and the callee's own hot path is counted at each call (``calls_hot_path`` counts the
   calls on the path). The kernel's first
-  conditional forward branch splits the full-tile body (no masks: unpredicated global
-  loads/stores) from the masked tail-tile body; the full one is the side with fewer predicated
-  global memory instructions
+  conditional forward branch (``draws.for_block``) splits the full-tile body -- a full block of
+  a row whose operands are aligned and whose draws run grouped, four elements per Philox call:
+  every block but the last of a contiguous unsharded tensor -- from the masked body that
+  every other block runs (tail blocks, misaligned rows of an ``ALIGNED=False`` launch,
+  scattered draws: permuted rows of an ``NDIM > 0`` launch, shards starting mid-group); the
+  full one is the side with fewer predicated global memory instructions
   (``masked_mem_hot_path`` checks it). The hot path is the longest path from the entry through
   the full-tile body to ``EXIT`` over non-cold blocks (NOPs not counted): what a thread
   executes on a full tile when no value takes a slow path, runtime branches taking their
