@@ -20,7 +20,7 @@ from bio_transformations.kernels import torch_backend as tb
 from bio_transformations.kernels.shards import Span
 
 trb = pytest.importorskip("bio_transformations.kernels.triton")
-from bio_transformations.kernels.triton import launch  # noqa: E402
+from bio_transformations.kernels.triton import draws, launch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not trb.INTERPRETED else "cpu")
 if DEVICE.type == "cpu" and not trb.INTERPRETED:
@@ -250,3 +250,49 @@ def test_misaligned_view_mixed_with_aligned_tensors():
     ref, got = _temporal(tb, rates()), _temporal(trb, ps)
     for a, b in zip(ref, got):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The device helpers on their own: 64-bit counters near the 32-bit carry
+# ---------------------------------------------------------------------------------------------
+
+_helpers = {}
+
+
+def _helper_kernels():
+    """Jitted wrappers of the draw helpers (built once: triton is imported lazily)."""
+    if _helpers:
+        return _helpers
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def words(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        w = draws.words_of(key, out, offs, 0, first, 0, 0, BLOCK, 1, GROUPED)
+        tl.store(out + offs, w.to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def normals(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(out + offs, draws.normals(key, out, offs, 0, first, 0, 0, BLOCK, 0, GROUPED))
+
+    _helpers.update(words=words, normals=normals)
+    return _helpers
+
+
+@pytest.mark.parametrize("first", [0, 2**32 - 8, 2**34 - 4 * 100, 2**40 + 4 * 7])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "scattered"])
+def test_device_draws_carry_into_the_high_counter_word(first, grouped):
+    """Both draw paths at global indices whose counters cross 2**32 (the grouped path carries
+    the low counter word into the high one in 32-bit halves): the torch map's words and
+    normals."""
+    k = _helper_kernels()
+    key, block = _key(30), 1024
+    out = torch.empty(block, dtype=torch.int32, device=DEVICE)
+    k["words"][(1,)](key, first, out, BLOCK=block, GROUPED=grouped)
+    want = philox.element_words(key, range(first, first + block), DEVICE, stream=1)
+    assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, want)
+    z = torch.empty(block, dtype=torch.float32, device=DEVICE)
+    k["normals"][(1,)](key, first, z, BLOCK=block, GROUPED=grouped)
+    assert _ulps(z, philox.element_normals(key, range(first, first + block), DEVICE)) <= 16
