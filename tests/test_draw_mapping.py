@@ -269,13 +269,15 @@ def _helper_kernels():
     @triton.jit
     def words(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        w = draws.words_of(key, out, offs, 0, first, 0, 0, BLOCK, 1, GROUPED)
+        idx = draws.draw_index(out, offs, first, 0, 0, GROUPED)
+        w = draws.words_of(key, idx, 0, first, BLOCK, 1, GROUPED)
         tl.store(out + offs, w.to(tl.int32, bitcast=True))
 
     @triton.jit
     def normals(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        tl.store(out + offs, draws.normals(key, out, offs, 0, first, 0, 0, BLOCK, 0, GROUPED))
+        idx = draws.draw_index(out, offs, first, 0, 0, GROUPED)
+        tl.store(out + offs, draws.normals(key, idx, 0, first, BLOCK, 0, GROUPED))
 
     _helpers.update(words=words, normals=normals)
     return _helpers

@@ -196,47 +196,57 @@ def _grouped_normals(key, first, BLOCK: tl.constexpr, STREAM: tl.constexpr):
 
 
 @triton.jit
-def _scattered_words(key, row, offs, base, S: tl.constexpr, NDIM: tl.constexpr,
-                     STREAM: tl.constexpr):  # fmt: skip
-    w0, w1, w2, w3, lane = _element_words(key, logical(row, offs, S, NDIM) + base, STREAM)
+def _scattered_words(key, idx, STREAM: tl.constexpr):
+    w0, w1, w2, w3, lane = _element_words(key, idx, STREAM)
     return _pick(w0, w1, w2, w3, lane)
 
 
 @triton.jit
-def _scattered_normals(key, row, offs, base, S: tl.constexpr, NDIM: tl.constexpr,
-                       STREAM: tl.constexpr):  # fmt: skip
-    w0, w1, w2, w3, lane = _element_words(key, logical(row, offs, S, NDIM) + base, STREAM)
+def _scattered_normals(key, idx, STREAM: tl.constexpr):
+    w0, w1, w2, w3, lane = _element_words(key, idx, STREAM)
     low = lane < 2
     c, s = box_muller(tl.where(low, w0, w2), tl.where(low, w1, w3))
     return tl.where((lane & 1) == 0, c, s)
 
 
 @triton.jit
-def words_of(key, row, offs, start, base, S: tl.constexpr, NDIM: tl.constexpr,
-             BLOCK: tl.constexpr, STREAM: tl.constexpr, GROUPED: tl.constexpr):  # fmt: skip
-    """Each element's word (uint32) of the call at ``(i // 4, STREAM)``; ``start``: the
-    block's first memory offset, ``base``: the tensor's first global index (its shard's)."""
+def draw_index(row, offs, base, S: tl.constexpr, NDIM: tl.constexpr, GROUPED: tl.constexpr):
+    """The global element indices a scattered body draws at (the permuted-index math, once per
+    body however many draws it makes); 0 for a grouped body, which needs none."""
+    if GROUPED:
+        idx = 0
+    else:
+        idx = logical(row, offs, S, NDIM) + base
+    return idx
+
+
+@triton.jit
+def words_of(key, idx, start, base, BLOCK: tl.constexpr, STREAM: tl.constexpr,
+             GROUPED: tl.constexpr):  # fmt: skip
+    """Each element's word (uint32) of the call at ``(i // 4, STREAM)``. Grouped: from the
+    block's first memory offset ``start`` and the tensor's first global index ``base`` (its
+    shard's); scattered: at the global indices ``idx`` (:func:`draw_index`)."""
     if GROUPED:
         word = _grouped_words(key, start + base, BLOCK, STREAM)
     else:
-        word = _scattered_words(key, row, offs, base, S, NDIM, STREAM)
+        word = _scattered_words(key, idx, STREAM)
     return word
 
 
 @triton.jit
-def uniforms(key, row, offs, start, base, S: tl.constexpr, NDIM: tl.constexpr,
-             BLOCK: tl.constexpr, STREAM: tl.constexpr, GROUPED: tl.constexpr):  # fmt: skip
+def uniforms(key, idx, start, base, BLOCK: tl.constexpr, STREAM: tl.constexpr,
+             GROUPED: tl.constexpr):  # fmt: skip
     """Each element's uniform ``U(i)`` (:func:`philox.element_uniforms`)."""
-    return uniform(words_of(key, row, offs, start, base, S, NDIM, BLOCK, STREAM, GROUPED))
+    return uniform(words_of(key, idx, start, base, BLOCK, STREAM, GROUPED))
 
 
 @triton.jit
-def normals(key, row, offs, start, base, S: tl.constexpr, NDIM: tl.constexpr,
-            BLOCK: tl.constexpr, STREAM: tl.constexpr, GROUPED: tl.constexpr):  # fmt: skip
+def normals(key, idx, start, base, BLOCK: tl.constexpr, STREAM: tl.constexpr,
+            GROUPED: tl.constexpr):  # fmt: skip
     """Each element's normal ``N(i)`` (:func:`philox.element_normals`): both Box-Muller
     outputs of each pair used."""
     if GROUPED:
         z = _grouped_normals(key, start + base, BLOCK, STREAM)
     else:
-        z = _scattered_normals(key, row, offs, base, S, NDIM, STREAM)
+        z = _scattered_normals(key, idx, STREAM)
     return z

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ..stats import clean_weights_, legacy_stats_many, rejuvenation_stats_many
 from .draws import (
+    draw_index,
     fast_exp,
     for_block,
     grouped,
@@ -53,8 +54,9 @@ def _rejuvenate_body(
     BLOCK: tl.constexpr = FLAGS[2]
     mask = offs < n if MASKED else None
     # Two Philox calls per four elements: stream 0 decides and signs, stream 1 the normals.
-    word = words_of(key, row, offs, start, base, S, NDIM, BLOCK, 0, GROUPED)
-    z = normals(key, row, offs, start, base, S, NDIM, BLOCK, 1, GROUPED)
+    idx = draw_index(row, offs, base, S, NDIM, GROUPED)  # the index math once for both draws
+    word = words_of(key, idx, start, base, BLOCK, 0, GROUPED)
+    z = normals(key, idx, start, base, BLOCK, 1, GROUPED)
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
     # Random decisions and draws: fast exp, and -dre/std once per block instead of a division
     # per element (within an ulp or two of the torch backend's; flips only at the threshold).
@@ -124,8 +126,9 @@ def _legacy_body(
     NDIM: tl.constexpr = FLAGS[1]
     BLOCK: tl.constexpr = FLAGS[2]
     mask = offs < n if MASKED else None
-    z = normals(key, row, offs, start, base, S, NDIM, BLOCK, 0, GROUPED)  # the threshold's
-    u = uniforms(key, row, offs, start, base, S, NDIM, BLOCK, 1, GROUPED)  # the new value's
+    idx = draw_index(row, offs, base, S, NDIM, GROUPED)  # the index math once for both draws
+    z = normals(key, idx, start, base, BLOCK, 0, GROUPED)  # the threshold's
+    u = uniforms(key, idx, start, base, BLOCK, 1, GROUPED)  # the new value's
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
     replace = tl.abs(w) < tl.abs(z * scale)
     new = (2.0 * u - 1.0) * max_aw

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ..contract import StepParams, one_stage_ops
 from ..stats import crystallize_stats
-from .draws import for_block, grouped, normals, row_aligned
+from .draws import draw_index, for_block, grouped, normals, row_aligned
 from .launch import exp, flat_offsets, launch, operand, round_to, stream_of, tile
 
 Tensor = torch.Tensor
@@ -68,7 +68,8 @@ def _step_body(
         # correctly rounded: the torch backend's factor, bit for bit (only z is a draw)
         m = base_lr * exp(neg_stability * tl.math.div_rn(aw, aw + 1.0))
         # N(i): one Philox call per four elements, both Box-Muller outputs used
-        z = normals(key, row, offs, start, base, S, NDIM, BLOCK, 0, GROUPED)
+        idx = draw_index(row, offs, base, S, NDIM, GROUPED)
+        z = normals(key, idx, start, base, BLOCK, 0, GROUPED)
         g = round_to(g * (m * tl.abs(1.0 + variability * z)), GT).to(tl.float32)  # as stored
     if FUZZY or CRYSTALLIZE:
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
