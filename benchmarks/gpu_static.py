@@ -21,7 +21,7 @@ variant fails to compile.
 ``bio_transformations.kernels.triton`` whose first two parameters are ``tab, blocks``, followed
 by an operand witness -- the launch convention of ``launch.launch``: ``(tab, blocks, <operand
 witnesses>, <scalars>, [keys], [stats], [counts], S, W, BLOCK, ALIGNED, NDIM, <switches>)``.
-Helpers (``tile``, ``for_tile``, the ``*_body`` functions, ...) are compiled inside them.
+Helpers (``tile``, ``for_block``, the ``*_body`` functions, ...) are compiled inside them.
 
 **Signatures** follow from the parameter names (the naming convention of the backend):
 
