@@ -21,7 +21,7 @@ variant fails to compile.
 ``bio_transformations.kernels.triton`` whose first two parameters are ``tab, blocks``, followed
 by an operand witness -- the launch convention of ``launch.launch``: ``(tab, blocks, <operand
 witnesses>, <scalars>, [keys], [stats], [counts], S, W, BLOCK, ALIGNED, NDIM, <switches>)``.
-Helpers (``tile``, ``for_tile``, the ``*_body`` functions, ...) are compiled inside them.
+Helpers (``tile``, ``for_block``, the ``*_body`` functions, ...) are compiled inside them.
 
 **Signatures** follow from the parameter names (the naming convention of the backend):
 
@@ -35,7 +35,9 @@ Helpers (``tile``, ``for_tile``, the ``*_body`` functions, ...) are compiled ins
 * constexprs: ``S`` (the witnesses the launcher passes), ``W`` (the table row width ``Plan``
   computes: S + 4 + 3*NDIM) and ``BLOCK`` (``launch.BLOCK_SIZE``) are derived; ``NDIM`` and
   ``MODE`` take :data:`CONSTEXPR_VALUES`; every other constexpr is a boolean switch
-  (``ALIGNED``, ``VOLUME``, ``FUZZY``, ``CRYSTALLIZE``, ``NOISY``, and any flag added later);
+  (``ALIGNED``, ``INDEX32``, ``VOLUME``, ``FUZZY``, ``CRYSTALLIZE``, ``NOISY``, and any flag
+  added later; ``ALIGNED``, ``NDIM`` and ``INDEX32`` are set by ``launch.launch`` for every
+  kernel, the others by the op);
 * ``keys``, ``stats``, ``counts`` and ``P0`` are passed as None (a constexpr) where the
   launcher passes None for the variant's switches (:data:`NONE_WHEN`, read off the op functions
   of ``kernels/triton/*.py``; ``tests/test_gpu_static.py`` checks it against the launches those
@@ -69,9 +71,12 @@ compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_
   the work. Any other ``CALL`` (64-bit division and remainder the compiler did not guard) is
   hot, and the callee's own hot path is counted at each call (``calls_hot_path`` counts the
   calls on the path). The kernel's first
-  conditional forward branch splits the full-tile body (no masks: unpredicated global
-  loads/stores) from the masked tail-tile body; the full one is the side with fewer predicated
-  global memory instructions
+  conditional forward branch (``draws.for_block``) splits the full-tile body -- a full block of
+  a row whose operands are aligned and whose draws run grouped, four elements per Philox call:
+  every block but the last of a contiguous unsharded tensor -- from the masked body that
+  every other block runs (tail blocks, misaligned rows of an ``ALIGNED=False`` launch,
+  scattered draws: permuted rows of an ``NDIM > 0`` launch, shards starting mid-group); the
+  full one is the side with fewer predicated global memory instructions
   (``masked_mem_hot_path`` checks it). The hot path is the longest path from the entry through
   the full-tile body to ``EXIT`` over non-cold blocks (NOPs not counted): what a thread
   executes on a full tile when no value takes a slow path, runtime branches taking their
@@ -861,7 +866,11 @@ def analysis_rows(before: List[dict], after: Optional[List[dict]] = None) -> Lis
     rows = []
 
     def pick(results, kernel, dtype, flags, ndim):
-        return _find(results, 90, kernel, dtype, **dict(flags, ALIGNED=True, NDIM=ndim))
+        # INDEX32: what every launch of tensors below 2**31 elements compiles (a report from
+        # before the switch matches it: a switch a variant lacks matches)
+        return _find(
+            results, 90, kernel, dtype, **dict(flags, ALIGNED=True, NDIM=ndim, INDEX32=True)
+        )
 
     for op, kernel, flags, units, traffic in ANALYSIS_OPS:
         for dtype in ("fp32", "bf16"):
@@ -935,6 +944,42 @@ def analysis_markdown(rows: List[dict]) -> str:
             r["after_us"], r["after_pct"], both(r, "_ndim4"), reg,
         )  # fmt: skip
         lines.append("| " + " | ".join(_fmt(x) for x in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def counts_markdown(before: List[dict], after: List[dict], target: int) -> str:
+    """Per op and dtype on ``target`` (aligned, INDEX32 where compiled): hot-path instructions
+    per element and registers, NDIM 0 and 4, before -> after (no bandwidth floor: the H200
+    figures are sm_90's)."""
+    lines = [
+        f"sm_{target}, ALIGNED, hot-path SASS instructions per element (before -> after).",
+        "",
+        "| op | dtype | NDIM 0 instr/elem | NDIM 4 instr/elem | regs NDIM 0 | regs NDIM 4 |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def pick(results, kernel, dtype, flags, ndim):
+        return _find(
+            results, target, kernel, dtype, **dict(flags, ALIGNED=True, NDIM=ndim, INDEX32=True)
+        )
+
+    def pair(a, b, key):
+        x = a and a.get(key)
+        y = b and b.get(key)
+        return f"{_fmt(x)} -> {_fmt(y)}"
+
+    for op, kernel, flags, _, _ in ANALYSIS_OPS:
+        for dtype in ("fp32", "bf16"):
+            b0, b4 = (pick(before, kernel, dtype, flags, d) for d in (0, 4))
+            a0, a4 = (pick(after, kernel, dtype, flags, d) for d in (0, 4))
+            if not (b0 or a0):
+                continue
+            cells = (
+                op, dtype, pair(b0, a0, "sass_hot_per_element"),
+                pair(b4, a4, "sass_hot_per_element"), pair(b0, a0, "registers"),
+                pair(b4, a4, "registers"),
+            )  # fmt: skip
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -1080,8 +1125,16 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default=None, help="comma list of capabilities (default 90,80)")
     ap.add_argument("--ndim", default=None, help="comma list: only these NDIM values")
     ap.add_argument("--kernels", default=None, help="comma list: only these kernels")
+    ap.add_argument("--dtypes", default=None, help="comma list: only these dtypes (fp32, ...)")
+    ap.add_argument(
+        "--where", default=None,
+        help="comma list of SWITCH=VALUE (e.g. INDEX32=1,ALIGNED=1): only variants with these",
+    )  # fmt: skip
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--compare", type=Path, default=None, help="an earlier report.json")
+    ap.add_argument(
+        "--compare", default=None,
+        help="an earlier report.json (or a comma list of reports, taken together)",
+    )  # fmt: skip
     ap.add_argument("--list", action="store_true", help="only list the variants")
     ap.add_argument(
         "--from-json", type=Path, default=None,
@@ -1098,14 +1151,19 @@ def main(argv=None) -> int:
         if report is None:
             return 0
         (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        if not (args.ndim or args.kernels or args.targets):  # the whole set is in the report
+        if not (args.ndim or args.kernels or args.targets or args.dtypes or args.where):
             (args.out / f"partial-{args.subset}.jsonl").unlink(missing_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(report_markdown(report))
-    if args.compare:
-        before = json.loads(args.compare.read_text())
+    if args.compare:  # one report, or a comma list whose results are taken together
+        olds = [json.loads(Path(p).read_text()) for p in str(args.compare).split(",")]
+        before = dict(olds[0], results=[r for o in olds for r in o["results"]])
         (args.out / "compare.md").write_text(compare_markdown(before, report))
         rows = analysis_rows(before["results"], report["results"])
+        for target in sorted({r["target"] for r in report["results"]} - {90}):
+            (args.out / f"analysis_table_sm{target}.md").write_text(
+                counts_markdown(before["results"], report["results"], target)
+            )
     else:
         rows = analysis_rows(report["results"])
     (args.out / "analysis_table.md").write_text(analysis_markdown(rows))
@@ -1163,6 +1221,13 @@ def build_report(args) -> Optional[dict]:
         vs = [v for v in vs if v["constexprs"].get("NDIM", 0) in ndims]
     if args.kernels:
         vs = [v for v in vs if v["kernel"] in args.kernels.split(",")]
+    if getattr(args, "dtypes", None):
+        vs = [v for v in vs if v["dtype"] in args.dtypes.split(",")]
+    if getattr(args, "where", None):
+        for cond in args.where.split(","):
+            name, value = cond.split("=")
+            vs = [v for v in vs if name not in v["constexprs"]
+                  or int(v["constexprs"][name]) == int(value)]  # fmt: skip
     if args.targets:
         targets = [int(t) for t in args.targets.split(",")]
     else:

@@ -110,7 +110,7 @@ def one_stage_ops(bio_step_):
         spans=None,
     ) -> None:  # fmt: skip
         """``g *= |N(m, lr_variability*m)|``, ``m = base_lr*exp(-stability_factor*|w|/(|w|+1))``;
-        Philox: ``z = tl.randn(key, i)``."""
+        Philox: ``z = N(i)``, the normal of element ``i`` (docs: "Randomness")."""
         params = StepParams.volume_only(base_lr, stability_factor, lr_variability)
         bio_step_(weights, grads, None, keys, params, spans)
 

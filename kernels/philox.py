@@ -20,6 +20,15 @@ are identical; the only textual difference is that 3.8 folds negative int32 draw
 * Normals: Box-Muller on a pair of uniforms, the first clamped below at float32(1e-7); angle
   float32(2*pi) * u2; ``r = sqrt(-2 log u1)``; outputs ``r cos`` and ``r sin``.
 
+**The element map the kernels draw with** (docs: "Randomness", "The counter -> element map";
+its one device-side implementation is ``kernels/triton/draws.py``): element ``i`` of a layer
+(its global row-major index) reads word ``i % 4`` of the call at counter
+``(lo32(i // 4), hi32(i // 4), stream, 0)``: :func:`element_words`, :func:`element_uniforms`,
+and :func:`element_normals`, whose lanes 0, 1 are the cos and sin outputs of Box-Muller on words
+``(w0, w1)`` and lanes 2, 3 those of ``(w2, w3)``, with the angle
+``float32(int32(b)) * float32(pi * 2**-31)`` in [-pi, pi] (:func:`box_muller_pair`). One
+Philox call thus serves four elements, and each uniform pair two normals.
+
 Unsigned 32-bit words are carried in int64 tensors (values in ``[0, 2**32)``). Integers and
 uniforms are exact; normals go through log/sqrt/cos/sin, whose float32 results differ between math
 libraries (torch vs numpy in Triton's interpreter, or a GPU's libdevice) by a few ulp.
@@ -27,6 +36,7 @@ libraries (torch vs numpy in Triton's interpreter, or a GPU's libdevice) by a fe
 
 from __future__ import annotations
 
+import math
 import operator
 import struct
 from typing import Callable, List, Union
@@ -46,6 +56,12 @@ __all__ = [
     "randn4x",
     "stream_key",
     "new_layer_seed",
+    "GROUP",
+    "element_words",
+    "element_uniforms",
+    "element_normals",
+    "signed_angle",
+    "box_muller_pair",
 ]
 
 N_ROUNDS: int = 10
@@ -166,11 +182,11 @@ def _xor3(fresh: Word, a: Word, b: Word) -> Word:
 
 
 def _philox_block(
-    c0: Tensor, c1: Word, k0: Word, k1: Word, n_rounds: int, wraps: bool
+    c0: Tensor, c1: Word, k0: Word, k1: Word, n_rounds: int, wraps: bool, c2: Word = 0
 ) -> tuple[Word, Word, Word, Word]:
-    """Philox-4x32 rounds on counter (c0, c1, 0, 0) and key (k0, k1); results may be unmasked."""
+    """Philox-4x32 rounds on counter (c0, c1, c2, 0) and key (k0, k1); results may be
+    unmasked."""
     x0: Word = c0
-    c2: Word = 0
     c3: Word = 0
     for r in range(n_rounds):
         # Round keys advance by Weyl increments; tensor keys stay unmasked (masked after the xor).
@@ -192,13 +208,20 @@ Fill = Callable[[List[Tensor], List[Tensor]], None]
 
 
 def _generate(
-    seed: SeedLike, offset: Tensor, n_rounds: int, n_out: int, dtype: torch.dtype, fill: Fill
+    seed: SeedLike,
+    offset: Tensor,
+    n_rounds: int,
+    n_out: int,
+    dtype: torch.dtype,
+    fill: Fill,
+    stream: int = 0,
 ) -> tuple[Tensor, ...]:
     """Run Philox block by block and let ``fill`` turn each block's words into ``n_out`` outputs.
 
     ``fill(words, dsts)`` gets the four counter words of a block (int64, valid in bits 0..31, junk
     above) and writes the block's results into the 1-D slices ``dsts``. On CPU the blocks are small
     enough for all temporaries to stay in cache (and below torch's intra-op threading grain).
+    ``stream`` is the third counter word (0 in Triton's own functions).
     """
     if n_rounds < 1:
         raise ValueError(f"n_rounds must be >= 1, got {n_rounds}")
@@ -221,7 +244,7 @@ def _generate(
         lo, hi = _split_offset(flat_off[start:end])
         bk0 = k0[start:end] if isinstance(k0, Tensor) else k0
         bk1 = k1[start:end] if isinstance(k1, Tensor) else k1
-        words = _philox_block(lo, 0 if hi is None else hi, bk0, bk1, n_rounds, wraps)
+        words = _philox_block(lo, 0 if hi is None else hi, bk0, bk1, n_rounds, wraps, stream)
         tensors = [w if isinstance(w, Tensor) else torch.full_like(lo, w & _M32) for w in words]
         fill(tensors, [o[start:end] for o in flat_outs])
     return outs
@@ -314,6 +337,91 @@ def randn4x(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Four standard normal float32 tensors, equal to ``tl.randn4x``."""
     return _generate(seed, offset, n_rounds, 4, torch.float32, _fill_normals)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# The element mapping the kernels draw with (docs: "Randomness", "The counter -> element map")
+# ---------------------------------------------------------------------------------------------
+
+#: Elements per Philox call: element ``i`` of a layer reads output word ``i % GROUP`` of the
+#: call at counter ``(i // GROUP, stream, 0)`` (low and high words of ``i // GROUP`` first).
+GROUP: int = 4
+#: pi * 2**-31 in float32: a word read as int32, times this, is an angle in [-pi, pi].
+_ANGLE_SCALE = _f32(math.pi * 2.0**-31)
+
+Index = Union[Tensor, range]
+
+
+def signed_angle(word: Tensor) -> Tensor:
+    """The Box-Muller angle of uint32 words: ``float32(int32(word)) * float32(pi * 2**-31)``,
+    in [-pi, pi] (fast sin/cos are accurate there, and it needs no fold of the sign)."""
+    return word.to(torch.int32).to(torch.float32).mul_(_ANGLE_SCALE)
+
+
+def _box_muller_into(a: Tensor, b: Tensor, dst_cos: Tensor, dst_sin: Tensor) -> None:
+    """The two normals of words ``(a, b)``: ``r = sqrt(-2 ln max(U(a), 1e-7))``,
+    ``theta = signed_angle(b)``, ``r cos(theta)`` and ``r sin(theta)``."""
+    r = _uniform_into(a, torch.empty_like(dst_cos)).clamp_min_(_U1_FLOOR)
+    r.log_().mul_(-2.0).sqrt_()
+    th = signed_angle(b)
+    torch.cos(th, out=dst_cos).mul_(r)
+    torch.sin(th, out=dst_sin).mul_(r)
+
+
+def box_muller_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The two normals the kernels make of one pair of uint32 words ``(a, b)``."""
+    a, b = torch.broadcast_tensors(a, b)
+    n1 = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    n2 = torch.empty_like(n1)
+    _box_muller_into(a, b, n1, n2)
+    return n1, n2
+
+
+def _fill_group_normals(words: list[Tensor], dsts: list[Tensor]) -> None:
+    # Both outputs of each pair: lanes 0, 1 from (w0, w1), lanes 2, 3 from (w2, w3).
+    _box_muller_into(words[0], words[1], dsts[0], dsts[1])
+    _box_muller_into(words[2], words[3], dsts[2], dsts[3])
+
+
+def _per_element(
+    seed: SeedLike, index: Index, device, stream: int, dtype: torch.dtype, fill: Fill
+) -> Tensor:
+    """Each element's lane of its group's four outputs (``fill`` makes the four per call)."""
+    if isinstance(index, range):
+        if index.step != 1:
+            raise ValueError("a range index must have step 1")
+        n = len(index)
+        if n == 0:
+            return torch.empty(0, dtype=dtype, device=device)
+        first, last = index.start // GROUP, (index.stop - 1) // GROUP
+        counters = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+        outs = _generate(seed, counters, N_ROUNDS, GROUP, dtype, fill, stream)
+        skip = index.start - first * GROUP
+        return torch.stack(outs, dim=1).view(-1)[skip : skip + n]
+    _check_offset(index)
+    idx = index.to(torch.int64)  # non-negative (global element indices)
+    outs = _generate(seed, idx // GROUP, N_ROUNDS, GROUP, dtype, fill, stream)
+    lane = (idx % GROUP).unsqueeze(-1)
+    return torch.stack(outs, dim=-1).gather(-1, lane).squeeze(-1)
+
+
+def element_words(seed: SeedLike, index: Index, device=None, stream: int = 0) -> Tensor:
+    """The uint32 word (int64 in [0, 2**32)) element ``i`` reads: word ``i % 4`` of the call at
+    counter ``(i // 4, stream)``. ``index``: global element indices (a tensor, or a ``range``
+    with ``device``)."""
+    return _per_element(seed, index, device, stream, torch.int64, _fill_words)
+
+
+def element_uniforms(seed: SeedLike, index: Index, device=None, stream: int = 0) -> Tensor:
+    """Float32 uniforms in [0, 1): ``uint32_to_uniform`` of :func:`element_words`."""
+    return _per_element(seed, index, device, stream, torch.float32, _fill_uniforms)
+
+
+def element_normals(seed: SeedLike, index: Index, device=None, stream: int = 0) -> Tensor:
+    """Float32 standard normals: lanes 0 and 1 of a group are the cos and sin outputs of the
+    Box-Muller pair of words ``(w0, w1)``, lanes 2 and 3 those of ``(w2, w3)``
+    (:func:`box_muller_pair`)."""
+    return _per_element(seed, index, device, stream, torch.float32, _fill_group_normals)
 
 
 def _splitmix64(x: int) -> int:

@@ -6,10 +6,12 @@ for float16/bfloat16 tensors (float64 stays float64) and the result is rounded b
 the Triton kernels do. No op reads a tensor value on the host, except the CPU-only sparse path
 of :func:`rejuvenate_`, which never runs on CUDA tensors.
 
-Random numbers come from :mod:`~bio_transformations.kernels.rng`: Triton's Philox stream with
-``BIO_RNG=philox`` (bit-identical to the Triton backend), torch's samplers otherwise. Each op's
-docstring says which of the four Philox outputs ``r0..r3``
-(:func:`~bio_transformations.kernels.philox.randint4x`) it uses.
+Random numbers come from :mod:`~bio_transformations.kernels.rng`: the Triton kernels' Philox
+element mapping with ``BIO_RNG=philox`` (bit-identical to the Triton backend), torch's samplers
+otherwise. Each op's docstring says which draw it uses: ``U(i)``
+(:func:`~bio_transformations.kernels.philox.element_uniforms`) or ``N(i)``
+(:func:`~bio_transformations.kernels.philox.element_normals`) of element ``i``'s global
+index, four elements per Philox call.
 
 This module is longer than the others on purpose: it is the reference of every op, so each
 formula is found here in one search, with the one-pass CPU step beside the ops it fuses.
@@ -23,7 +25,7 @@ import torch
 
 from . import rng
 from .contract import OPS, StepParams
-from .rng import box_muller, normal, normal_into, uniform, uniform4
+from .rng import legacy_draws, normal, normal_into, rejuvenation_draws, uniform
 from .shards import Slab, Span, slab
 from .stats import (
     LOW_PRECISION,
@@ -327,7 +329,7 @@ def volume_scale_(
     """``v = |w|/(|w|+1)``, ``m = base_lr*exp(-stability_factor*v)``,
     ``g *= |N(m, lr_variability*m)|``.
 
-    Philox: ``z = tl.randn(key, i)``. ``spans`` (every stochastic op takes it): per tensor
+    Philox: ``z = N(i)``. ``spans`` (every stochastic op takes it): per tensor
     None, or where the local shard lies in its layer (:mod:`~bio_transformations.kernels.shards`).
     """
     params = StepParams.volume_only(base_lr, stability_factor, lr_variability)
@@ -379,11 +381,11 @@ def _rejuvenate_dense(
 ) -> Tensor:
     std, mu, sigma = stats
     wf = upcast(w)
-    draws = uniform4(key, w.numel(), w.device, where)
-    u_replace, u_sign, u1, u2 = (u.view(w.shape) for u in draws)
+    draws = rejuvenation_draws(key, w.numel(), w.device, where)
+    u_replace, positive, z = (d.view(w.shape) for d in draws)
     replace = torch.lt(u_replace, wf.abs().mul_(-dre).div_(std).exp_())
-    magnitude = torch.exp(mu + sigma * box_muller(u1, u2))
-    new = torch.where(u_sign < 0.5, magnitude, -magnitude).clamp(-1.0, 1.0)
+    magnitude = torch.exp(mu + sigma * z)
+    new = torch.where(positive, magnitude, -magnitude).clamp(-1.0, 1.0)
     w.copy_(torch.where(replace, new.to(wf.dtype), wf))
     return replace.sum()
 
@@ -455,8 +457,9 @@ def rejuvenate_(
 
     NaN counts as 0 and ``w`` is clamped to [-1, 1]; weight ``i`` is replaced with probability
     ``exp(-dre*|w_i|/std(w))`` by ``sign * exp(mu + sigma*n)`` (log-normal fitted to ``|w|``,
-    ``sigma`` halved), clamped to [-1, 1]. Philox: ``r0`` decides, ``r1 < 0.5`` is a positive
-    sign, ``n`` is the first Box-Muller normal of ``(r2, r3)``. Returns the number of replaced
+    ``sigma`` halved), clamped to [-1, 1]. Philox (:func:`rng.rejuvenation_draws`): the
+    element's word of stream 0 decides (``U``) and gives the sign (bit 31 clear: positive),
+    ``n = N(i)`` of stream 1. Returns the number of replaced
     weights per tensor (int64, on the device; reading it syncs, so callers only read it when
     asked to).
     """
@@ -485,8 +488,9 @@ def rejuvenate_legacy_(
     """The original published rule: threshold ``|N(0, max|w|/dre)|`` per weight; weights with
     ``|w|`` below it are redrawn from ``U(-max|w|, max|w|)``. NaN counts as 0.
 
-    Philox: the threshold's normal is the first Box-Muller normal of ``(r0, r1)``, the new value
-    uses ``r2``. Returns the number of replaced weights per tensor (int64, on device).
+    Philox (:func:`rng.legacy_draws`): the threshold's normal is ``N(i)`` (stream 0), the new
+    value uses ``U(i)`` of stream 1. Returns the number of replaced weights per tensor (int64,
+    on the device).
     """
     weights = list(weights)
     for w in weights:
@@ -499,11 +503,11 @@ def rejuvenate_legacy_(
             continue
         wf = upcast(w)
         max_aw, scale = stats[i]
-        draws = uniform4(key, w.numel(), w.device, slab(w, spans, i))
-        u0, u1, u2, _ = (u.view(w.shape) for u in draws)
-        threshold = torch.abs(box_muller(u0, u1) * scale)
+        draws = legacy_draws(key, w.numel(), w.device, slab(w, spans, i))
+        z, u = (d.view(w.shape) for d in draws)
+        threshold = torch.abs(z * scale)
         replace = wf.abs() < threshold
-        w.copy_(torch.where(replace, (2.0 * u2 - 1.0) * max_aw, wf))
+        w.copy_(torch.where(replace, (2.0 * u - 1.0) * max_aw, wf))
         counts.append(replace.sum())
     if not counts:
         return torch.zeros(0, dtype=torch.int64)
@@ -531,8 +535,8 @@ def rates_init_(
 ) -> None:
     """Draw the initial fuzzy learning rates, then clamp them to ``[lo, hi]``.
 
-    baseline: 1. uniform: ``1 + (2U-1)*nu`` (Philox ``tl.rand``). normal: ``1 + N(0, nu)``.
-    lognormal: ``exp(N(-nu^2/2, nu))`` (mean 1; both normal forms use ``tl.randn``).
+    baseline: 1. uniform: ``1 + (2U-1)*nu`` (Philox ``U(i)``). normal: ``1 + N(0, nu)``.
+    lognormal: ``exp(N(-nu^2/2, nu))`` (mean 1; both normal forms use ``N(i)``).
     gamma: ``Gamma(1/nu, rate=1/nu)`` (mean 1). beta: ``1 + (2*Beta(1/nu, 1/nu) - 1)*nu``.
     Gamma and beta use torch's samplers in every mode (one-time draws).
     """
@@ -572,7 +576,7 @@ def temporal_update_(
 ) -> None:
     """``p = clamp(1 + (p-1)*decay + noise*(2U-1), lo, hi)``; no draw when ``noise == 0``.
 
-    Philox: ``U = tl.rand(key, i)``.
+    Philox: ``U = U(i)``.
     """
     for i, p in enumerate(rates):
         if p.numel() == 0:
@@ -602,7 +606,7 @@ def weight_adaptive_(
 ) -> None:
     """``p = clamp(1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), 0.5, 1.5), lo, hi)``.
 
-    Philox: ``U = tl.rand(key, i)``.
+    Philox: ``U = U(i)``.
     """
     weights = list(weights)
     means = abs_means(weights)  # for the whole list: one all-reduce for a sharded group
@@ -632,7 +636,7 @@ def activity_update_(
     ``ratio_i = c_i / mean(c)`` (1 when no unit was active yet), ``f_i = 2 - clamp(1 +
     (ratio_i - 1)*0.1, 0.8, 1.2)``, row ``i`` becomes ``clamp(1 + (2U-1)*nu*f_i, lo, hi)``.
     Whether an update redraws at all is decided on the host (``BioModule``). Philox:
-    ``U = tl.rand(key, i)``.
+    ``U = U(i)``.
     """
     for i, (p, c, key) in enumerate(zip(rates, counts, keys)):
         cf = c.to(compute_dtype(p))  # float64 rates: float64 math

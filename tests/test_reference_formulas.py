@@ -4,7 +4,8 @@ backend (these run wherever torch runs: no Triton, no C++ compiler).
 How the expected values are built:
 
 * **Draws**: the op's random numbers are recomputed here by calling the documented RNG helper
-  (``uniform`` / ``normal`` / ``uniform4`` / ``box_muller``) with the same key; the formula is
+  (``uniform`` / ``normal`` / ``rejuvenation_draws`` / ``legacy_draws``, or the Philox element
+  functions they follow) with the same key; the formula is
   then written out in the test, in the order its docstring states. Pure arithmetic is
   therefore compared bit for bit.
 * **Statistics** (``mean|w|``, the rejuvenation log-normal) come from numpy in float64; the
@@ -28,7 +29,7 @@ import torch
 from scipy import stats as sps
 
 # The RNG and statistics helpers, and the bio step's parameter record: imported here only.
-from bio_transformations.kernels import StepParams
+from bio_transformations.kernels import StepParams, philox
 from bio_transformations.kernels import rng as rng_helpers
 from bio_transformations.kernels import stats as stat_helpers
 from bio_transformations.kernels import torch_backend as tb
@@ -408,21 +409,22 @@ def test_rejuvenation_law(rng, dtype):
 
 
 def test_rejuvenation_dense_path_exact(bio_settings):
-    """The dense path with the documented Philox outputs: ``r0`` decides, ``r1 < 0.5`` is a
-    positive sign, the magnitude is ``exp(mu + sigma*n)`` with ``n`` the first Box-Muller
-    normal of ``(r2, r3)``, clamped to [-1, 1]."""
+    """The dense path with the documented Philox draws (``rng.rejuvenation_draws``): the
+    element's stream-0 word ``w`` decides (``U(w)``) and signs (bit 31 clear: positive), the
+    magnitude is ``exp(mu + sigma*n)`` with ``n = N(i)`` of stream 1, clamped to [-1, 1]."""
     bio_settings(rng="philox")
     w = rejuvenation_inputs(4000)
     w[::13] *= 25.0  # magnitudes past 1 after the clamp too
     before = cleaned(w)
     std, mu, sigma = lognormal_fit64(before.float())
-    u_replace, u_sign, u1, u2 = rng_helpers.uniform4(43, w.numel(), CPU)
-    n = rng_helpers.box_muller(u1, u2).double()
+    words = philox.element_words(43, range(w.numel()), CPU)
+    u_replace = philox.uint32_to_uniform(words)
+    n = philox.element_normals(43, range(w.numel()), CPU, stream=1).double()
     prob = torch.exp(-DRE * before.abs() / std)
     decide = u_replace.double() < prob
     near = (u_replace.double() - prob).abs() <= 1e-5
     magnitude = torch.exp(mu + sigma * n)
-    new = torch.where(u_sign < 0.5, magnitude, -magnitude).clamp(-1.0, 1.0)
+    new = torch.where(words < 2**31, magnitude, -magnitude).clamp(-1.0, 1.0)
     count = int(tb.rejuvenate_([w], [43], DRE)[0])
     replaced = w.double() != before
     assert not (replaced ^ decide)[~near].any()
@@ -439,15 +441,16 @@ def test_rejuvenation_counts_per_tensor(rng):
 
 
 def test_rejuvenate_legacy_exact(bio_settings):
-    """Threshold ``|N(0, max|w|/dre)|`` from the first Box-Muller normal of ``(r0, r1)``;
-    replaced weights become ``(2*r2 - 1)*max|w|``."""
+    """Threshold ``|N(0, max|w|/dre)|`` from ``N(i)`` (stream 0); replaced weights become
+    ``(2*U(i) - 1)*max|w|`` with ``U`` of stream 1."""
     bio_settings(rng="philox")
     w, _, _ = inputs((50, 40), torch.float32)
     w[0, 0] = float("nan")  # counts as 0
     w_clean = torch.nan_to_num(w, nan=0.0)
     max_aw = w_clean.abs().amax()
-    u0, u1, u2, _ = (u.view(w.shape) for u in rng_helpers.uniform4(47, w.numel(), CPU))
-    threshold = torch.abs(rng_helpers.box_muller(u0, u1) * (max_aw / 4.0))
+    z = philox.element_normals(47, range(w.numel()), CPU).view(w.shape)
+    u2 = philox.element_uniforms(47, range(w.numel()), CPU, stream=1).view(w.shape)
+    threshold = torch.abs(z * (max_aw / 4.0))
     replace = w_clean.abs() < threshold
     expected = torch.where(replace, (2.0 * u2 - 1.0) * max_aw, w_clean)
     count = int(tb.rejuvenate_legacy_([w], [47], 4.0)[0])

@@ -2,6 +2,8 @@
 ``torch_backend``, one module per op family:
 
 * :mod:`.launch`: device helpers, the launch table and the one launch per layer group;
+* :mod:`.draws`: the random draws (the counter -> element map) and ``for_block``, the per-block
+  choice of body (full/masked, aligned row, grouped/scattered draws);
 * :mod:`.step`: ``fuzzy_scale_``, ``crystallize_``, ``volume_scale_``, ``bio_step_``;
 * :mod:`.rejuvenate`: ``rejuvenate_``, ``rejuvenate_legacy_``;
 * :mod:`.rates`: ``rates_init_``, ``temporal_update_``, ``weight_adaptive_``, ``activity_update_``;
@@ -9,12 +11,12 @@
 
 The dispatcher (:func:`bio_transformations.kernels.backend_for`) sends only float32, float16
 and bfloat16 tensors here (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
-everything else runs on the torch backend. Random numbers: element ``i`` of a tensor draws
-``tl.randint4x(key, i)`` with ``i`` its flat row-major index (for every layout), exactly the
-outputs each ``torch_backend`` docstring names, so ``torch_backend`` with ``BIO_RNG=philox``
-draws the same numbers. CUDA graphs: every op can be captured after one warm-up call with the
-same tensors (which caches the tables); a replay reuses the keys of the captured call, i.e.
-replays the same random draws.
+everything else runs on the torch backend. Random numbers: element ``i`` of a tensor (its flat
+row-major index, for every layout) reads word ``i % 4`` of the Philox call at counter
+``i // 4`` (:mod:`.draws`), the draws each ``torch_backend`` docstring names, so
+``torch_backend`` with ``BIO_RNG=philox`` draws the same numbers. CUDA graphs: every op can
+be captured after one warm-up call with the same tensors (which caches the tables); a replay
+reuses the keys of the captured call, i.e. replays the same random draws.
 """
 
 from ..contract import OPS

@@ -9,14 +9,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import for_tile, launch, logical, operand, per_unit, round_to, tile, unit_of
+from .draws import for_block, row_aligned
+from .launch import launch, logical, operand, per_unit, round_to, tile, unit_of
 
 Tensor = torch.Tensor
 Tensors = Sequence[Tensor]
 
 
 @triton.jit
-def _dale_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+def _dale_body(
+    ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
+):
     w_ptr, s_ptr = ptrs
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
@@ -32,11 +35,13 @@ def _dale_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.const
 def _dale_kernel(
     tab, blocks, W0, S0,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr,
+    NDIM: tl.constexpr, INDEX32: tl.constexpr,
 ):  # fmt: skip
-    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    t, row, n, offs, _, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     ptrs = (operand(row, 0, W0, ALIGNED), per_unit(row, 1, S0))
-    for_tile(_dale_body, ptrs, (0,), row, offs, n, full, (S, NDIM))
+    fast = (operand(row, 0, W0, True), ptrs[1])  # the signs are gathered per unit: no hint
+    aligned = row_aligned(row, 1, ALIGNED)
+    for_block(_dale_body, fast, ptrs, (0,), row, offs, n, full, None, aligned, (S, NDIM))
 
 
 def dale_enforce_(weights: Tensors, signs: Tensors) -> None:

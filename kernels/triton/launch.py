@@ -37,7 +37,16 @@ convolution weights, ``.t()`` of a matrix, ...) whose operands share one layout 
 anything else runs on a contiguous copy that is copied back.
 
 **Tiles**: a block that lies wholly inside its tensor runs unmasked (so Triton can vectorise);
-the tail block of each tensor runs masked. :func:`for_tile` makes that choice for every kernel.
+the tail block of each tensor runs masked. ``draws.for_block`` makes that choice for every
+kernel, per block: also masked (scalar) for a row whose operands are not 16-byte aligned when
+the launch is not all aligned (``ALIGNED`` False), and for a block that draws scattered.
+
+**Per row, not per launch**: ``NDIM`` and ``ALIGNED`` are one value per launch (the compiled
+variant), but a contiguous row of an ``NDIM > 0`` launch (its first dim entry is
+``(numel, 1, 1)``) skips the index math and draws grouped, and an aligned row of an unaligned
+launch keeps its 128-bit accesses: one uniform branch per block, read from the table.
+``INDEX32`` (every tensor below :data:`INDEX32_LIMIT` elements) makes the offsets and index math
+32-bit.
 """
 
 from __future__ import annotations
@@ -78,6 +87,9 @@ SIZE = tl.constexpr(0)
 MEM_STRIDE = tl.constexpr(1)
 LOGICAL_STRIDE = tl.constexpr(2)
 _HEADER = 4  # NUMEL, FIRST_BLOCK, ROW_LEN, LIST_INDEX
+#: Largest element count of a tensor in an ``INDEX32`` launch (its last block's offsets
+#: stay below 2**31).
+INDEX32_LIMIT = 2**31 - 1 - 1024
 
 # ---------------------------------------------------------------------------------------------
 # Device-side helpers
@@ -121,16 +133,23 @@ def clamp(x, lo, hi):
 
 
 @triton.jit
-def tile(tab, blocks, W: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's table index, row, element count, memory offsets and whether its block
-    is full."""
+def tile(tab, blocks, W: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr,
+         INDEX32: tl.constexpr):  # fmt: skip
+    """This program's table index, row, element count, memory offsets, first memory offset and
+    whether its block is full. ``INDEX32`` (every tensor of the launch below ``2**31 - BLOCK``
+    elements): the offsets, and the index math done on them, are 32-bit."""
     pid = tl.program_id(0)
     t = tl.load(blocks + pid).to(tl.int64)
     row = tab + t * W
     n = tl.load(row + S + NUMEL)
-    start = (pid - tl.load(row + S + FIRST_BLOCK)) * BLOCK  # int64: no overflow on huge tensors
+    first_block = tl.load(row + S + FIRST_BLOCK)
+    if INDEX32:
+        n = n.to(tl.int32)
+        start = (pid - first_block.to(tl.int32)) * BLOCK
+    else:
+        start = (pid - first_block) * BLOCK  # int64: no overflow on huge tensors
     offs = start + tl.arange(0, BLOCK)
-    return t, row, n, offs, start + BLOCK <= n
+    return t, row, n, offs, start, start + BLOCK <= n
 
 
 @triton.jit
@@ -159,13 +178,20 @@ def per_unit(row, col: tl.constexpr, like):
 
 @triton.jit
 def logical(row, offs, S: tl.constexpr, NDIM: tl.constexpr):
-    """Flat row-major index of memory position ``offs`` (the RNG counter and the row source)."""
+    """Flat row-major index of memory position ``offs`` (the RNG counter and the row source).
+
+    Per row, not per launch: a contiguous row of an ``NDIM > 0`` launch (its first dim entry
+    is the identity ``(numel, 1, 1)``) skips the index math, one uniform branch per block."""
     if NDIM > 0:
-        idx = offs * 0
-        for d in tl.static_range(NDIM):
-            dim = row + S + DIMS + 3 * d
-            size = tl.load(dim + SIZE)
-            idx += (offs // tl.load(dim + MEM_STRIDE)) % size * tl.load(dim + LOGICAL_STRIDE)
+        if tl.load(row + S + DIMS + MEM_STRIDE) == 1:
+            idx = offs
+        else:
+            idx = offs * 0
+            for d in tl.static_range(NDIM):
+                dim = row + S + DIMS + 3 * d
+                size = tl.load(dim + SIZE).to(offs.dtype)
+                stride = tl.load(dim + MEM_STRIDE).to(offs.dtype)
+                idx += (offs // stride) % size * tl.load(dim + LOGICAL_STRIDE).to(offs.dtype)
     else:
         idx = offs
     return idx
@@ -192,17 +218,7 @@ def flat_offsets(tensors: Sequence[Tensor], spans) -> Optional[list]:
 @triton.jit
 def unit_of(row, idx, S: tl.constexpr):
     """Output unit (weight row) of logical index ``idx``."""
-    return idx // tl.load(row + S + ROW_LEN)
-
-
-@triton.jit
-def for_tile(BODY: tl.constexpr, ptrs, values, row, offs, n, full, FLAGS: tl.constexpr):
-    """``BODY(ptrs, values, row, offs, n, FLAGS, MASKED)`` on this block: unmasked when the
-    block is full (lets Triton vectorise), masked on a tensor's tail block."""
-    if full:
-        BODY(ptrs, values, row, offs, n, FLAGS, False)
-    else:
-        BODY(ptrs, values, row, offs, n, FLAGS, True)
+    return idx // tl.load(row + S + ROW_LEN).to(idx.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +299,9 @@ def _stage(elems: List[list], group: List[int], written: Sequence[int]):
 class Plan:
     """The device tables of one launch: one row per tensor, one entry per block."""
 
-    __slots__ = ("table", "blocks", "nblocks", "width", "aligned", "ndim", "captured")
+    __slots__ = (
+        "table", "blocks", "nblocks", "width", "aligned", "ndim", "index32", "captured"
+    )  # fmt: skip
 
     def __init__(self, cols, rows, orders, group, device):
         s = len(cols) + len(rows)
@@ -309,6 +327,8 @@ class Plan:
             table.append(entry)
             blocks += [j] * triton.cdiv(n, BLOCK_SIZE)
         self.aligned = aligned
+        # 32-bit offsets and index math when no tensor comes near 2**31 elements.
+        self.index32 = all(cols[0][j].numel() <= INDEX32_LIMIT for j in range(len(group)))
         self.nblocks = len(blocks)
         self.table = _to_device(torch.tensor(table, dtype=torch.int64).reshape(-1), device)
         self.blocks = _to_device(torch.tensor(blocks, dtype=torch.int32), device)
@@ -410,7 +430,7 @@ def launch(
             kernel[(plan.nblocks,)](
                 plan.table, plan.blocks, *witnesses, *scalars, **optional,
                 S=len(cols) + len(rcols), W=plan.width, BLOCK=BLOCK_SIZE,
-                ALIGNED=plan.aligned, NDIM=plan.ndim,
+                ALIGNED=plan.aligned, NDIM=plan.ndim, INDEX32=plan.index32,
                 **meta, **_LAUNCH,
             )  # fmt: skip
         for original, copy in copy_back:

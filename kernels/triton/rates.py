@@ -13,11 +13,10 @@ import triton.language as tl
 
 from .. import settings, torch_backend
 from ..stats import abs_means, activity_stats
+from .draws import draw_index, fast_exp, for_block, grouped, normals, row_aligned, uniforms
 from .launch import (
     clamp,
-    exp,
     flat_offsets,
-    for_tile,
     launch,
     logical,
     operand,
@@ -36,21 +35,30 @@ _RATE_MODES = {"baseline": 0, "uniform": 1, "normal": 2, "lognormal": 3}
 
 
 @triton.jit
-def _init_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+def _init_body(
+    ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
+):
     (p_ptr,) = ptrs
-    key, nu, shift, lo, hi = values
+    key, start, nu, shift, lo, hi = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     MODE: tl.constexpr = FLAGS[2]
+    BLOCK: tl.constexpr = FLAGS[3]
     mask = offs < n if MASKED else None
+    if MODE == 1:  # initial draws: whole layers, no shard offset
+        draw = uniforms(
+            key, draw_index(row, offs, 0, S, NDIM, GROUPED), start, 0, BLOCK, 0, GROUPED
+        )
+    elif MODE > 1:
+        draw = normals(key, draw_index(row, offs, 0, S, NDIM, GROUPED), start, 0, BLOCK, 0, GROUPED)
     if MODE == 0:
         value = tl.full(offs.shape, 1.0, tl.float32)  # baseline: no clamp, as torch's fill_
     elif MODE == 1:
-        value = clamp(1.0 + (2.0 * tl.rand(key, logical(row, offs, S, NDIM)) - 1.0) * nu, lo, hi)
+        value = clamp(1.0 + (2.0 * draw - 1.0) * nu, lo, hi)
     elif MODE == 2:
-        value = clamp(1.0 + nu * tl.randn(key, logical(row, offs, S, NDIM)), lo, hi)
-    else:
-        value = clamp(exp(shift + nu * tl.randn(key, logical(row, offs, S, NDIM))), lo, hi)
+        value = clamp(1.0 + nu * draw, lo, hi)
+    else:  # lognormal: a random draw, so the fast exp (a few ulp)
+        value = clamp(fast_exp(shift + nu * draw), lo, hi)
     tl.store(p_ptr + offs, round_to(value, p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -58,15 +66,19 @@ def _init_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.const
 def _init_kernel(
     tab, blocks, P0, nu, shift, lo, hi, keys,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr, MODE: tl.constexpr,
+    NDIM: tl.constexpr, INDEX32: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
-    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    t, row, n, offs, start, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     key = 0
     if MODE != 0:  # baseline draws nothing (and gets no keys)
-        key, _ = stream_of(keys, t)  # initial draws: whole layers, no shard offset
-    values = (key, nu, shift, lo, hi)
-    for_tile(
-        _init_body, (operand(row, 0, P0, ALIGNED),), values, row, offs, n, full, (S, NDIM, MODE)
+        key, _ = stream_of(keys, t)
+    values = (key, start, nu, shift, lo, hi)
+    draw = grouped(row, start, 0, S, NDIM) if MODE != 0 else None
+    ptrs = (operand(row, 0, P0, ALIGNED),)
+    aligned = row_aligned(row, 1, ALIGNED)
+    fast = (operand(row, 0, P0, True),)
+    for_block(
+        _init_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, MODE, BLOCK)
     )
 
 
@@ -75,7 +87,7 @@ def rates_init_(
 ) -> None:
     """Initial rates, clamped to ``[lo, hi]`` (formulas in ``torch_backend.rates_init_``).
 
-    baseline/uniform/normal/lognormal run here (``tl.rand``/``tl.randn``); gamma and beta, and
+    baseline/uniform/normal/lognormal run here (``U(i)``/``N(i)``); gamma and beta, and
     unknown names (for the error), go to ``torch_backend.rates_init_``.
     """
     rates = list(rates)
@@ -90,16 +102,21 @@ def rates_init_(
 
 
 @triton.jit
-def _temporal_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+def _temporal_body(
+    ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
+):
     (p_ptr,) = ptrs
-    key, decay, noise, lo, hi, base = values
+    key, start, base, decay, noise, lo, hi = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     NOISY: tl.constexpr = FLAGS[2]
+    BLOCK: tl.constexpr = FLAGS[3]
     mask = offs < n if MASKED else None
     value = 1.0 + (tl.load(p_ptr + offs, mask=mask).to(tl.float32) - 1.0) * decay
     if NOISY:
-        value = value + noise * (2.0 * tl.rand(key, logical(row, offs, S, NDIM) + base) - 1.0)
+        idx = draw_index(row, offs, base, S, NDIM, GROUPED)
+        u = uniforms(key, idx, start, base, BLOCK, 0, GROUPED)
+        value = value + noise * (2.0 * u - 1.0)
     tl.store(p_ptr + offs, round_to(clamp(value, lo, hi), p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -107,23 +124,30 @@ def _temporal_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.c
 def _temporal_kernel(
     tab, blocks, P0, decay, noise, lo, hi, keys,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr, NOISY: tl.constexpr,
+    NDIM: tl.constexpr, INDEX32: tl.constexpr, NOISY: tl.constexpr,
 ):  # fmt: skip
-    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    t, row, n, offs, start, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     key = 0
     base = 0
     if NOISY:
         key, base = stream_of(keys, t)
-    values = (key, decay, noise, lo, hi, base)
-    for_tile(
+    values = (key, start, base, decay, noise, lo, hi)
+    draw = grouped(row, start, base, S, NDIM) if NOISY else None
+    ptrs = (operand(row, 0, P0, ALIGNED),)
+    aligned = row_aligned(row, 1, ALIGNED)
+    fast = (operand(row, 0, P0, True),)
+    for_block(
         _temporal_body,
-        (operand(row, 0, P0, ALIGNED),),
+        fast,
+        ptrs,
         values,
         row,
         offs,
         n,
         full,
-        (S, NDIM, NOISY),
+        draw,
+        aligned,
+        (S, NDIM, NOISY, BLOCK),
     )
 
 
@@ -138,7 +162,7 @@ def temporal_update_(
 ) -> None:
     """``p = clamp(1 + (p-1)*decay + noise*(2U-1), lo, hi)``; no draw when ``noise == 0``.
 
-    Philox: ``U = tl.rand(key, i)``.
+    Philox: ``U = U(i)`` (``kernels/triton/draws.py``).
     """
     noisy = noise != 0.0
     if noisy and keys is None:
@@ -153,15 +177,18 @@ def temporal_update_(
 
 
 @triton.jit
-def _adaptive_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+def _adaptive_body(
+    ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
+):
     p_ptr, w_ptr = ptrs
-    key, denominator, nu, lo, hi, base = values
+    key, start, base, denominator, nu, lo, hi = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
+    BLOCK: tl.constexpr = FLAGS[2]
     mask = offs < n if MASKED else None
+    u = uniforms(key, draw_index(row, offs, base, S, NDIM, GROUPED), start, base, BLOCK, 0, GROUPED)
     aw = tl.abs(tl.load(w_ptr + offs, mask=mask).to(tl.float32))
     scale = clamp(2.0 - tl.math.div_rn(aw, denominator), 0.5, 1.5)
-    u = tl.rand(key, logical(row, offs, S, NDIM) + base)
     value = clamp(1.0 + (2.0 * u - 1.0) * nu * scale, lo, hi)
     tl.store(p_ptr + offs, round_to(value, p_ptr.dtype.element_ty), mask=mask)
 
@@ -170,14 +197,19 @@ def _adaptive_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.c
 def _adaptive_kernel(
     tab, blocks, P0, W0, nu, lo, hi, keys, stats,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr,
+    NDIM: tl.constexpr, INDEX32: tl.constexpr,
 ):  # fmt: skip
-    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    t, row, n, offs, start, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     ptrs = (operand(row, 0, P0, ALIGNED), operand(row, 1, W0, ALIGNED))
     key, base = stream_of(keys, t)
     denominator = tl.load(stats + t)  # mean|w| + 1e-8, from torch on the device
-    values = (key, denominator, nu, lo, hi, base)
-    for_tile(_adaptive_body, ptrs, values, row, offs, n, full, (S, NDIM))
+    values = (key, start, base, denominator, nu, lo, hi)
+    draw = grouped(row, start, base, S, NDIM)
+    aligned = row_aligned(row, 2, ALIGNED)
+    fast = (operand(row, 0, P0, True), operand(row, 1, W0, True))
+    for_block(
+        _adaptive_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, BLOCK)
+    )
 
 
 def weight_adaptive_(
@@ -191,7 +223,7 @@ def weight_adaptive_(
 ) -> None:
     """``p = clamp(1 + (2U-1)*nu*clamp(2 - |w|/(mean|w| + 1e-8), 0.5, 1.5), lo, hi)``.
 
-    Philox: ``U = tl.rand(key, i)``.
+    Philox: ``U = U(i)``.
     """
     rates, weights = list(rates), list(weights)
     stats = [[m + 1e-8] for m in abs_means(weights)]
@@ -203,17 +235,21 @@ def weight_adaptive_(
 
 
 @triton.jit
-def _activity_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+def _activity_body(
+    ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
+):
     p_ptr, c_ptr = ptrs
-    key, mean_c, denominator, nu, lo, hi, base = values
+    key, start, base, mean_c, denominator, nu, lo, hi = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
+    BLOCK: tl.constexpr = FLAGS[2]
     mask = offs < n if MASKED else None
-    idx = logical(row, offs, S, NDIM)
+    idx = logical(row, offs, S, NDIM)  # the row index and the scattered draw share it
+    u = uniforms(key, idx + base, start, base, BLOCK, 0, GROUPED)
     c = tl.load(c_ptr + unit_of(row, idx, S), mask=mask).to(tl.float32)
     ratio = tl.where(mean_c > 0, tl.math.div_rn(c, denominator), 1.0)
     factor = 2.0 - clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
-    new = clamp(1.0 + (2.0 * tl.rand(key, idx + base) - 1.0) * nu * factor, lo, hi)
+    new = clamp(1.0 + (2.0 * u - 1.0) * nu * factor, lo, hi)
     tl.store(p_ptr + offs, round_to(new, p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -221,15 +257,20 @@ def _activity_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.c
 def _activity_kernel(
     tab, blocks, P0, C0, nu, lo, hi, keys, stats,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr,
+    NDIM: tl.constexpr, INDEX32: tl.constexpr,
 ):  # fmt: skip
-    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    t, row, n, offs, start, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     ptrs = (operand(row, 0, P0, ALIGNED), per_unit(row, 1, C0))
     key, base = stream_of(keys, t)
     mean_c = tl.load(stats + 2 * t)  # stats.activity_stats, on the device
     denominator = tl.load(stats + 2 * t + 1)
-    values = (key, mean_c, denominator, nu, lo, hi, base)
-    for_tile(_activity_body, ptrs, values, row, offs, n, full, (S, NDIM))
+    values = (key, start, base, mean_c, denominator, nu, lo, hi)
+    draw = grouped(row, start, base, S, NDIM)
+    aligned = row_aligned(row, 1, ALIGNED)
+    fast = (operand(row, 0, P0, True), ptrs[1])  # the counts are gathered per unit: no hint
+    for_block(
+        _activity_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, BLOCK)
+    )
 
 
 def activity_update_(
@@ -242,7 +283,7 @@ def activity_update_(
     spans=None,
 ) -> None:
     """Redraw the rates from the activity of their output units (rows); formula in
-    ``torch_backend.activity_update_``. Philox: ``U = tl.rand(key, i)``."""
+    ``torch_backend.activity_update_``. Philox: ``U = U(i)``."""
     rates, counts = list(rates), list(counts)
     try:
         offsets = flat_offsets(rates, spans)

@@ -9,17 +9,24 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
-from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
 from ..stats import clean_weights_, legacy_stats_many, rejuvenation_stats_many
+from .draws import (
+    draw_index,
+    fast_exp,
+    for_block,
+    grouped,
+    normals,
+    row_aligned,
+    uniform,
+    uniforms,
+    words_of,
+)
 from .launch import (
     LIST_INDEX,
     clamp,
-    exp,
     flat_offsets,
-    for_tile,
     launch,
-    logical,
     operand,
     round_to,
     stream_of,
@@ -37,20 +44,26 @@ def _count_replaced(counts, out_index, replace, offs, n):
 
 
 @triton.jit
-def _rejuvenate_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+def _rejuvenate_body(
+    ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
+):
     (w_ptr,) = ptrs
-    key, std, mu, sigma, neg_dre, counts, out_index, base = values
+    key, start, base, coef, mu, sigma, counts, out_index = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
+    BLOCK: tl.constexpr = FLAGS[2]
     mask = offs < n if MASKED else None
+    # Two Philox calls per four elements: stream 0 decides and signs, stream 1 the normals.
+    idx = draw_index(row, offs, base, S, NDIM, GROUPED)  # the index math once for both draws
+    word = words_of(key, idx, start, base, BLOCK, 0, GROUPED)
+    z = normals(key, idx, start, base, BLOCK, 1, GROUPED)
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
-    r0, r1, r2, r3 = tl.randint4x(key, logical(row, offs, S, NDIM) + base)
-    u_replace = uint_to_uniform_float(r0)
-    u_sign = uint_to_uniform_float(r1)
-    normal, _ = pair_uniform_to_normal(uint_to_uniform_float(r2), uint_to_uniform_float(r3))
-    replace = u_replace < exp(tl.math.div_rn(neg_dre * tl.abs(w), std))
-    magnitude = exp(mu + sigma * normal)
-    new = clamp(tl.where(u_sign < 0.5, magnitude, -magnitude), -1.0, 1.0)
+    # Random decisions and draws: fast exp, and -dre/std once per block instead of a division
+    # per element (within an ulp or two of the torch backend's; flips only at the threshold).
+    replace = uniform(word) < fast_exp(tl.abs(w) * coef)
+    magnitude = fast_exp(mu + sigma * z)
+    positive = word.to(tl.int32, bitcast=True) >= 0  # bit 31 clear; U(word) folds it away
+    new = clamp(tl.where(positive, magnitude, -magnitude), -1.0, 1.0)
     tl.store(w_ptr + offs, round_to(tl.where(replace, new, w), w_ptr.dtype.element_ty), mask=mask)
     _count_replaced(counts, out_index, replace, offs, n)
 
@@ -59,17 +72,22 @@ def _rejuvenate_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl
 def _rejuvenate_kernel(
     tab, blocks, W0, neg_dre, keys, stats, counts,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr,
+    NDIM: tl.constexpr, INDEX32: tl.constexpr,
 ):  # fmt: skip
-    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    t, row, n, offs, start, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     key, base = stream_of(keys, t)
     std = tl.load(stats + 3 * t)  # stats.rejuvenation_stats, on the device
     mu = tl.load(stats + 3 * t + 1)
     sigma = tl.load(stats + 3 * t + 2)
     out_index = tl.load(row + S + LIST_INDEX)
-    values = (key, std, mu, sigma, neg_dre, counts, out_index, base)
-    for_tile(
-        _rejuvenate_body, (operand(row, 0, W0, ALIGNED),), values, row, offs, n, full, (S, NDIM)
+    # -dre/std once per block (the approximate division: no slow-path branch in the prologue)
+    values = (key, start, base, tl.math.fdiv(neg_dre, std), mu, sigma, counts, out_index)
+    ptrs = (operand(row, 0, W0, ALIGNED),)
+    draw = grouped(row, start, base, S, NDIM)
+    aligned = row_aligned(row, 1, ALIGNED)
+    fast = (operand(row, 0, W0, True),)
+    for_block(
+        _rejuvenate_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, BLOCK)
     )
 
 
@@ -81,8 +99,8 @@ def _zero_counts(weights: list) -> Tensor:
 
 def rejuvenate_(weights: Tensors, keys: Sequence[int], dre: float, spans=None) -> Tensor:
     """Replace weights at random, most likely where ``|w|`` is small relative to ``std(w)``
-    (formula in ``torch_backend.rejuvenate_``). Philox: ``r0`` decides, ``r1 < 0.5`` is a
-    positive sign, ``n`` is the first Box-Muller normal of ``(r2, r3)``. Returns the number of
+    (formula in ``torch_backend.rejuvenate_``). Philox: ``rng.rejuvenation_draws`` (the
+    element's stream-0 word decides and signs, ``N(i)`` of stream 1). Returns the number of
     replaced weights per tensor (int64, on the device; counted with atomics in the kernel)."""
     weights = list(weights)
     clean_weights_(weights)
@@ -99,17 +117,21 @@ def rejuvenate_(weights: Tensors, keys: Sequence[int], dre: float, spans=None) -
 
 
 @triton.jit
-def _legacy_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+def _legacy_body(
+    ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
+):
     (w_ptr,) = ptrs
-    key, max_aw, scale, counts, out_index, base = values
+    key, start, base, max_aw, scale, counts, out_index = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
+    BLOCK: tl.constexpr = FLAGS[2]
     mask = offs < n if MASKED else None
+    idx = draw_index(row, offs, base, S, NDIM, GROUPED)  # the index math once for both draws
+    z = normals(key, idx, start, base, BLOCK, 0, GROUPED)  # the threshold's
+    u = uniforms(key, idx, start, base, BLOCK, 1, GROUPED)  # the new value's
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
-    r0, r1, r2, _ = tl.randint4x(key, logical(row, offs, S, NDIM) + base)
-    normal, _ = pair_uniform_to_normal(uint_to_uniform_float(r0), uint_to_uniform_float(r1))
-    replace = tl.abs(w) < tl.abs(normal * scale)
-    new = (2.0 * uint_to_uniform_float(r2) - 1.0) * max_aw
+    replace = tl.abs(w) < tl.abs(z * scale)
+    new = (2.0 * u - 1.0) * max_aw
     tl.store(w_ptr + offs, round_to(tl.where(replace, new, w), w_ptr.dtype.element_ty), mask=mask)
     _count_replaced(counts, out_index, replace, offs, n)
 
@@ -118,21 +140,25 @@ def _legacy_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.con
 def _legacy_kernel(
     tab, blocks, W0, keys, stats, counts,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr,
+    NDIM: tl.constexpr, INDEX32: tl.constexpr,
 ):  # fmt: skip
-    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    t, row, n, offs, start, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     key, base = stream_of(keys, t)
     max_aw = tl.load(stats + 2 * t)  # stats.legacy_stats, on the device
     scale = tl.load(stats + 2 * t + 1)
     out_index = tl.load(row + S + LIST_INDEX)
-    values = (key, max_aw, scale, counts, out_index, base)
-    for_tile(_legacy_body, (operand(row, 0, W0, ALIGNED),), values, row, offs, n, full, (S, NDIM))
+    values = (key, start, base, max_aw, scale, counts, out_index)
+    ptrs = (operand(row, 0, W0, ALIGNED),)
+    draw = grouped(row, start, base, S, NDIM)
+    aligned = row_aligned(row, 1, ALIGNED)
+    fast = (operand(row, 0, W0, True),)
+    for_block(_legacy_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, BLOCK))
 
 
 def rejuvenate_legacy_(weights: Tensors, keys: Sequence[int], dre: float, spans=None) -> Tensor:
     """The original published rule (``torch_backend.rejuvenate_legacy_``): threshold
-    ``|N(0, max|w|/dre)|`` from the Box-Muller normal of ``(r0, r1)``, new value
-    ``(2*r2 - 1)*max|w|``. Returns the replaced count per tensor (int64, on the device)."""
+    ``|N(0, max|w|/dre)|`` from ``N(i)`` (stream 0), new value ``(2*U(i) - 1)*max|w|``
+    (stream 1). Returns the replaced count per tensor (int64, on the device)."""
     weights = list(weights)
     for w in weights:
         w.nan_to_num_(nan=0.0)

@@ -12,14 +12,17 @@ import triton.language as tl
 
 from ..contract import StepParams, one_stage_ops
 from ..stats import crystallize_stats
-from .launch import exp, flat_offsets, for_tile, launch, logical, operand, round_to, stream_of, tile
+from .draws import draw_index, for_block, grouped, normals, row_aligned
+from .launch import exp, flat_offsets, launch, operand, round_to, stream_of, tile
 
 Tensor = torch.Tensor
 Tensors = Sequence[Tensor]
 
 
 @triton.jit
-def _fuzzy_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+def _fuzzy_body(
+    ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
+):
     g_ptr, p_ptr = ptrs
     mask = offs < n if MASKED else None
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
@@ -31,11 +34,13 @@ def _fuzzy_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.cons
 def _fuzzy_kernel(
     tab, blocks, G0, P0,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr,
+    NDIM: tl.constexpr, INDEX32: tl.constexpr,
 ):  # fmt: skip
-    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    t, row, n, offs, start, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     ptrs = (operand(row, 0, G0, ALIGNED), operand(row, 1, P0, ALIGNED))
-    for_tile(_fuzzy_body, ptrs, (0,), row, offs, n, full, (S, NDIM))
+    fast = (operand(row, 0, G0, True), operand(row, 1, P0, True))
+    aligned = row_aligned(row, 2, ALIGNED)
+    for_block(_fuzzy_body, fast, ptrs, (0,), row, offs, n, full, None, aligned, (S, NDIM))
 
 
 def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
@@ -44,21 +49,27 @@ def fuzzy_scale_(grads: Tensors, rates: Tensors) -> None:
 
 
 @triton.jit
-def _step_body(ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr):
+def _step_body(
+    ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
+):
     w_ptr, g_ptr, p_ptr = ptrs
-    key, mean_aw, nonzero, base_lr, neg_stability, variability, thresh, damp, base = values
+    key, start, base, mean_aw, nonzero, base_lr, neg_stability, variability, thresh, damp = values
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     VOLUME: tl.constexpr = FLAGS[2]
     FUZZY: tl.constexpr = FLAGS[3]
     CRYSTALLIZE: tl.constexpr = FLAGS[4]
+    BLOCK: tl.constexpr = FLAGS[5]
     mask = offs < n if MASKED else None
     GT: tl.constexpr = g_ptr.dtype.element_ty
     aw = tl.abs(tl.load(w_ptr + offs, mask=mask).to(tl.float32))
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     if VOLUME:
+        # correctly rounded: the torch backend's factor, bit for bit (only z is a draw)
         m = base_lr * exp(neg_stability * tl.math.div_rn(aw, aw + 1.0))
-        z = tl.randn(key, logical(row, offs, S, NDIM) + base)
+        # N(i): one Philox call per four elements, both Box-Muller outputs used
+        idx = draw_index(row, offs, base, S, NDIM, GROUPED)
+        z = normals(key, idx, start, base, BLOCK, 0, GROUPED)
         g = round_to(g * (m * tl.abs(1.0 + variability * z)), GT).to(tl.float32)  # as stored
     if FUZZY or CRYSTALLIZE:
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
@@ -79,15 +90,21 @@ def _step_kernel(
     tab, blocks, W0, G0, P0,
     base_lr, neg_stability, variability, thresh, damp, keys, stats,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-    NDIM: tl.constexpr, VOLUME: tl.constexpr, FUZZY: tl.constexpr, CRYSTALLIZE: tl.constexpr,
+    NDIM: tl.constexpr, INDEX32: tl.constexpr, VOLUME: tl.constexpr, FUZZY: tl.constexpr,
+    CRYSTALLIZE: tl.constexpr,
 ):  # fmt: skip
-    t, row, n, offs, full = tile(tab, blocks, W, S, BLOCK)
+    t, row, n, offs, start, full = tile(tab, blocks, W, S, BLOCK, INDEX32)
     w_ptr = operand(row, 0, W0, ALIGNED)
     g_ptr = operand(row, 1, G0, ALIGNED)
+    # The alignment hint must sit on the pointer's own load: the fast body's copies.
+    w_fast = operand(row, 0, W0, True)
+    g_fast = operand(row, 1, G0, True)
     if FUZZY or CRYSTALLIZE:
         p_ptr = operand(row, 2, P0, ALIGNED)
+        p_fast = operand(row, 2, P0, True)
     else:
         p_ptr = g_ptr  # volume scaling alone has no rates operand; never read
+        p_fast = g_fast
     key = 0
     base = 0
     if VOLUME:
@@ -97,16 +114,20 @@ def _step_kernel(
     if CRYSTALLIZE:
         mean_aw = tl.load(stats + 2 * t)  # stats.abs_means, computed on the device
         nonzero = tl.load(stats + 2 * t + 1)  # stats.grads_nonzero, of the unscaled gradient
-    values = (key, mean_aw, nonzero, base_lr, neg_stability, variability, thresh, damp, base)
-    for_tile(
+    values = (key, start, base, mean_aw, nonzero, base_lr, neg_stability, variability, thresh,
+              damp)  # fmt: skip
+    for_block(
         _step_body,
+        (w_fast, g_fast, p_fast),
         (w_ptr, g_ptr, p_ptr),
         values,
         row,
         offs,
         n,
         full,
-        (S, NDIM, VOLUME, FUZZY, CRYSTALLIZE),
+        grouped(row, start, base, S, NDIM) if VOLUME else None,
+        row_aligned(row, S, ALIGNED),  # S: the step's operands are all elementwise
+        (S, NDIM, VOLUME, FUZZY, CRYSTALLIZE, BLOCK),
     )
 
 
