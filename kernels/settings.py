@@ -109,6 +109,14 @@ def current() -> Settings:
     return _process_wide() if not local else dataclasses.replace(_process_wide(), **local)
 
 
+def token() -> tuple:
+    """An identity of the settings in force here, cheap to compare: equal (``is`` for both
+    parts) as long as neither the process-wide settings nor this context's overrides changed.
+    Lets a cache of host-side decisions (``bio_transformations.step_cache``) skip
+    :func:`current` on every call."""
+    return _process_wide(), _local.get()
+
+
 def configure(**changes: object) -> Settings:
     """Change process-wide settings (fields of :class:`Settings`); returns the new settings.
 
