@@ -11,7 +11,9 @@ when its estimated cost fits in what is left, in this priority order:
 
 0. checks: ``agreement`` (every op, triton against torch with the Philox stream,
    ``settings.override(rng="philox")``, on ~1M elements, fp32 and bf16, contiguous,
-   channels_last and unaligned), ``no_host_sync``, ``cuda_graph``, ``one_launch``;
+   channels_last and unaligned), ``no_host_sync``, ``cuda_graph``, ``cuda_graph_capturable``
+   (the ``capturable`` mode: fresh draws per replay, equal to eager), ``one_launch`` (also:
+   the default model-level ``bio_step()`` is at most 3 device ops);
 1. every op at 64M elements, fp32, contiguous (NDIM 0), aligned, with ``copy_`` of the same bytes;
 2. the same in bf16;
 3. the fused step in 4-D: contiguous against channels_last, and one channels_last conv in a launch
@@ -536,6 +538,71 @@ def check_cuda_graph(env: Env) -> str:
     return f"captured and replayed bio_step over {len(params)} layers; replay == eager"
 
 
+def check_cuda_graph_capturable(env: Env) -> str:
+    """``capturable`` mode: one captured model-level bio_step(volume=True) replayed twice draws
+    fresh numbers each replay, equal to eager steps with host keys from the same counters,
+    and the device counters advance by one per replay."""
+    import torch
+
+    from bio_transformations import step_cache
+    from bio_transformations.kernels import settings
+
+    model = _model(env)
+    bios = [m for m in model.modules() if hasattr(m, "fuzzy_learning_rate_parameters")]
+    params = [m.weight for m in model.modules() if hasattr(m, "bio_mod")]
+    grads0 = [p.grad.clone() for p in params]
+    rates0 = [b.fuzzy_learning_rate_parameters.clone() for b in bios]
+
+    def restore():
+        for p, g in zip(params, grads0):
+            p.grad.copy_(g)
+        for b, r in zip(bios, rates0):
+            b.fuzzy_learning_rate_parameters.copy_(r)
+
+    def state():
+        return [p.grad.clone() for p in params] + [
+            b.fuzzy_learning_rate_parameters.clone() for b in bios
+        ]
+
+    with settings.override(capturable=True):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: tables, buffers, device counters
+            model.bio_step(volume=True)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        restore()
+        step_cache.sync_steps(model)
+        start = [int(b.rng_step) for b in bios]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model.bio_step(volume=True)
+        torch.cuda.synchronize()
+        replays = []
+        for _ in range(2):
+            restore()
+            graph.replay()
+            torch.cuda.synchronize()
+            replays.append(state())
+        restore()
+        step_cache.sync_steps(model)
+        after = [int(b.rng_step) for b in bios]
+    if after != [n + 2 for n in start]:
+        raise AssertionError(f"device counters {after} after two replays from {start}")
+    for k, replayed in enumerate(replays):
+        for b, n in zip(bios, start):
+            b.rng_step = n + k
+        model.bio_step(volume=True)  # eager, host keys
+        torch.cuda.synchronize()
+        eager = state()
+        restore()
+        if not all(torch.equal(a, b) for a, b in zip(replayed, eager)):
+            raise AssertionError(f"replay {k + 1} differs from the eager step at counter +{k}")
+    if all(torch.equal(a, b) for a, b in zip(*replays)):
+        raise AssertionError("two replays drew the same numbers")
+    return f"2 replays over {len(params)} layers: fresh draws, each == eager; counters +2"
+
+
 def check_one_launch(env: Env) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -553,7 +620,18 @@ def check_one_launch(env: Env) -> str:
     launches = sum(counts[n] for n in step)
     if launches != 1:
         raise AssertionError(f"{launches} _step_kernel launches for one group")
-    return f"1 _step_kernel launch; all kernels and counts: {sorted(counts.items())}"
+    model.bio_step()  # the default step: statistics pass + step kernel, nothing else
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.bio_step()
+        torch.cuda.synchronize()
+    default = {e.key: e.count for e in prof.key_averages()}
+    if sum(default.values()) > 3:
+        raise AssertionError(f"bio_step(): {sum(default.values())} > 3 device ops: {default}")
+    return (
+        f"1 _step_kernel launch; all kernels and counts: {sorted(counts.items())}; "
+        f"bio_step(): {sorted(default.items())}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,6 +791,7 @@ def run(out: Path, dry: bool, budget: float) -> int:
     rec.check("agreement", lambda: check_agreement(env))
     rec.check("no_host_sync", lambda: check_no_host_sync(env), skip=no_cuda)
     rec.check("cuda_graph", lambda: check_cuda_graph(env), skip=no_cuda)
+    rec.check("cuda_graph_capturable", lambda: check_cuda_graph_capturable(env), skip=no_cuda)
     rec.check("one_launch", lambda: check_one_launch(env), skip=no_cuda)
     for prio, item, est, fn in plan(env):
         left = rec.left()

@@ -45,7 +45,7 @@ from . import functional, ops, sharding
 from .kernels import backend_for, settings
 from .kernels.contract import StepParams
 
-__all__ = ["CachedStep", "bio_step", "clear"]
+__all__ = ["CachedStep", "bio_step", "clear", "sync_steps"]
 
 _grad = operator.attrgetter("grad")
 _requires_grad = operator.attrgetter("requires_grad")
@@ -89,7 +89,10 @@ def _args(volume=False, fuzzy=True, crystallize=True, frozen="skip", skip_missin
 
 
 class _Group:
-    __slots__ = ("weights", "rates", "steps", "seeds", "params", "prepared", "index", "everyone")
+    __slots__ = (
+        "weights", "rates", "steps", "seeds", "params", "prepared", "index", "everyone",
+        "device_keys",
+    )  # fmt: skip
 
     def __init__(self, group, params: StepParams, index: List[int]):
         self.weights = functional._weights(group)
@@ -99,6 +102,10 @@ class _Group:
         self.index = index  # positions in the cached layer list
         self.everyone = False  # set when the group is every cached layer, in order
         self.prepared = None
+        # capturable mode on the Triton backend: keys derived on the device, every call
+        self.device_keys = (
+            ops.capturable_keys(self.steps, self.seeds, self.weights[0]) if params.volume else None
+        )
 
 
 class CachedStep:
@@ -167,7 +174,9 @@ class CachedStep:
             if g.prepared is None:
                 ops.bio_step_(g.weights, mine, g.rates, g.steps, g.seeds, g.params)
                 continue
-            keys = ops.draw_keys(g.steps, g.seeds, "volume") if g.params.volume else None
+            keys = g.device_keys
+            if keys is None and g.params.volume:
+                keys = ops.draw_keys(g.steps, g.seeds, "volume")
             if g.prepared.run(mine, keys):
                 continue
             g.prepared = _prepare(g, mine)  # the gradients moved: plan again
@@ -230,3 +239,17 @@ def _prepare(g: _Group, grads: list):
         return PreparedStep(g.weights, grads, g.rates, g.params)
     except Unpreparable:
         return None
+
+
+def sync_steps(model: nn.Module) -> None:
+    """Copy the ``capturable`` mode's device step counters of ``model``'s layers back to their
+    CPU counters (``kernels.triton.keys.sync_steps``; a device read). Call it before saving a
+    checkpoint or drawing eagerly again after capturable (or graph-replayed) steps."""
+    from .kernels import triton_available
+    from .model_methods import bio_layers
+
+    if not triton_available():
+        return
+    from .kernels.triton.keys import sync_steps as sync
+
+    sync([bio._rng_step for *_, bio in bio_layers(model)])

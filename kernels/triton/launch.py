@@ -234,7 +234,7 @@ def _int64s(values: Sequence[int]) -> Tensor:
     """``values`` (any 64-bit patterns) as a CPU int64 tensor with the same bits."""
     try:
         return torch.tensor(values, dtype=torch.int64)
-    except (OverflowError, RuntimeError):  # a key >= 2**63: the int64 with its bits
+    except (OverflowError, RuntimeError, ValueError):  # >= 2**63: the int64 with its bits
         return torch.tensor([_to_signed64(k) for k in values], dtype=torch.int64)
 
 
@@ -334,7 +334,7 @@ class Plan:
 
     __slots__ = (
         "table", "blocks", "nblocks", "nrows", "width", "aligned", "ndim", "captured", "device",
-        "buffers", "_host", "_ready", "_streams", "_key_slots",
+        "buffers", "keep", "_host", "_ready", "_streams", "_key_slots",
     )  # fmt: skip
 
     def __init__(self, cols, rows, orders, group, device, written=()):
@@ -366,7 +366,8 @@ class Plan:
         self.nrows = len(group)
         self.device = device
         self.captured = False  # set once a CUDA graph captured a launch reading these tables
-        self.buffers: Dict[str, Tensor] = {}
+        self.buffers: Dict[object, Tensor] = {}
+        self.keep: list = []  # objects the plan's device tables point into
         self._key_slots: list = []  # pinned key buffers and the events of their last copies
         host = [
             torch.tensor(table, dtype=torch.int64).reshape(-1),
@@ -393,7 +394,9 @@ class Plan:
         if self._streams is None:
             return
         stream = torch.cuda.current_stream(self.device)
-        if stream in self._streams:
+        if stream in self._streams or torch.cuda.is_current_stream_capturing():
+            # Under capture: torch.cuda.graph synchronized before capturing (the copy is
+            # done), and a captured plan is never evicted (nor freed while a graph holds it).
             return
         stream.wait_event(self._ready)
         for t in self._device_tensors():
@@ -554,7 +557,8 @@ def launch(
         elems: lists of same-shaped operands (slot 0 defines the shape).
         rows: lists of per-output-unit vectors.
         written: the element slots the kernel writes (copied back from staged copies).
-        keys: one stream key per tensor (the kernel's ``keys`` argument; None if it draws none).
+        keys: one stream key per tensor (the kernel's ``keys`` argument; None if it draws none),
+            or a :class:`~.keys.DeviceKeys` (``capturable`` mode: derived on the device).
         offsets: per tensor the global flat index of its first element, added to every Philox
             counter (a local shard of a sharded layer; None: all 0). The kernel's ``keys``
             holds ``(key, offset)`` pairs: tensor ``t`` reads ``keys[2t]`` and ``keys[2t+1]``.
@@ -575,10 +579,14 @@ def launch(
         index = group.index
         optional = {}  # only what this kernel declares; an absent input is passed as None
         if "keys" in kernel.arg_names:
-            pairs = None
-            if keys is not None:  # (key, counter offset) per tensor, in one small copy
+            if keys is None:
+                optional["keys"] = None
+            elif hasattr(keys, "derive"):  # capturable: keys.DeviceKeys
+                with _on(group.plan.device):
+                    optional["keys"] = keys.derive(group.plan, index, offsets)
+            else:  # (key, counter offset) per tensor, in one small copy
                 pairs = [v for i in index for v in (keys[i], offsets[i] if offsets else 0)]
-            optional["keys"] = None if pairs is None else group.plan.keys(pairs)
+                optional["keys"] = group.plan.keys(pairs)
         if "stats" in kernel.arg_names:
             optional["stats"] = (
                 None if stats is None else torch.stack([v for i in index for v in stats[i]])

@@ -101,8 +101,8 @@ class PreparedStep:
 
     def run(self, grads: List[Tensor], keys: Optional[Sequence[int]] = None) -> bool:
         """One step with this step's ``grads`` (same order as at preparation) and, when volume
-        scaling runs, one key per layer. Returns False, having done nothing, when the tensors
-        moved (prepare again)."""
+        scaling runs, one key per layer (or a ``keys.DeviceKeys``). Returns False, having done
+        nothing, when the tensors moved (prepare again)."""
         if not self.matches(grads):
             return False
         p = self.params
@@ -112,9 +112,11 @@ class PreparedStep:
             w0, g0 = self.fixed[first], grads[first]
             witnesses = [w0, g0, self.fixed[n + first]] if self.uses_rates else [w0, g0]
             optional = {"keys": None, "stats": None}
-            if p.volume:
-                optional["keys"] = g.plan.keys([v for i in g.index for v in (keys[i], 0)])
             with _on(g.plan.device):
+                if p.volume and hasattr(keys, "derive"):  # capturable: keys.DeviceKeys
+                    optional["keys"] = keys.derive(g.plan, g.index)
+                elif p.volume:
+                    optional["keys"] = g.plan.keys([v for i in g.index for v in (keys[i], 0)])
                 if p.crystallize:
                     optional.update(reduce.crystallize_stats(g, (w0, g0)))
                 fire(_step_kernel, g, witnesses, optional, self.scalars, self.meta)

@@ -138,7 +138,7 @@ def bio_step_(
     on_device = p.crystallize and current_reduction() is None
     launch(
         _step_kernel, elems, written=written,
-        keys=list(keys) if p.volume else None, offsets=offsets,
+        keys=keys if p.volume else None, offsets=offsets,
         stats=[[m, nz] for m, nz in zip(*crystallize_stats(weights, grads))]
         if p.crystallize and not on_device
         else None,
