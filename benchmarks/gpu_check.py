@@ -33,7 +33,7 @@ cannot restore inputs outside the timed window.
 Bytes per element: ``bytes_floor`` is what the op must move (each operand read once, each result
 written once, plus one read of ``w`` where a per-layer statistic of it is needed first);
 ``bytes_moved`` estimates what the current implementation moves (statistics passes included:
-e.g. the fp32 fused step 28, rejuvenation 36). ``copy_`` of ``bytes_floor`` is timed on the
+e.g. the fp32 fused step 28, rejuvenation 12). ``copy_`` of ``bytes_floor`` is timed on the
 same device: ``frac_copy = copy time / op time`` is the fraction of measured copy bandwidth the
 op reaches; ``GBps_floor`` = ``bytes_floor * n / time``.
 
@@ -106,13 +106,13 @@ def bytes_moved(op: str, dt: int) -> int:
     """Bytes per element the current implementation moves (kernel plus statistics passes)."""
     up = 0 if dt == 4 else dt + 4  # _upcast: a float32 copy of a 16-bit weight for statistics
     return {
-        # kernel r w,g,p w g,p; abs_means reads w, grads_nonzero (the zero-gradient gate) g
+        # kernel r w,g,p w g,p; the statistics pass (kernels/triton/reduce.py) reads w and g
         "bio_step_": 5 * dt + 2 * dt,
         "volume_scale_": 3 * dt,
         "crystallize_": 4 * dt + 2 * dt,
         "fuzzy_scale_": 3 * dt,
-        # kernel r/w w; clean_weights_ nan_to_num_ + clamp_ (r/w each); sum, dot, norm (fp32)
-        "rejuvenate_": 2 * dt + 4 * dt + up + 3 * 4,
+        # kernel r/w w; one statistics pass reads w (cleaning writes only changed elements)
+        "rejuvenate_": 2 * dt + dt,
         # kernel r/w w; nan_to_num_ r/w; abs() r/w fp32; amax r fp32
         "rejuvenate_legacy_": 2 * dt + 2 * dt + up + 8 + 4,
         "rates_init_": dt,

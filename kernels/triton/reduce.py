@@ -22,12 +22,41 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import _HEADER, BLOCK_SIZE, FIRST_BLOCK, NUMEL, Group
+from .launch import _HEADER, BLOCK_SIZE, FIRST_BLOCK, INTERPRETED, NUMEL, Group
 
 Tensor = torch.Tensor
 
 #: Rows of partials each finish program adds per step.
 _RBLOCK = 1024
+
+if INTERPRETED:  # numpy's functions (the interpreter has no libdevice)
+
+    @triton.jit
+    def _log(x):
+        return tl.log(x)
+
+    @triton.jit
+    def _log1p(x):
+        return tl.log(1.0 + x)  # float64 here: off by < 1e-16 relative where x is not tiny
+
+    @triton.jit
+    def _sqrt(x):
+        return tl.sqrt(x)
+
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _log(x):
+        return libdevice.log(x)  # float64: __nv_log
+
+    @triton.jit
+    def _log1p(x):
+        return libdevice.log1p(x)
+
+    @triton.jit
+    def _sqrt(x):
+        return libdevice.sqrt(x)
 
 
 @triton.jit
@@ -105,3 +134,77 @@ def reduce_into(partial_kernel, finish_kernel, plan, partials, stats, witnesses,
     finish_kernel[(plan.nrows,)](
         plan.table, partials, stats, S=S, W=plan.width, BLOCK=BLOCK_SIZE, RBLOCK=_RBLOCK
     )
+
+
+@triton.jit
+def _rejuvenation_partials(
+    tab, blocks, partials, W0,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per block, on the cleaned weight (NaN -> 0, clamped to [-1, 1], ``stats.clean_weights_``):
+    ``sum w``, ``sum w^2``, ``sum |w|``; the cleaned values are stored back where they differ
+    (so the rejuvenation kernel reads the cleaned weight, and clean weights cost no write)."""
+    pid, row, offs, mask = _tile_of(tab, blocks, W, S, BLOCK)
+    w_ptr = tl.load(row + 0).to(W0.dtype)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    clean = tl.where(w != w, 0.0, w)
+    clean = tl.minimum(tl.maximum(clean, -1.0), 1.0)
+    tl.store(w_ptr + offs, clean.to(w_ptr.dtype.element_ty), mask=mask & (clean != w))
+    tl.store(partials + 3 * pid, tl.sum(clean, axis=0))
+    tl.store(partials + 3 * pid + 1, tl.sum(clean * clean, axis=0))
+    tl.store(partials + 3 * pid + 2, tl.sum(tl.abs(clean), axis=0))
+
+
+@triton.jit
+def _rejuvenation_finish(
+    tab, partials, stats,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per row, ``stats.rejuvenation_stats`` from the three sums (float64, the same formula
+    and clamps as ``stats._rejuvenation_fit``): ``stats[3t:3t+3] = std, mu, sigma``."""
+    t = tl.program_id(0)
+    row = tab + t * W
+    n = tl.load(row + S + NUMEL)
+    first = tl.load(row + S + FIRST_BLOCK)
+    nb = (n + BLOCK - 1) // BLOCK
+    acc1 = tl.zeros([RBLOCK], dtype=tl.float64)
+    acc2 = tl.zeros([RBLOCK], dtype=tl.float64)
+    acc3 = tl.zeros([RBLOCK], dtype=tl.float64)
+    for s in range(0, nb, RBLOCK):
+        idx = s + tl.arange(0, RBLOCK)
+        m = idx < nb
+        at = partials + 3 * (first + idx)
+        acc1 += tl.load(at, mask=m, other=0.0).to(tl.float64)
+        acc2 += tl.load(at + 1, mask=m, other=0.0).to(tl.float64)
+        acc3 += tl.load(at + 2, mask=m, other=0.0).to(tl.float64)
+    s1 = tl.sum(acc1, axis=0)
+    s2 = tl.sum(acc2, axis=0)
+    a1 = tl.sum(acc3, axis=0)
+    nf = n.to(tl.float64)
+    dof = tl.maximum(nf - 1.0, 1.0)  # unbiased, as torch.std; one weight: std 0, not NaN
+    tiny = 1e-12
+    std = _sqrt(tl.maximum((s2 - s1 * s1 / nf) / dof, 0.0))
+    mean_aw = a1 / nf
+    spread = _sqrt(tl.maximum((s2 - a1 * a1 / nf) / dof, 0.0))
+    std = tl.maximum(tl.where(std != std, 0.0, std), tiny)
+    mean_aw = tl.maximum(tl.where(mean_aw != mean_aw, 0.0, mean_aw), tiny)
+    spread = tl.where(spread != spread, 0.0, spread)
+    ratio = spread / mean_aw
+    sigma2 = _log1p(ratio * ratio)
+    mu = _log(mean_aw) - 0.5 * sigma2
+    tl.store(stats + 3 * t, std.to(tl.float32))
+    tl.store(stats + 3 * t + 1, mu.to(tl.float32))
+    tl.store(stats + 3 * t + 2, (0.5 * _sqrt(sigma2)).to(tl.float32))
+
+
+def rejuvenation_stats(group: Group) -> dict:
+    """``stats`` for the rejuvenation kernel of ``group`` (slot 0: the weights): cleans the
+    weights in place and computes ``(std, mu, sigma)`` per row, in two launches into the
+    plan's buffers (``stats.clean_weights_`` + ``stats.rejuvenation_stats`` in one read)."""
+    plan = group.plan
+    partials = plan.buffer("rejuvenation_partials", 3 * plan.nblocks, torch.float32)
+    stats = plan.buffer("rejuvenation_stats", 3 * plan.nrows, torch.float32)
+    reduce_into(
+        _rejuvenation_partials, _rejuvenation_finish, plan, partials, stats, (group.cols[0][0],)
+    )
+    return {"stats": stats}
