@@ -13,8 +13,11 @@ everything else runs on the torch backend. Random numbers: element ``i`` of a te
 ``tl.randint4x(key, i)`` with ``i`` its flat row-major index (for every layout), exactly the
 outputs each ``torch_backend`` docstring names, so ``torch_backend`` with ``BIO_RNG=philox``
 draws the same numbers. CUDA graphs: every op can be captured after one warm-up call with the
-same tensors (which caches the tables); a replay reuses the keys of the captured call, i.e.
-replays the same random draws.
+same tensors (which caches the tables; a table built during capture raises
+``launch.CaptureError``); a replay reuses the keys of the captured call, i.e. replays the same
+random draws, unless the ``capturable`` setting derives volume scaling's keys on the device
+(:mod:`.keys`). Host side: :mod:`.reduce` (per-layer statistics of a launch in two launches),
+:mod:`.prepared` (the fused step planned once for the model-level ``bio_step``).
 """
 
 from ..contract import OPS
