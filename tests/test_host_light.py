@@ -208,13 +208,15 @@ from bio_transformations.kernels.triton import keys, reduce
 
 jobs = [  # (kernel, signature, constexprs)
     (reduce._crystal_partials, {"tab": "*i64", "blocks": "*i32", "partials": "*fp32",
-                                "W0": "*bf16", "G0": "*bf16"}, {"S": 3, "W": 7, "BLOCK": 1024}),
+                                "W0": "*bf16", "G0": "*bf16"},
+     {"S": 3, "W": 7, "BLOCK": 1024, "ALIGNED": True}),
     (reduce._crystal_finish, {"tab": "*i64", "partials": "*fp32", "stats": "*fp32"},
      {"S": 3, "W": 7, "BLOCK": 1024, "RBLOCK": 1024}),
     (keys._derive_keys, {"rows": "*i64", "keys": "*i64", "n": "i32", "op_id": "i32"},
      {"BLOCK": 128}),
     (reduce._rejuvenation_partials, {"tab": "*i64", "blocks": "*i32", "partials": "*fp32",
-                                     "W0": "*fp16"}, {"S": 1, "W": 5, "BLOCK": 1024}),
+                                     "W0": "*fp16"},
+     {"S": 1, "W": 5, "BLOCK": 1024, "ALIGNED": True}),
     (reduce._rejuvenation_finish, {"tab": "*i64", "partials": "*fp32", "stats": "*fp32"},
      {"S": 1, "W": 5, "BLOCK": 1024, "RBLOCK": 1024}),
 ]
@@ -222,8 +224,10 @@ for fn, sig, consts in jobs:
     sig = {n: "constexpr" if n in consts else sig[n] for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    print("compiled", fn.__name__)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = kernel.asm["ptx"]
+    print("compiled", fn.__name__, ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4")
+          + ptx.count("ld.global.v2") + ptx.count("ld.global.nc.v2"))
 """
 
 
@@ -244,6 +248,10 @@ def test_host_side_kernels_compile_for_sm90(tmp_path):
         pytest.skip("this triton install has no ptxas")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("compiled") == 5
+    vector = {line.split()[1]: int(line.split()[2]) for line in proc.stdout.splitlines()
+              if line.startswith("compiled")}  # fmt: skip
+    # aligned full tiles of the statistics passes read with vector loads
+    assert vector["_crystal_partials"] > 0 and vector["_rejuvenation_partials"] > 0, vector
 
 
 def _layers_of_sizes(dtype, nan=False):

@@ -61,27 +61,54 @@ else:
 
 @triton.jit
 def _tile_of(tab, blocks, W: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's table row, element count, memory offsets and mask."""
+    """This program's index, table row, element count, memory offsets and whether its block
+    is full (then it runs unmasked, so aligned tiles get vector loads)."""
     pid = tl.program_id(0)
     row = tab + tl.load(blocks + pid).to(tl.int64) * W
     n = tl.load(row + S + NUMEL)
-    offs = (pid - tl.load(row + S + FIRST_BLOCK)) * BLOCK + tl.arange(0, BLOCK)
-    return pid, row, offs, offs < n
+    start = (pid - tl.load(row + S + FIRST_BLOCK)) * BLOCK
+    return pid, row, start + tl.arange(0, BLOCK), n, start + BLOCK <= n
+
+
+@triton.jit
+def _pointer(row, col: tl.constexpr, like, ALIGNED: tl.constexpr):
+    ptr = tl.load(row + col).to(like.dtype)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)  # the host checked it (launch.Plan.aligned)
+    return ptr
+
+
+@triton.jit
+def _load(ptr, offs, n, MASKED: tl.constexpr):
+    """A tile in float32; masked-off lanes read 0 (they add nothing to a sum)."""
+    if MASKED:
+        x = tl.load(ptr + offs, mask=offs < n, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _crystal_tile(w_ptr, g_ptr, partials, pid, offs, n, MASKED: tl.constexpr):
+    aw = tl.abs(_load(w_ptr, offs, n, MASKED))
+    g = _load(g_ptr, offs, n, MASKED)
+    tl.store(partials + 2 * pid, tl.sum(aw, axis=0))
+    tl.store(partials + 2 * pid + 1, tl.sum((g != 0.0).to(tl.float32), axis=0))
 
 
 @triton.jit
 def _crystal_partials(
     tab, blocks, partials, W0, G0,
-    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Per block: ``sum |w|`` and the number of non-zero gradient elements (NaN counts)."""
-    pid, row, offs, mask = _tile_of(tab, blocks, W, S, BLOCK)
-    w_ptr = tl.load(row + 0).to(W0.dtype)
-    g_ptr = tl.load(row + 1).to(G0.dtype)
-    aw = tl.abs(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(partials + 2 * pid, tl.sum(aw, axis=0))
-    tl.store(partials + 2 * pid + 1, tl.sum((g != 0.0).to(tl.float32), axis=0))
+    pid, row, offs, n, full = _tile_of(tab, blocks, W, S, BLOCK)
+    w_ptr = _pointer(row, 0, W0, ALIGNED)
+    g_ptr = _pointer(row, 1, G0, ALIGNED)
+    if full:
+        _crystal_tile(w_ptr, g_ptr, partials, pid, offs, n, False)
+    else:
+        _crystal_tile(w_ptr, g_ptr, partials, pid, offs, n, True)
 
 
 @triton.jit
@@ -129,7 +156,7 @@ def reduce_into(partial_kernel, finish_kernel, plan, partials, stats, witnesses,
     S = (plan.width - _HEADER) - 3 * plan.ndim
     partial_kernel[(plan.nblocks,)](
         plan.table, plan.blocks, partials, *witnesses, *args, S=S, W=plan.width,
-        BLOCK=BLOCK_SIZE,
+        BLOCK=BLOCK_SIZE, ALIGNED=plan.aligned,
     )  # fmt: skip
     finish_kernel[(plan.nrows,)](
         plan.table, partials, stats, S=S, W=plan.width, BLOCK=BLOCK_SIZE, RBLOCK=_RBLOCK
@@ -137,22 +164,33 @@ def reduce_into(partial_kernel, finish_kernel, plan, partials, stats, witnesses,
 
 
 @triton.jit
+def _rejuvenation_tile(w_ptr, partials, pid, offs, n, MASKED: tl.constexpr):
+    w = _load(w_ptr, offs, n, MASKED)
+    clean = tl.where(w != w, 0.0, w)
+    clean = tl.minimum(tl.maximum(clean, -1.0), 1.0)
+    changed = clean != w  # NaN, or beyond [-1, 1]: the only elements written
+    if MASKED:
+        changed = changed & (offs < n)
+    tl.store(w_ptr + offs, clean.to(w_ptr.dtype.element_ty), mask=changed)
+    tl.store(partials + 3 * pid, tl.sum(clean, axis=0))
+    tl.store(partials + 3 * pid + 1, tl.sum(clean * clean, axis=0))
+    tl.store(partials + 3 * pid + 2, tl.sum(tl.abs(clean), axis=0))
+
+
+@triton.jit
 def _rejuvenation_partials(
     tab, blocks, partials, W0,
-    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Per block, on the cleaned weight (NaN -> 0, clamped to [-1, 1], ``stats.clean_weights_``):
     ``sum w``, ``sum w^2``, ``sum |w|``; the cleaned values are stored back where they differ
     (so the rejuvenation kernel reads the cleaned weight, and clean weights cost no write)."""
-    pid, row, offs, mask = _tile_of(tab, blocks, W, S, BLOCK)
-    w_ptr = tl.load(row + 0).to(W0.dtype)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    clean = tl.where(w != w, 0.0, w)
-    clean = tl.minimum(tl.maximum(clean, -1.0), 1.0)
-    tl.store(w_ptr + offs, clean.to(w_ptr.dtype.element_ty), mask=mask & (clean != w))
-    tl.store(partials + 3 * pid, tl.sum(clean, axis=0))
-    tl.store(partials + 3 * pid + 1, tl.sum(clean * clean, axis=0))
-    tl.store(partials + 3 * pid + 2, tl.sum(tl.abs(clean), axis=0))
+    pid, row, offs, n, full = _tile_of(tab, blocks, W, S, BLOCK)
+    w_ptr = _pointer(row, 0, W0, ALIGNED)
+    if full:
+        _rejuvenation_tile(w_ptr, partials, pid, offs, n, False)
+    else:
+        _rejuvenation_tile(w_ptr, partials, pid, offs, n, True)
 
 
 @triton.jit
