@@ -23,9 +23,15 @@ A second array maps each block to its table row. Both depend only on the tensors
 and shapes, so they are cached and steady-state calls do not rebuild them; building one never
 reads device memory on the host (the H2D copy goes through pinned memory, ``non_blocking``).
 Per call, only the keys travel, each with its tensor's Philox counter offset (0 unless the
-tensor is the local shard of a sharded layer; one pinned H2D copy; device fills while a CUDA
-graph is being captured), and the statistics (:mod:`~bio_transformations.kernels.stats`,
-computed on the device) are stacked into one tensor the kernel reads through a pointer.
+tensor is the local shard of a sharded layer): one H2D copy from a pinned buffer the plan
+keeps (:meth:`Plan.keys`; fill kernels while a CUDA graph is being captured; derived on the
+device in the ``capturable`` mode, :mod:`.keys`). Per-layer statistics are computed on the
+device, by a ``prelude`` over the same table into the plan's buffers (:mod:`.reduce`: two
+launches for the group) or, for the other ops and sharded groups, by
+:mod:`~bio_transformations.kernels.stats` and stacked into one tensor; the kernel reads them
+through a pointer. A plan is never built during capture (:class:`CaptureError`), records the
+streams that use it, and the cache evicts the least recently used one; a call in which a
+written tensor shares memory with another row raises :class:`AliasError`.
 
 **Arithmetic** runs in float32 (load, upcast, compute, round back once) in the order the torch
 backend writes it, with FMA contraction off, correctly rounded division (``div_rn``) and CUDA's
