@@ -12,7 +12,8 @@ when its estimated cost fits in what is left, in this priority order:
 0. checks: ``agreement`` (every op, triton against torch with the Philox stream,
    ``settings.override(rng="philox")``, on ~1M elements, fp32 and bf16, contiguous,
    channels_last and unaligned), ``no_host_sync``, ``cuda_graph``, ``cuda_graph_capturable``
-   (the ``capturable`` mode: fresh draws per replay, equal to eager), ``one_launch`` (also:
+   (the ``capturable`` mode: fresh draws per replay, equal to eager), ``streams`` (a table
+   used on a second stream), ``one_launch`` (also:
    the default model-level ``bio_step()`` is at most 3 device ops);
 1. every op at 64M elements, fp32, contiguous (NDIM 0), aligned, with ``copy_`` of the same bytes;
 2. the same in bf16;
@@ -603,6 +604,34 @@ def check_cuda_graph_capturable(env: Env) -> str:
     return f"2 replays over {len(params)} layers: fresh draws, each == eager; counters +2"
 
 
+def check_streams(env: Env) -> str:
+    """A launch table built on one stream and used on another: the second stream waits for
+    the table's copy and is recorded on the plan; results equal the default stream's."""
+    import torch
+
+    from bio_transformations.kernels import triton as trb
+    from bio_transformations.kernels.triton import launch
+
+    torch.manual_seed(0)
+    g0 = [torch.randn(1 << 16, device="cuda"), torch.randn(3000, device="cuda")]
+    p = [torch.rand_like(t) + 0.5 for t in g0]
+    g = [t.clone() for t in g0]
+    trb.fuzzy_scale_(g, p)  # builds the plan on the default stream
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(1_000_000)  # the side stream lags: ordering must come from events
+        trb.fuzzy_scale_(g, p)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    if not all(torch.equal(a, b * q * q) for a, b, q in zip(g, g0, p)):
+        raise AssertionError("the side-stream launch differs from g * p * p")
+    streams = [len(plan._streams) for plan in launch._plans.values() if plan._streams]
+    if max(streams, default=0) < 2:
+        raise AssertionError(f"no plan recorded a second stream: {streams}")
+    return "table built on the default stream, used on a side stream: waits, records, agrees"
+
+
 def check_one_launch(env: Env) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -792,6 +821,7 @@ def run(out: Path, dry: bool, budget: float) -> int:
     rec.check("no_host_sync", lambda: check_no_host_sync(env), skip=no_cuda)
     rec.check("cuda_graph", lambda: check_cuda_graph(env), skip=no_cuda)
     rec.check("cuda_graph_capturable", lambda: check_cuda_graph_capturable(env), skip=no_cuda)
+    rec.check("streams", lambda: check_streams(env), skip=no_cuda)
     rec.check("one_launch", lambda: check_one_launch(env), skip=no_cuda)
     for prio, item, est, fn in plan(env):
         left = rec.left()

@@ -58,7 +58,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     checks = {c["name"]: c for c in json.loads((out / "checks.json").read_text())["checks"]}
     assert checks["agreement"]["status"] == "pass", checks["agreement"]
-    for name in ("no_host_sync", "cuda_graph", "cuda_graph_capturable", "one_launch"):
+    for name in ("no_host_sync", "cuda_graph", "cuda_graph_capturable", "streams", "one_launch"):
         assert checks[name]["status"] == "skip"
     rows = _rows(out)
     assert rows[0]["item"] == "environment" and rows[0]["dry_run"] and rows[0]["ours"] == "triton"
