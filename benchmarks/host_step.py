@@ -10,7 +10,8 @@ do. Triton's own launcher (binding the arguments, finding the compiled kernel; ~
 launch on triton 3.x on a GPU machine) is not in the figure. The minimum and the median of
 ``--calls`` single calls are reported (the minimum is the least disturbed call on a shared
 machine), for the cached model-level call and for ``functional.bio_step`` on the same layers
-(what every call cost before the cache), with and without volume scaling.
+(what every call cost before the cache), with and without volume scaling, and with volume
+scaling in the ``capturable`` mode (keys derived on the device: no per-layer host counter).
 """
 
 from __future__ import annotations
@@ -90,22 +91,32 @@ def measure(layers: int, calls: int) -> dict:
 
     if not trb.INTERPRETED:
         raise SystemExit("run with TRITON_INTERPRET=1 (the method needs the interpreter)")
+    from bio_transformations.kernels import settings
+
     model = model_of(layers)
     out = {"layers": layers, "calls": calls, "method": "CPU, interpreter, launches stubbed"}
-    with use_backend("triton"), stub_launches() as counts:
-        for volume in (False, True):
-            name = "bio_step(volume=True)" if volume else "bio_step()"
-            model.bio_step(volume=volume)  # builds the cache
-            counts.clear()
-            model.bio_step(volume=volume)
-            row = {"launches": sum(counts.values()), "kernels": dict(counts)}
-            row["cached"] = times_us(lambda v=volume: model.bio_step(volume=v), calls)
-            row["uncached"] = times_us(
-                lambda v=volume: functional.bio_step(bio_layers(model), volume=v),
-                max(calls // 20, 20),
-            )
-            out[name] = row
+    for name, volume, capturable in CASES:
+        with use_backend("triton"), settings.override(capturable=capturable):
+            with stub_launches() as counts:
+                model.bio_step(volume=volume)  # builds the cache
+                counts.clear()
+                model.bio_step(volume=volume)
+                row = {"launches": sum(counts.values()), "kernels": dict(counts)}
+                row["cached"] = times_us(lambda v=volume: model.bio_step(volume=v), calls)
+                row["uncached"] = times_us(
+                    lambda v=volume: functional.bio_step(bio_layers(model), volume=v),
+                    max(calls // 20, 20),
+                )
+        out[name] = row
     return out
+
+
+#: (name, volume, capturable) of the measured calls.
+CASES = (
+    ("bio_step()", False, False),
+    ("bio_step(volume=True)", True, False),
+    ("bio_step(volume=True) capturable", True, True),
+)
 
 
 def main(argv=None) -> int:
@@ -115,10 +126,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
     result = measure(args.layers, args.calls)
-    for name in ("bio_step()", "bio_step(volume=True)"):
+    for name, _, _ in CASES:
         row = result[name]
         print(
-            f"{name:24s} {args.layers} layers: {row['launches']} launches {row['kernels']}; "
+            f"{name:34s} {args.layers} layers: {row['launches']} launches {row['kernels']}; "
             f"host {row['cached']['min_us']:.1f} µs min / {row['cached']['median_us']:.1f} µs "
             f"median (uncached: {row['uncached']['min_us']:.0f} µs min)"
         )
