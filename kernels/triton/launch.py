@@ -336,11 +336,13 @@ class Plan:
     a copy may read them); the copy's stream is recorded with an event, and a launch on any
     other stream first waits for it and marks every device tensor of the plan as used there
     (``record_stream``), so the allocator never hands their memory out while it may be read.
+    A call on another stream than the plan's previous call also waits for that stream's work
+    (:meth:`use`): the per-call buffers (keys, statistics) are rewritten each call.
     """
 
     __slots__ = (
         "table", "blocks", "nblocks", "nrows", "width", "aligned", "ndim", "captured", "device",
-        "buffers", "keep", "_host", "_ready", "_streams", "_key_slots",
+        "buffers", "keep", "_host", "_ready", "_streams", "_last", "_key_slots",
     )  # fmt: skip
 
     def __init__(self, cols, rows, orders, group, device, written=()):
@@ -380,7 +382,7 @@ class Plan:
             torch.tensor(blocks, dtype=torch.int32),
         ]
         if device.type != "cuda":
-            self._host, self._ready, self._streams = (), None, None
+            self._host, self._ready, self._streams, self._last = (), None, None, None
             self.table, self.blocks = (t.to(device) for t in host)
             return
         self._host = tuple(t.pin_memory() for t in host)  # alive as long as the plan
@@ -389,25 +391,31 @@ class Plan:
         self._ready = torch.cuda.Event()
         self._ready.record(stream)
         self._streams = {stream}
+        self._last = stream  # the stream of the latest call
 
     def _device_tensors(self) -> list:
         return [self.table, self.blocks, *self.buffers.values()]
 
     def use(self) -> None:
-        """Make the tables safe to read on the current stream (CUDA; nothing elsewhere): the
-        first launch on a stream the plan was not made on waits for the table copy and
-        records the stream on every device tensor of the plan."""
+        """Make the plan safe to use on the current stream (CUDA; nothing elsewhere); called
+        before a call writes any of its buffers. On a stream other than the previous call's,
+        wait for that stream's work (it may still read the buffers this call rewrites); the
+        first time on a stream the plan was not made on, also wait for the table copy and
+        record the stream on every device tensor of the plan."""
         if self._streams is None:
             return
         stream = torch.cuda.current_stream(self.device)
-        if stream in self._streams or torch.cuda.is_current_stream_capturing():
+        if stream == self._last or torch.cuda.is_current_stream_capturing():
             # Under capture: torch.cuda.graph synchronized before capturing (the copy is
             # done), and a captured plan is never evicted (nor freed while a graph holds it).
             return
-        stream.wait_event(self._ready)
-        for t in self._device_tensors():
-            t.record_stream(stream)
-        self._streams.add(stream)
+        stream.wait_stream(self._last)
+        if stream not in self._streams:
+            stream.wait_event(self._ready)
+            for t in self._device_tensors():
+                t.record_stream(stream)
+            self._streams.add(stream)
+        self._last = stream
 
     def buffer(self, name: str, numel: int, dtype: torch.dtype) -> Tensor:
         """A device buffer of this plan, allocated on first use and reused by every call (its
@@ -583,6 +591,8 @@ def launch(
     rows = [list(r) for r in rows]
     for group in groups(elems, rows, written):
         index = group.index
+        with _on(group.plan.device):
+            group.plan.use()  # before this call writes any of the plan's buffers
         optional = {}  # only what this kernel declares; an absent input is passed as None
         if "keys" in kernel.arg_names:
             if keys is None:

@@ -113,6 +113,7 @@ class PreparedStep:
             witnesses = [w0, g0, self.fixed[n + first]] if self.uses_rates else [w0, g0]
             optional = {"keys": None, "stats": None}
             with _on(g.plan.device):
+                g.plan.use()  # before this call writes any of the plan's buffers
                 if p.volume and hasattr(keys, "derive"):  # capturable: keys.DeviceKeys
                     optional["keys"] = keys.derive(g.plan, g.index)
                 elif p.volume:
