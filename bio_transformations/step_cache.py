@@ -172,7 +172,8 @@ class CachedStep:
         for g in self.groups:
             mine = grads if g.everyone else [grads[i] for i in g.index]
             if g.prepared is None:
-                ops.bio_step_(g.weights, mine, g.rates, g.steps, g.seeds, g.params)
+                with torch.no_grad():  # (the prepared path runs no autograd-visible op)
+                    ops.bio_step_(g.weights, mine, g.rates, g.steps, g.seeds, g.params)
                 continue
             keys = g.device_keys
             if keys is None and g.params.volume:
@@ -181,11 +182,11 @@ class CachedStep:
                 continue
             g.prepared = _prepare(g, mine)  # the gradients moved: plan again
             if g.prepared is None or not g.prepared.run(mine, keys):
-                ops.backend_of(mine[0]).bio_step_(g.weights, mine, g.rates, keys, g.params)
+                with torch.no_grad():
+                    ops.backend_of(mine[0]).bio_step_(g.weights, mine, g.rates, keys, g.params)
         return True
 
 
-@torch.no_grad()
 def bio_step(model: nn.Module, layers_of, *args: Any, **kwargs: Any) -> None:
     """``functional.bio_step(layers_of(model), *args, **kwargs)``, through the model's cached
     decisions when they still hold (see the module docstring)."""
