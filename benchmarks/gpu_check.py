@@ -11,7 +11,10 @@ when its estimated cost fits in what is left, in this priority order:
 
 0. checks: ``agreement`` (every op, triton against torch with the Philox stream,
    ``settings.override(rng="philox")``, on ~1M elements, fp32 and bf16, contiguous,
-   channels_last and unaligned), ``no_host_sync``, ``cuda_graph``, ``one_launch``;
+   channels_last and unaligned), ``no_host_sync``, ``cuda_graph``, ``cuda_graph_capturable``
+   (the ``capturable`` mode: fresh draws per replay, equal to eager), ``streams`` (a table
+   used on a second stream), ``one_launch`` (also:
+   the default model-level ``bio_step()`` is at most 3 device ops);
 1. every op at 64M elements, fp32, contiguous (NDIM 0), aligned, with ``copy_`` of the same bytes;
 2. the same in bf16;
 3. the fused step in 4-D: contiguous against channels_last, and one channels_last conv in a launch
@@ -31,7 +34,7 @@ cannot restore inputs outside the timed window.
 Bytes per element: ``bytes_floor`` is what the op must move (each operand read once, each result
 written once, plus one read of ``w`` where a per-layer statistic of it is needed first);
 ``bytes_moved`` estimates what the current implementation moves (statistics passes included:
-e.g. the fp32 fused step 28, rejuvenation 36). ``copy_`` of ``bytes_floor`` is timed on the
+e.g. the fp32 fused step 28, rejuvenation 12). ``copy_`` of ``bytes_floor`` is timed on the
 same device: ``frac_copy = copy time / op time`` is the fraction of measured copy bandwidth the
 op reaches; ``GBps_floor`` = ``bytes_floor * n / time``.
 
@@ -104,13 +107,13 @@ def bytes_moved(op: str, dt: int) -> int:
     """Bytes per element the current implementation moves (kernel plus statistics passes)."""
     up = 0 if dt == 4 else dt + 4  # _upcast: a float32 copy of a 16-bit weight for statistics
     return {
-        # kernel r w,g,p w g,p; abs_means reads w, grads_nonzero (the zero-gradient gate) g
+        # kernel r w,g,p w g,p; the statistics pass (kernels/triton/reduce.py) reads w and g
         "bio_step_": 5 * dt + 2 * dt,
         "volume_scale_": 3 * dt,
         "crystallize_": 4 * dt + 2 * dt,
         "fuzzy_scale_": 3 * dt,
-        # kernel r/w w; clean_weights_ nan_to_num_ + clamp_ (r/w each); sum, dot, norm (fp32)
-        "rejuvenate_": 2 * dt + 4 * dt + up + 3 * 4,
+        # kernel r/w w; one statistics pass reads w (cleaning writes only changed elements)
+        "rejuvenate_": 2 * dt + dt,
         # kernel r/w w; nan_to_num_ r/w; abs() r/w fp32; amax r fp32
         "rejuvenate_legacy_": 2 * dt + 2 * dt + up + 8 + 4,
         "rates_init_": dt,
@@ -536,6 +539,99 @@ def check_cuda_graph(env: Env) -> str:
     return f"captured and replayed bio_step over {len(params)} layers; replay == eager"
 
 
+def check_cuda_graph_capturable(env: Env) -> str:
+    """``capturable`` mode: one captured model-level bio_step(volume=True) replayed twice draws
+    fresh numbers each replay, equal to eager steps with host keys from the same counters,
+    and the device counters advance by one per replay."""
+    import torch
+
+    from bio_transformations import step_cache
+    from bio_transformations.kernels import settings
+
+    model = _model(env)
+    bios = [m for m in model.modules() if hasattr(m, "fuzzy_learning_rate_parameters")]
+    params = [m.weight for m in model.modules() if hasattr(m, "bio_mod")]
+    grads0 = [p.grad.clone() for p in params]
+    rates0 = [b.fuzzy_learning_rate_parameters.clone() for b in bios]
+
+    def restore():
+        for p, g in zip(params, grads0):
+            p.grad.copy_(g)
+        for b, r in zip(bios, rates0):
+            b.fuzzy_learning_rate_parameters.copy_(r)
+
+    def state():
+        return [p.grad.clone() for p in params] + [
+            b.fuzzy_learning_rate_parameters.clone() for b in bios
+        ]
+
+    with settings.override(capturable=True):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: tables, buffers, device counters
+            model.bio_step(volume=True)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        restore()
+        step_cache.sync_steps(model)
+        start = [int(b.rng_step) for b in bios]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model.bio_step(volume=True)
+        torch.cuda.synchronize()
+        replays = []
+        for _ in range(2):
+            restore()
+            graph.replay()
+            torch.cuda.synchronize()
+            replays.append(state())
+        restore()
+        step_cache.sync_steps(model)
+        after = [int(b.rng_step) for b in bios]
+    if after != [n + 2 for n in start]:
+        raise AssertionError(f"device counters {after} after two replays from {start}")
+    for k, replayed in enumerate(replays):
+        for b, n in zip(bios, start):
+            b.rng_step = n + k
+        model.bio_step(volume=True)  # eager, host keys
+        torch.cuda.synchronize()
+        eager = state()
+        restore()
+        if not all(torch.equal(a, b) for a, b in zip(replayed, eager)):
+            raise AssertionError(f"replay {k + 1} differs from the eager step at counter +{k}")
+    if all(torch.equal(a, b) for a, b in zip(*replays)):
+        raise AssertionError("two replays drew the same numbers")
+    return f"2 replays over {len(params)} layers: fresh draws, each == eager; counters +2"
+
+
+def check_streams(env: Env) -> str:
+    """A launch table built on one stream and used on another: the second stream waits for
+    the table's copy and is recorded on the plan; results equal the default stream's."""
+    import torch
+
+    from bio_transformations.kernels import triton as trb
+    from bio_transformations.kernels.triton import launch
+
+    torch.manual_seed(0)
+    g0 = [torch.randn(1 << 16, device="cuda"), torch.randn(3000, device="cuda")]
+    p = [torch.rand_like(t) + 0.5 for t in g0]
+    g = [t.clone() for t in g0]
+    trb.fuzzy_scale_(g, p)  # builds the plan on the default stream
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(1_000_000)  # the side stream lags: ordering must come from events
+        trb.fuzzy_scale_(g, p)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    if not all(torch.equal(a, b * q * q) for a, b, q in zip(g, g0, p)):
+        raise AssertionError("the side-stream launch differs from g * p * p")
+    streams = [len(plan._streams) for plan in launch._plans.values() if plan._streams]
+    if max(streams, default=0) < 2:
+        raise AssertionError(f"no plan recorded a second stream: {streams}")
+    return "table built on the default stream, used on a side stream: waits, records, agrees"
+
+
 def check_one_launch(env: Env) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -553,7 +649,18 @@ def check_one_launch(env: Env) -> str:
     launches = sum(counts[n] for n in step)
     if launches != 1:
         raise AssertionError(f"{launches} _step_kernel launches for one group")
-    return f"1 _step_kernel launch; all kernels and counts: {sorted(counts.items())}"
+    model.bio_step()  # the default step: statistics pass + step kernel, nothing else
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.bio_step()
+        torch.cuda.synchronize()
+    default = {e.key: e.count for e in prof.key_averages()}
+    if sum(default.values()) > 3:
+        raise AssertionError(f"bio_step(): {sum(default.values())} > 3 device ops: {default}")
+    return (
+        f"1 _step_kernel launch; all kernels and counts: {sorted(counts.items())}; "
+        f"bio_step(): {sorted(default.items())}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,6 +820,8 @@ def run(out: Path, dry: bool, budget: float) -> int:
     rec.check("agreement", lambda: check_agreement(env))
     rec.check("no_host_sync", lambda: check_no_host_sync(env), skip=no_cuda)
     rec.check("cuda_graph", lambda: check_cuda_graph(env), skip=no_cuda)
+    rec.check("cuda_graph_capturable", lambda: check_cuda_graph_capturable(env), skip=no_cuda)
+    rec.check("streams", lambda: check_streams(env), skip=no_cuda)
     rec.check("one_launch", lambda: check_one_launch(env), skip=no_cuda)
     for prio, item, est, fn in plan(env):
         left = rec.left()

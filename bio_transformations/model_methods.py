@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from . import functional
+from . import functional, step_cache
 from .bio_module import BioModule
 from .functional import METHOD_NAMES, Entry
 from .summary import BioSummary, summarize
@@ -74,8 +74,18 @@ def bio_summary(self: nn.Module) -> BioSummary:
     return summarize(bio_layers(self), self.__dict__.get("_bio_plan"))
 
 
+def bio_step(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    return step_cache.bio_step(self, bio_layers, *args, **kwargs)
+
+
+bio_step.__doc__ = (functional.bio_step.__doc__ or "") + (
+    "\n\n    Host-light: the host-side decisions are cached per model and checked each call "
+    "(:mod:`bio_transformations.step_cache`)."
+)
+
 #: Model-level methods that are not the functional implementation over every layer.
 _SPECIAL: Dict[str, Callable] = {
+    "bio_step": bio_step,
     "update_fuzzy_learning_rates": update_fuzzy_learning_rates,
     "bio_summary": bio_summary,
 }

@@ -29,6 +29,7 @@ __all__ = [
     "activity_step_",
     "backend_of",
     "bio_step_",
+    "capturable_keys",
     "crystallize_",
     "dale_enforce_",
     "draw_keys",
@@ -37,6 +38,7 @@ __all__ = [
     "rejuvenate_",
     "rejuvenate_legacy_",
     "temporal_step_",
+    "volume_keys",
     "volume_scale_",
     "weight_adaptive_step_",
 ]
@@ -69,6 +71,24 @@ def draw_keys(steps: List[Tensor], seeds: List[int], op: str) -> List[int]:
         keys.append(philox.stream_key(seed, n, OP_IDS[op]))
         step.fill_(n + 1)
     return keys
+
+
+def capturable_keys(steps: List[Tensor], seeds: List[int], like: Tensor, op: str = "volume"):
+    """In ``capturable`` mode on the Triton backend, keys the launch derives on the device
+    (``kernels.triton.keys.DeviceKeys``; the CPU counters stay put); None otherwise."""
+    if kernels.settings.current().capturable and (
+        kernels.backend_for(like.device, like.dtype) == "triton"
+    ):
+        from .kernels.triton.keys import DeviceKeys
+
+        return DeviceKeys(steps, seeds, OP_IDS[op])
+    return None
+
+
+def volume_keys(steps: List[Tensor], seeds: List[int], like: Tensor):
+    """Volume scaling's keys: :func:`capturable_keys` in that mode, else :func:`draw_keys`."""
+    keys = capturable_keys(steps, seeds, like)
+    return draw_keys(steps, seeds, "volume") if keys is None else keys
 
 
 def _sharded(spans: Optional[List[int]], index: Optional[List[int]] = None) -> dict:
@@ -148,7 +168,7 @@ def volume_scale_(
     ``spans`` (every stochastic op takes it): where each tensor lies in its sharded layer,
     flat ``[dim, start, size, ...]`` (``kernels.shards``); None when nothing is sharded."""
     if weights:
-        keys = draw_keys(steps, seeds, "volume")
+        keys = volume_keys(steps, seeds, weights[0])
         backend_of(weights[0]).volume_scale_(
             weights, grads, keys, base_lr, stability_factor, lr_variability, **_sharded(spans)
         )
@@ -177,7 +197,7 @@ def _bio_step(
             volume, fuzzy, crystallize, base_lr, stability_factor, lr_variability,
             crystal_thresh, dampening,
         )  # fmt: skip
-        keys = draw_keys(steps, seeds, "volume") if volume else None
+        keys = volume_keys(steps, seeds, weights[0]) if volume else None
         backend_of(weights[0]).bio_step_(weights, grads, rates, keys, params, **_sharded(spans))
 
 

@@ -64,25 +64,32 @@ class Settings:
             Philox stream reproduced bit for bit.
         cpu_fused: run crystallize, volume scaling and the fused step on CPU as one loop
             compiled by ``torch.compile`` (``BIO_CPU_FUSED``).
+        capturable: the Triton backend derives the volume-scaling keys on the device from
+            per-layer device step counters that its kernels advance, so a CUDA graph replay
+            draws fresh numbers (``BIO_CAPTURABLE``; ``kernels.triton.keys``).
     """
 
     backend: str = "auto"
     rng: str = "torch"
     cpu_fused: bool = False
+    capturable: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", _choice("bio backend", self.backend, BACKENDS))
         object.__setattr__(self, "rng", _choice("BIO_RNG", self.rng, RNG_MODES))
         object.__setattr__(self, "cpu_fused", parse_bool("BIO_CPU_FUSED", self.cpu_fused))
+        object.__setattr__(self, "capturable", parse_bool("BIO_CAPTURABLE", self.capturable))
 
     @classmethod
     def from_environ(cls, environ: Optional[dict] = None) -> "Settings":
-        """Settings from ``BIO_BACKEND``, ``BIO_RNG`` and ``BIO_CPU_FUSED`` (defaults if unset)."""
+        """Settings from ``BIO_BACKEND``, ``BIO_RNG``, ``BIO_CPU_FUSED`` and ``BIO_CAPTURABLE``
+        (defaults if unset)."""
         env = os.environ if environ is None else environ
         return cls(
             backend=env.get("BIO_BACKEND", "auto"),
             rng=env.get("BIO_RNG", "torch"),
             cpu_fused=env.get("BIO_CPU_FUSED", "0"),
+            capturable=env.get("BIO_CAPTURABLE", "0"),
         )
 
 
@@ -107,6 +114,14 @@ def current() -> Settings:
     """The settings in force here: the process-wide ones with this context's overrides."""
     local = _local.get()
     return _process_wide() if not local else dataclasses.replace(_process_wide(), **local)
+
+
+def token() -> tuple:
+    """An identity of the settings in force here, cheap to compare: equal (``is`` for both
+    parts) as long as neither the process-wide settings nor this context's overrides changed.
+    Lets a cache of host-side decisions (``bio_transformations.step_cache``) skip
+    :func:`current` on every call."""
+    return _process_wide(), _local.get()
 
 
 def configure(**changes: object) -> Settings:

@@ -1,8 +1,12 @@
 """Per-layer statistics both backends read, computed by the same torch code on the device.
 
-The Triton kernels load these numbers through a pointer, so both backends see identical
-statistics and nothing is ever read on the host. Math runs in float32 for float16/bfloat16
-tensors (float64 stays float64).
+The Triton kernels load these numbers through a pointer, so nothing is ever read on the
+host. Math runs in float32 for float16/bfloat16 tensors (float64 stays float64). For the
+statistics on the fused step's and rejuvenation's hot path the Triton backend runs the same
+formulas as its own reduction over the launch table (``kernels/triton/reduce.py``: two
+launches per layer group instead of several per layer; deterministic, equal to these to
+float32 rounding, not bit for bit, since the sums run in another order); sharded groups and the
+other ops use the functions here.
 
 **Sharded layers.** Under FSDP2 an op sees each rank's local shard, while the statistics are
 over the whole layer. :func:`reduced_over` installs a :class:`Reduction` (the shard group's

@@ -99,8 +99,10 @@ def launches(monkeypatch):
 
 
 def assert_launched(expected: int = 1):
-    """The Triton side of the last comparison ran on Triton: ``expected`` launches."""
-    total = sum(_launches.values())
+    """The Triton side of the last comparison ran on Triton: ``expected`` launches of the ops'
+    kernels (the statistics passes of ``kernels/triton/reduce.py``, two small launches before a
+    kernel that reads per-layer statistics, are counted by ``tests/test_host_light.py``)."""
+    total = sum(n for name, n in _launches.items() if ".reduce." not in name)
     assert total == expected, f"{total} Triton launches, expected {expected}: {dict(_launches)}"
 
 

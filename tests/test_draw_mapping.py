@@ -297,4 +297,18 @@ def test_device_draws_carry_into_the_high_counter_word(first, grouped):
     assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, want)
     z = torch.empty(block, dtype=torch.float32, device=DEVICE)
     k["normals"][(1,)](key, first, z, BLOCK=block, GROUPED=grouped)
-    assert _ulps(z, philox.element_normals(key, range(first, first + block), DEVICE)) <= 16
+    _assert_normals_close(z, philox.element_normals(key, range(first, first + block), DEVICE))
+
+
+def _assert_normals_close(z: torch.Tensor, ref: torch.Tensor) -> None:
+    """Raw normals of a grouped range (first index a multiple of 4) against the torch map.
+    Interpreter: numpy's precise cos/sin, within ``MAX_NORMAL_ULP``. Compiled: ``cos.approx``
+    and ``sin.approx`` have an ABSOLUTE error below 2**-21, so a normal near 0 can be many ulp
+    off while ``r*cos(theta)`` is off by at most about ``r * 2**-21``: the bound is 4x that
+    (plus a few ulp of the radius) relative to its pair's radius."""
+    if trb.INTERPRETED:
+        assert _ulps(z, ref) <= MAX_NORMAL_ULP
+        return
+    radius = ref.view(-1, 2).float().pow(2).sum(1).sqrt().repeat_interleave(2)
+    err = (z.float() - ref.float()).abs()
+    assert bool((err <= radius * 2.0**-19).all()), float((err / radius).max())

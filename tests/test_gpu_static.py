@@ -136,17 +136,18 @@ def test_none_parameters_and_switches_are_those_the_launchers_pass():
     calls = []
 
     def spy(kernel, elems, rows=(), written=(), keys=None, offsets=None, stats=None,
-            counts=None, scalars=(), **meta):  # fmt: skip
+            counts=None, scalars=(), prelude=None, **meta):  # fmt: skip
         names = kernel.arg_names
         positional = [*(e[0] for e in elems), *(r[0] for r in rows), *scalars]
         none = {n for n, v in zip(names[2:], positional) if v is None}
-        optional = {"keys": keys, "stats": stats, "counts": counts}
+        # a prelude (kernels/triton/reduce.py's statistics pass) computes the stats on device
+        optional = {"keys": keys, "stats": stats if prelude is None else prelude, "counts": counts}
         none |= {n for n, v in optional.items() if n in names and v is None}
         name = getattr(kernel, "fn", kernel).__name__
         calls.append((name, dict(meta), sorted(none)))
         launch.launch(
             kernel, elems, rows, written, keys=keys, offsets=offsets, stats=stats,
-            counts=counts, scalars=scalars, **meta,
+            counts=counts, scalars=scalars, prelude=prelude, **meta,
         )  # fmt: skip
 
     mp = pytest.MonkeyPatch()

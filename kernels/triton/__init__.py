@@ -15,8 +15,12 @@ everything else runs on the torch backend. Random numbers: element ``i`` of a te
 row-major index, for every layout) reads word ``i % 4`` of the Philox call at counter
 ``i // 4`` (:mod:`.draws`), the draws each ``torch_backend`` docstring names, so
 ``torch_backend`` with ``BIO_RNG=philox`` draws the same numbers. CUDA graphs: every op can
-be captured after one warm-up call with the same tensors (which caches the tables); a replay
-reuses the keys of the captured call, i.e. replays the same random draws.
+be captured after one warm-up call with the same tensors (which caches the tables; a table
+built during capture raises ``launch.CaptureError``); a replay reuses the keys of the
+captured call, i.e. replays the same random draws, unless the ``capturable`` setting derives
+volume scaling's keys on the device (:mod:`.keys`). Host side: :mod:`.reduce` (per-layer
+statistics of a launch in two launches), :mod:`.prepared` (the fused step planned once for
+the model-level ``bio_step``).
 """
 
 from ..contract import OPS

@@ -23,9 +23,15 @@ A second array maps each block to its table row. Both depend only on the tensors
 and shapes, so they are cached and steady-state calls do not rebuild them; building one never
 reads device memory on the host (the H2D copy goes through pinned memory, ``non_blocking``).
 Per call, only the keys travel, each with its tensor's Philox counter offset (0 unless the
-tensor is the local shard of a sharded layer; one pinned H2D copy; device fills while a CUDA
-graph is being captured), and the statistics (:mod:`~bio_transformations.kernels.stats`,
-computed on the device) are stacked into one tensor the kernel reads through a pointer.
+tensor is the local shard of a sharded layer): one H2D copy from a pinned buffer the plan
+keeps (:meth:`Plan.keys`; fill kernels while a CUDA graph is being captured; derived on the
+device in the ``capturable`` mode, :mod:`.keys`). Per-layer statistics are computed on the
+device, by a ``prelude`` over the same table into the plan's buffers (:mod:`.reduce`: two
+launches for the group) or, for the other ops and sharded groups, by
+:mod:`~bio_transformations.kernels.stats` and stacked into one tensor; the kernel reads them
+through a pointer. A plan is never built during capture (:class:`CaptureError`), records the
+streams that use it, and the cache evicts the least recently used one; a call in which a
+written tensor shares memory with another row raises :class:`AliasError`.
 
 **Arithmetic** runs in float32 (load, upcast, compute, round back once) in the order the torch
 backend writes it, with FMA contraction off, correctly rounded division (``div_rn``) and CUDA's
@@ -52,7 +58,8 @@ launch keeps its 128-bit accesses: one uniform branch per block, read from the t
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional, Sequence
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import triton
@@ -226,28 +233,36 @@ def unit_of(row, idx, S: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# Host side: layouts, cached tables, the one launch per group
+# ---------------------------------------------------------------------------------------------
+
+
+class CaptureError(RuntimeError):
+    """A launch table would be built while a CUDA graph is being captured (warm up first)."""
+
+
+class AliasError(ValueError):
+    """Two tensors of one call share memory that one of them writes (they would race)."""
+
+
 def _to_signed64(k: int) -> int:
     """A 64-bit key as the int64 with the same bits (Triton reads it back as uint64)."""
     k = int(k) & 0xFFFF_FFFF_FFFF_FFFF
     return k - (1 << 64) if k >= (1 << 63) else k
 
 
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """Copy a small host table to ``device`` without making the host wait for the device."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+def _int64s(values: Sequence[int]) -> Tensor:
+    """``values`` (any 64-bit patterns) as a CPU int64 tensor with the same bits."""
+    try:
+        return torch.tensor(values, dtype=torch.int64)
+    except (OverflowError, RuntimeError, ValueError):  # >= 2**63: the int64 with its bits
+        return torch.tensor([_to_signed64(k) for k in values], dtype=torch.int64)
 
 
-def _keys_tensor(keys: Sequence[int], device: torch.device) -> Tensor:
-    values = [_to_signed64(k) for k in keys]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # No H2D copy can be captured from pageable memory: one fill kernel per key instead.
-        out = torch.empty(len(values), dtype=torch.int64, device=device)
-        for j, k in enumerate(values):
-            out[j].fill_(k)
-        return out
-    return _to_device(torch.tensor(values, dtype=torch.int64), device)
+def capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is capturing a graph (False off CUDA)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _dense_order(t: Tensor) -> Optional[list]:
@@ -296,14 +311,58 @@ def _stage(elems: List[list], group: List[int], written: Sequence[int]):
     return cols, orders, copy_back
 
 
+def _extent(t: Tensor) -> tuple:
+    """``[first byte, last byte + 1)`` of the memory ``t`` can touch."""
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + span * t.element_size()
+
+
+def check_aliases(cols: List[list], rows: Sequence[list], written: Sequence[int]) -> None:
+    """Raise :class:`AliasError` when a tensor one row writes shares memory with any operand of
+    another row (the same tensor twice in a list, tied weights, overlapping views): the rows
+    of one launch run concurrently, so they would race on the shared elements."""
+    spans = []
+    for s, col in enumerate((*cols, *rows)):
+        for j, t in enumerate(col):
+            if t.numel():
+                spans.append((*_extent(t), j, s < len(cols) and s in written))
+    spans.sort()
+    # Sweep: each span against the open ones it overlaps; only pairs from different rows
+    # where one side is written are races.
+    open_spans: list = []
+    for start, end, j, writes in spans:
+        open_spans = [o for o in open_spans if o[1] > start]
+        for _, _, k, other_writes in open_spans:
+            if k != j and (writes or other_writes):
+                lo, hi = sorted((j, k))
+                raise AliasError(
+                    f"tensors {lo} and {hi} of one call share memory that the op writes (the "
+                    "same tensor twice in a list, tied weights, or overlapping views); their "
+                    "rows would race on the shared elements. Pass each tensor once."
+                )
+        open_spans.append((start, end, j, writes))
+
+
 class Plan:
-    """The device tables of one launch: one row per tensor, one entry per block."""
+    """The device tables of one launch (one row per tensor, one entry per block) and the
+    buffers that launch reuses every call (statistics, keys), allocated once.
+
+    CUDA: the tables are copied from pinned host tensors the plan keeps (never freed while
+    a copy may read them); the copy's stream is recorded with an event, and a launch on any
+    other stream first waits for it and marks every device tensor of the plan as used there
+    (``record_stream``), so the allocator never hands their memory out while it may be read.
+    A call on another stream than the plan's previous call also waits for that stream's work
+    (:meth:`use`): the per-call buffers (keys, statistics) are rewritten each call.
+    """
 
     __slots__ = (
-        "table", "blocks", "nblocks", "width", "aligned", "ndim", "index32", "captured"
+        "table", "blocks", "nblocks", "nrows", "width", "aligned", "ndim", "captured", "device",
+        "index32", "buffers", "keep", "_host", "_ready", "_streams", "_last", "_key_slots",
     )  # fmt: skip
 
-    def __init__(self, cols, rows, orders, group, device):
+    def __init__(self, cols, rows, orders, group, device, written=()):
+        check_aliases(cols, rows, written)
         s = len(cols) + len(rows)
         self.ndim = max((len(o) for o in orders if o is not None), default=0)
         if any(o is not None for o in orders):
@@ -330,39 +389,143 @@ class Plan:
         # 32-bit offsets and index math when no tensor comes near 2**31 elements.
         self.index32 = all(cols[0][j].numel() <= INDEX32_LIMIT for j in range(len(group)))
         self.nblocks = len(blocks)
-        self.table = _to_device(torch.tensor(table, dtype=torch.int64).reshape(-1), device)
-        self.blocks = _to_device(torch.tensor(blocks, dtype=torch.int32), device)
+        self.nrows = len(group)
+        self.device = device
         self.captured = False  # set once a CUDA graph captured a launch reading these tables
+        self.buffers: Dict[object, Tensor] = {}
+        self.keep: list = []  # objects the plan's device tables point into
+        self._key_slots: list = []  # pinned key buffers and the events of their last copies
+        host = [
+            torch.tensor(table, dtype=torch.int64).reshape(-1),
+            torch.tensor(blocks, dtype=torch.int32),
+        ]
+        if device.type != "cuda":
+            self._host, self._ready, self._streams, self._last = (), None, None, None
+            self.table, self.blocks = (t.to(device) for t in host)
+            return
+        self._host = tuple(t.pin_memory() for t in host)  # alive as long as the plan
+        self.table, self.blocks = (t.to(device, non_blocking=True) for t in self._host)
+        stream = torch.cuda.current_stream(device)
+        self._ready = torch.cuda.Event()
+        self._ready.record(stream)
+        self._streams = {stream}
+        self._last = stream  # the stream of the latest call
+
+    def _device_tensors(self) -> list:
+        return [self.table, self.blocks, *self.buffers.values()]
+
+    def use(self) -> None:
+        """Make the plan safe to use on the current stream (CUDA; nothing elsewhere); called
+        before a call writes any of its buffers. On a stream other than the previous call's,
+        wait for that stream's work (it may still read the buffers this call rewrites); the
+        first time on a stream the plan was not made on, also wait for the table copy and
+        record the stream on every device tensor of the plan."""
+        if self._streams is None:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        if stream == self._last or torch.cuda.is_current_stream_capturing():
+            # Under capture: torch.cuda.graph synchronized before capturing (the copy is
+            # done), and a captured plan is never evicted (nor freed while a graph holds it).
+            return
+        stream.wait_stream(self._last)
+        if stream not in self._streams:
+            stream.wait_event(self._ready)
+            for t in self._device_tensors():
+                t.record_stream(stream)
+            self._streams.add(stream)
+        self._last = stream
+
+    def buffer(self, name: str, numel: int, dtype: torch.dtype) -> Tensor:
+        """A device buffer of this plan, allocated on first use and reused by every call (its
+        contents are whatever the last call left)."""
+        buf = self.buffers.get(name)
+        if buf is None:
+            if capturing(self.device):
+                raise CaptureError(_CAPTURE_HELP)
+            buf = self.buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
+            for stream in self._streams or ():
+                if stream != torch.cuda.current_stream(self.device):
+                    buf.record_stream(stream)
+        return buf
+
+    def keys(self, values: Sequence[int]) -> Tensor:
+        """``values`` (int64 bit patterns) in a device tensor for this call.
+
+        CPU: written into the plan's own buffer. CUDA: written into one of the plan's pinned
+        host buffers whose previous copy has finished (a new one is added when none has: the
+        host never waits) and copied into the plan's device buffer on the current stream.
+        While a CUDA graph is captured: fill kernels into a fresh tensor, so the graph holds
+        no host memory and replays draw the captured keys (see the ``capturable`` mode for
+        fresh keys per replay)."""
+        n = len(values)
+        host = _int64s(values)
+        if self.device.type != "cuda":
+            buf = self.buffer("keys", n, torch.int64)
+            return buf.copy_(host)
+        if capturing(self.device):
+            out = torch.empty(n, dtype=torch.int64, device=self.device)
+            for j, k in enumerate(values):
+                out[j].fill_(_to_signed64(k))
+            return out
+        slot = next((s for s in self._key_slots if s[1].query()), None)
+        if slot is None:
+            slot = [torch.empty(n, dtype=torch.int64, pin_memory=True), torch.cuda.Event()]
+            self._key_slots.append(slot)
+        slot[0].copy_(host)
+        out = self.buffer("keys", n, torch.int64)
+        out.copy_(slot[0], non_blocking=True)
+        slot[1].record(torch.cuda.current_stream(self.device))
+        return out
 
 
-_plans: Dict[tuple, Plan] = {}
-_MAX_PLANS = 512  # oldest dropped first; a plan is a few bytes per tensor and per block
+_CAPTURE_HELP = (
+    "a Triton launch table would be built while a CUDA graph is being captured; run the same "
+    "call once eagerly (with the same tensors) before capturing, so the capture reuses the "
+    "cached table"
+)
+
+#: The cached plans, least recently used first.
+_plans: "OrderedDict[tuple, Plan]" = OrderedDict()
+_MAX_PLANS = 512  # a plan is a few bytes per tensor and per block
 
 
-def _plan(cols, rows, orders, group) -> Plan:
+def _plan(cols, rows, orders, group, written=()) -> Plan:
     """The cached tables for these exact tensors (same addresses, shapes and strides)."""
     first = cols[0]
+    device = first[0].device
     key = (
-        first[0].device,
+        device,
         len(cols),
         len(rows),
+        tuple(written),
         tuple(group),
-        tuple((t.shape, t.stride()) for t in first),
+        tuple((t.shape, t.stride()) for c in cols for t in c),
         tuple(t.data_ptr() for c in (*cols, *rows) for t in c),
         tuple(o is not None for o in orders),
     )
     plan = _plans.get(key)
     if plan is None:
-        plan = Plan(cols, rows, orders, group, first[0].device)
-        if len(_plans) >= _MAX_PLANS:
-            # Drop the oldest plan no CUDA graph may still read (captured ones stay).
-            old = next((k for k, v in _plans.items() if not v.captured), None)
-            if old is not None:
-                del _plans[old]
+        if capturing(device):
+            raise CaptureError(_CAPTURE_HELP)
+        plan = Plan(cols, rows, orders, group, device, written)
+        evict(_MAX_PLANS - 1)
         _plans[key] = plan
-    if first[0].is_cuda and torch.cuda.is_current_stream_capturing():
+    else:
+        _plans.move_to_end(key)
+    if capturing(device):
         plan.captured = True
     return plan
+
+
+def evict(keep: int) -> None:
+    """Drop least-recently-used plans until at most ``keep`` remain, never one a CUDA graph
+    captured (a replay reads its tables). A dropped plan's memory is reused only after the
+    work queued on it finished: its tensors were recorded on every stream that read them,
+    and an object that still holds the plan (a prepared step) keeps it alive."""
+    for key in [k for k, p in _plans.items() if not p.captured]:
+        if len(_plans) <= keep:
+            break
+        del _plans[key]
 
 
 def _on(device: torch.device):
@@ -370,6 +533,40 @@ def _on(device: torch.device):
     if device.type == "cuda" and device.index is not None:
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+class Group:
+    """One launch of a call: the tensors of one dtype combination, staged, and their plan."""
+
+    __slots__ = ("index", "cols", "rcols", "plan", "copy_back")
+
+    def __init__(self, elems: List[list], rows: List[list], index: List[int], written):
+        self.index = index
+        self.cols, orders, self.copy_back = _stage(elems, index, written)
+        self.rcols = [[r[i].contiguous() for i in index] for r in rows]
+        self.plan = _plan(self.cols, self.rcols, orders, index, written)
+
+
+def groups(elems: List[list], rows: List[list], written: Sequence[int] = ()) -> List[Group]:
+    """The launches of a call over ``elems``/``rows``: one per dtype combination of the
+    non-empty tensors (normally exactly one)."""
+    present = [i for i, t in enumerate(elems[0]) if t.numel()]
+    by_dtype: Dict[tuple, List[int]] = {}
+    for i in present:
+        by_dtype.setdefault(tuple(s[i].dtype for s in (*elems, *rows)), []).append(i)
+    return [Group(elems, rows, index, written) for index in by_dtype.values()]
+
+
+def fire(kernel, group: Group, witnesses: list, optional: dict, scalars: tuple, meta: dict):
+    """Start ``kernel`` over ``group``'s plan: ``witnesses`` are one tensor per slot (the kernel
+    takes each pointer's element type from them), ``optional`` the declared optional inputs."""
+    plan = group.plan
+    plan.use()
+    kernel[(plan.nblocks,)](
+        plan.table, plan.blocks, *witnesses, *scalars, **optional,
+        S=len(witnesses), W=plan.width, BLOCK=BLOCK_SIZE, ALIGNED=plan.aligned, NDIM=plan.ndim,
+        INDEX32=plan.index32, **meta, **_LAUNCH,
+    )  # fmt: skip
 
 
 def launch(
@@ -382,6 +579,7 @@ def launch(
     stats: Optional[list] = None,
     counts: Optional[Tensor] = None,
     scalars: tuple = (),
+    prelude: Optional[Callable[[Group], dict]] = None,
     **meta,
 ) -> None:
     """Run ``kernel`` over every non-empty tensor: one launch per dtype combination (normally
@@ -391,47 +589,48 @@ def launch(
         elems: lists of same-shaped operands (slot 0 defines the shape).
         rows: lists of per-output-unit vectors.
         written: the element slots the kernel writes (copied back from staged copies).
-        keys: one stream key per tensor (the kernel's ``keys`` argument; None if it draws none).
+        keys: one stream key per tensor (the kernel's ``keys`` argument; None if it draws none),
+            or a :class:`~.keys.DeviceKeys` (``capturable`` mode: derived on the device).
         offsets: per tensor the global flat index of its first element, added to every Philox
             counter (a local shard of a sharded layer; None: all 0). The kernel's ``keys``
             holds ``(key, offset)`` pairs: tensor ``t`` reads ``keys[2t]`` and ``keys[2t+1]``.
         stats: per tensor a list of 0-d float32 device tensors (the kernel's ``stats``).
         counts: an int64 device tensor indexed by list position (the kernel's ``counts``).
         scalars: the kernel's scalar arguments after the operand witnesses.
+        prelude: called with each launch's :class:`Group` before its kernel starts; returns
+            kernel arguments it computed on the device (e.g. ``stats`` from the plan's own
+            reduction over the same table), which replace the ones above.
+
+    Raises:
+        AliasError: a written tensor shares memory with another tensor of the call.
+        CaptureError: a new table would be built while a CUDA graph is being captured.
     """
     elems = [list(e) for e in elems]
     rows = [list(r) for r in rows]
-    present = [i for i, t in enumerate(elems[0]) if t.numel()]
-    if not present:
-        return
-    groups: Dict[tuple, List[int]] = {}
-    for i in present:
-        groups.setdefault(tuple(s[i].dtype for s in (*elems, *rows)), []).append(i)
-    for group in groups.values():
-        cols, orders, copy_back = _stage(elems, group, written)
-        rcols = [[r[i].contiguous() for i in group] for r in rows]
-        plan = _plan(cols, rcols, orders, group)
-        device = cols[0][0].device
+    for group in groups(elems, rows, written):
+        index = group.index
+        with _on(group.plan.device):
+            group.plan.use()  # before this call writes any of the plan's buffers
         optional = {}  # only what this kernel declares; an absent input is passed as None
         if "keys" in kernel.arg_names:
-            pairs = None
-            if keys is not None:  # (key, counter offset) per tensor, in one small copy
-                pairs = [v for i in group for v in (keys[i], offsets[i] if offsets else 0)]
-            optional["keys"] = None if pairs is None else _keys_tensor(pairs, device)
+            if keys is None:
+                optional["keys"] = None
+            elif hasattr(keys, "derive"):  # capturable: keys.DeviceKeys
+                with _on(group.plan.device):
+                    optional["keys"] = keys.derive(group.plan, index, offsets)
+            else:  # (key, counter offset) per tensor, in one small copy
+                pairs = [v for i in index for v in (keys[i], offsets[i] if offsets else 0)]
+                optional["keys"] = group.plan.keys(pairs)
         if "stats" in kernel.arg_names:
             optional["stats"] = (
-                None if stats is None else torch.stack([v for i in group for v in stats[i]])
+                None if stats is None else torch.stack([v for i in index for v in stats[i]])
             )
         if "counts" in kernel.arg_names:
             optional["counts"] = counts
-        # One tensor per slot, from which the kernel takes each pointer's element type.
-        witnesses = [c[0] for c in cols] + [r[0] for r in rcols]
-        with _on(device):
-            kernel[(plan.nblocks,)](
-                plan.table, plan.blocks, *witnesses, *scalars, **optional,
-                S=len(cols) + len(rcols), W=plan.width, BLOCK=BLOCK_SIZE,
-                ALIGNED=plan.aligned, NDIM=plan.ndim, INDEX32=plan.index32,
-                **meta, **_LAUNCH,
-            )  # fmt: skip
-        for original, copy in copy_back:
+        with _on(group.plan.device):
+            if prelude is not None:
+                optional.update(prelude(group))
+            witnesses = [c[0] for c in group.cols] + [r[0] for r in group.rcols]
+            fire(kernel, group, witnesses, optional, scalars, meta)
+        for original, copy in group.copy_back:
             original.copy_(copy)

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..stats import clean_weights_, legacy_stats_many, rejuvenation_stats_many
+from ..stats import clean_weights_, current_reduction, legacy_stats_many, rejuvenation_stats_many
+from . import reduce
 from .draws import (
     draw_index,
     fast_exp,
@@ -103,12 +104,20 @@ def rejuvenate_(weights: Tensors, keys: Sequence[int], dre: float, spans=None) -
     element's stream-0 word decides and signs, ``N(i)`` of stream 1). Returns the number of
     replaced weights per tensor (int64, on the device; counted with atomics in the kernel)."""
     weights = list(weights)
-    clean_weights_(weights)
     counts = _zero_counts(weights)
+    offsets = flat_offsets(weights, spans)
+    if current_reduction() is None:
+        # Cleaning and statistics in one pass over the weights, two launches for the group
+        # (reduce.rejuvenation_stats), instead of ~35 small ops per layer.
+        launch(
+            _rejuvenate_kernel, [weights], written=(0,), keys=list(keys), offsets=offsets,
+            counts=counts, scalars=(-float(dre),), prelude=reduce.rejuvenation_stats,
+        )  # fmt: skip
+        return counts
+    clean_weights_(weights)
     # Every weight's statistics (a sharded group: one all-reduce, empty shards included).
     fits = rejuvenation_stats_many(weights)
     stats = [list(fit) if w.numel() else [] for w, fit in zip(weights, fits)]
-    offsets = flat_offsets(weights, spans)
     launch(
         _rejuvenate_kernel, [weights], written=(0,), keys=list(keys), offsets=offsets,
         stats=stats, counts=counts, scalars=(-float(dre),),

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from ..contract import StepParams, one_stage_ops
-from ..stats import crystallize_stats
+from ..stats import crystallize_stats, current_reduction
+from . import reduce
 from .draws import draw_index, for_block, grouped, normals, row_aligned
 from .launch import exp, flat_offsets, launch, operand, round_to, stream_of, tile
 
@@ -153,12 +154,16 @@ def bio_step_(
     if uses_rates:
         elems.append(list(rates))
     written = ((1,) if p.volume or p.fuzzy else ()) + ((2,) if p.crystallize else ())
+    # Crystallization's statistics: two launches over the step's own table (a sharded group
+    # reduces them across ranks through stats instead).
+    on_device = p.crystallize and current_reduction() is None
     launch(
         _step_kernel, elems, written=written,
-        keys=list(keys) if p.volume else None, offsets=offsets,
+        keys=keys if p.volume else None, offsets=offsets,
         stats=[[m, nz] for m, nz in zip(*crystallize_stats(weights, grads))]
-        if p.crystallize
+        if p.crystallize and not on_device
         else None,
+        prelude=reduce.crystallize_stats if on_device else None,
         # Without rates the kernel's P0 is None (it goes first: it follows the witnesses).
         scalars=(() if uses_rates else (None,)) + (
             float(p.base_lr), -float(p.stability_factor), float(p.lr_variability),

@@ -1,0 +1,248 @@
+"""Per-layer statistics of a whole launch in two small launches over the launch's own table,
+into buffers the plan allocated once (no per-layer launches, no ``torch.stack``).
+
+1. ``partials``: one program per grid block of the table (the blocks of the main kernel)
+   reduces its tile to a few float32 numbers, stored at its block index;
+2. ``finish``: one program per table row adds its blocks' partials in a fixed order (float64)
+   and writes the row's statistics where the main kernel reads them (``stats + K*t``).
+
+Deterministic: the same inputs give the same bits on every run (no atomics). The sums run in a
+different order than torch's reductions, so the statistics agree with
+:mod:`~bio_transformations.kernels.stats` to float32 rounding, not bit for bit. The NaN and
+layout rules are those of ``stats``: a NaN weight makes the mean NaN, a NaN gradient counts as
+non-zero, and the sums run over memory order (they do not depend on the layout).
+
+Sharded groups (``stats.reduced_over``) keep computing their statistics through ``stats``,
+whose all-reduce needs the partial sums on the host side of the collective.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import _HEADER, BLOCK_SIZE, FIRST_BLOCK, INTERPRETED, NUMEL, Group
+
+Tensor = torch.Tensor
+
+#: Rows of partials each finish program adds per step.
+_RBLOCK = 1024
+
+if INTERPRETED:  # numpy's functions (the interpreter has no libdevice)
+
+    @triton.jit
+    def _log(x):
+        return tl.log(x)
+
+    @triton.jit
+    def _log1p(x):
+        return tl.log(1.0 + x)  # float64 here: off by < 1e-16 relative where x is not tiny
+
+    @triton.jit
+    def _sqrt(x):
+        return tl.sqrt(x)
+
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _log(x):
+        return libdevice.log(x)  # float64: __nv_log
+
+    @triton.jit
+    def _log1p(x):
+        return libdevice.log1p(x)
+
+    @triton.jit
+    def _sqrt(x):
+        return libdevice.sqrt(x)
+
+
+@triton.jit
+def _tile_of(tab, blocks, W: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's index, table row, element count, memory offsets and whether its block
+    is full (then it runs unmasked, so aligned tiles get vector loads)."""
+    pid = tl.program_id(0)
+    row = tab + tl.load(blocks + pid).to(tl.int64) * W
+    n = tl.load(row + S + NUMEL)
+    start = (pid - tl.load(row + S + FIRST_BLOCK)) * BLOCK
+    return pid, row, start + tl.arange(0, BLOCK), n, start + BLOCK <= n
+
+
+@triton.jit
+def _pointer(row, col: tl.constexpr, like, ALIGNED: tl.constexpr):
+    ptr = tl.load(row + col).to(like.dtype)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)  # the host checked it (launch.Plan.aligned)
+    return ptr
+
+
+@triton.jit
+def _load(ptr, offs, n, MASKED: tl.constexpr):
+    """A tile in float32; masked-off lanes read 0 (they add nothing to a sum)."""
+    if MASKED:
+        x = tl.load(ptr + offs, mask=offs < n, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _crystal_tile(w_ptr, g_ptr, partials, pid, offs, n, MASKED: tl.constexpr):
+    aw = tl.abs(_load(w_ptr, offs, n, MASKED))
+    g = _load(g_ptr, offs, n, MASKED)
+    tl.store(partials + 2 * pid, tl.sum(aw, axis=0))
+    tl.store(partials + 2 * pid + 1, tl.sum((g != 0.0).to(tl.float32), axis=0))
+
+
+@triton.jit
+def _crystal_partials(
+    tab, blocks, partials, W0, G0,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """Per block: ``sum |w|`` and the number of non-zero gradient elements (NaN counts)."""
+    pid, row, offs, n, full = _tile_of(tab, blocks, W, S, BLOCK)
+    w_ptr = _pointer(row, 0, W0, ALIGNED)
+    g_ptr = _pointer(row, 1, G0, ALIGNED)
+    if full:
+        _crystal_tile(w_ptr, g_ptr, partials, pid, offs, n, False)
+    else:
+        _crystal_tile(w_ptr, g_ptr, partials, pid, offs, n, True)
+
+
+@triton.jit
+def _crystal_finish(
+    tab, partials, stats,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per row: ``stats[2t] = mean|w|`` (float32 of the float64 sum over the element count),
+    ``stats[2t+1] = 1`` if the gradient has a non-zero element, else ``0``."""
+    t = tl.program_id(0)
+    row = tab + t * W
+    n = tl.load(row + S + NUMEL)
+    first = tl.load(row + S + FIRST_BLOCK)
+    nb = (n + BLOCK - 1) // BLOCK
+    acc_w = tl.zeros([RBLOCK], dtype=tl.float64)
+    acc_g = tl.zeros([RBLOCK], dtype=tl.float64)
+    for s in range(0, nb, RBLOCK):
+        idx = s + tl.arange(0, RBLOCK)
+        m = idx < nb
+        at = partials + 2 * (first + idx)
+        acc_w += tl.load(at, mask=m, other=0.0).to(tl.float64)
+        acc_g += tl.load(at + 1, mask=m, other=0.0).to(tl.float64)
+    mean = tl.sum(acc_w, axis=0) / n.to(tl.float64)
+    tl.store(stats + 2 * t, mean.to(tl.float32))
+    tl.store(stats + 2 * t + 1, tl.where(tl.sum(acc_g, axis=0) > 0.0, 1.0, 0.0))
+
+
+def crystallize_stats(group: Group, witnesses=None) -> dict:
+    """``stats`` for the step kernel of ``group`` (slots ``w, g, ...``): ``mean|w|`` and
+    whether the gradient is non-zero, per row, in two launches into the plan's buffers.
+    ``witnesses``: this call's ``(w, g)`` of the group's first row (default: the group's)."""
+    plan = group.plan
+    partials = plan.buffer("crystal_partials", 2 * plan.nblocks, torch.float32)
+    stats = plan.buffer("crystal_stats", 2 * plan.nrows, torch.float32)
+    if witnesses is None:
+        witnesses = (group.cols[0][0], group.cols[1][0])
+    reduce_into(_crystal_partials, _crystal_finish, plan, partials, stats, witnesses)
+    return {"stats": stats}
+
+
+def reduce_into(partial_kernel, finish_kernel, plan, partials, stats, witnesses, *args) -> None:
+    """The two launches of one statistics pass over ``plan``'s table (``witnesses``: one
+    operand per slot the partial kernel reads, for its element type; ``args``: its scalars)."""
+    plan.use()
+    S = (plan.width - _HEADER) - 3 * plan.ndim
+    partial_kernel[(plan.nblocks,)](
+        plan.table, plan.blocks, partials, *witnesses, *args, S=S, W=plan.width,
+        BLOCK=BLOCK_SIZE, ALIGNED=plan.aligned,
+    )  # fmt: skip
+    finish_kernel[(plan.nrows,)](
+        plan.table, partials, stats, S=S, W=plan.width, BLOCK=BLOCK_SIZE, RBLOCK=_RBLOCK
+    )
+
+
+@triton.jit
+def _rejuvenation_tile(w_ptr, partials, pid, offs, n, MASKED: tl.constexpr):
+    w = _load(w_ptr, offs, n, MASKED)
+    clean = tl.where(w != w, 0.0, w)
+    clean = tl.minimum(tl.maximum(clean, -1.0), 1.0)
+    changed = clean != w  # NaN, or beyond [-1, 1]: the only elements written
+    if MASKED:
+        changed = changed & (offs < n)
+    tl.store(w_ptr + offs, clean.to(w_ptr.dtype.element_ty), mask=changed)
+    tl.store(partials + 3 * pid, tl.sum(clean, axis=0))
+    tl.store(partials + 3 * pid + 1, tl.sum(clean * clean, axis=0))
+    tl.store(partials + 3 * pid + 2, tl.sum(tl.abs(clean), axis=0))
+
+
+@triton.jit
+def _rejuvenation_partials(
+    tab, blocks, partials, W0,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """Per block, on the cleaned weight (NaN -> 0, clamped to [-1, 1], ``stats.clean_weights_``):
+    ``sum w``, ``sum w^2``, ``sum |w|``; the cleaned values are stored back where they differ
+    (so the rejuvenation kernel reads the cleaned weight, and clean weights cost no write)."""
+    pid, row, offs, n, full = _tile_of(tab, blocks, W, S, BLOCK)
+    w_ptr = _pointer(row, 0, W0, ALIGNED)
+    if full:
+        _rejuvenation_tile(w_ptr, partials, pid, offs, n, False)
+    else:
+        _rejuvenation_tile(w_ptr, partials, pid, offs, n, True)
+
+
+@triton.jit
+def _rejuvenation_finish(
+    tab, partials, stats,
+    S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per row, ``stats.rejuvenation_stats`` from the three sums (float64, the same formula
+    and clamps as ``stats._rejuvenation_fit``): ``stats[3t:3t+3] = std, mu, sigma``."""
+    t = tl.program_id(0)
+    row = tab + t * W
+    n = tl.load(row + S + NUMEL)
+    first = tl.load(row + S + FIRST_BLOCK)
+    nb = (n + BLOCK - 1) // BLOCK
+    acc1 = tl.zeros([RBLOCK], dtype=tl.float64)
+    acc2 = tl.zeros([RBLOCK], dtype=tl.float64)
+    acc3 = tl.zeros([RBLOCK], dtype=tl.float64)
+    for s in range(0, nb, RBLOCK):
+        idx = s + tl.arange(0, RBLOCK)
+        m = idx < nb
+        at = partials + 3 * (first + idx)
+        acc1 += tl.load(at, mask=m, other=0.0).to(tl.float64)
+        acc2 += tl.load(at + 1, mask=m, other=0.0).to(tl.float64)
+        acc3 += tl.load(at + 2, mask=m, other=0.0).to(tl.float64)
+    s1 = tl.sum(acc1, axis=0)
+    s2 = tl.sum(acc2, axis=0)
+    a1 = tl.sum(acc3, axis=0)
+    nf = n.to(tl.float64)
+    dof = tl.maximum(nf - 1.0, 1.0)  # unbiased, as torch.std; one weight: std 0, not NaN
+    tiny = 1e-12
+    std = _sqrt(tl.maximum((s2 - s1 * s1 / nf) / dof, 0.0))
+    mean_aw = a1 / nf
+    spread = _sqrt(tl.maximum((s2 - a1 * a1 / nf) / dof, 0.0))
+    std = tl.maximum(tl.where(std != std, 0.0, std), tiny)
+    mean_aw = tl.maximum(tl.where(mean_aw != mean_aw, 0.0, mean_aw), tiny)
+    spread = tl.where(spread != spread, 0.0, spread)
+    ratio = spread / mean_aw
+    sigma2 = _log1p(ratio * ratio)
+    mu = _log(mean_aw) - 0.5 * sigma2
+    tl.store(stats + 3 * t, std.to(tl.float32))
+    tl.store(stats + 3 * t + 1, mu.to(tl.float32))
+    tl.store(stats + 3 * t + 2, (0.5 * _sqrt(sigma2)).to(tl.float32))
+
+
+def rejuvenation_stats(group: Group) -> dict:
+    """``stats`` for the rejuvenation kernel of ``group`` (slot 0: the weights): cleans the
+    weights in place and computes ``(std, mu, sigma)`` per row, in two launches into the
+    plan's buffers (``stats.clean_weights_`` + ``stats.rejuvenation_stats`` in one read)."""
+    plan = group.plan
+    partials = plan.buffer("rejuvenation_partials", 3 * plan.nblocks, torch.float32)
+    stats = plan.buffer("rejuvenation_stats", 3 * plan.nrows, torch.float32)
+    reduce_into(
+        _rejuvenation_partials, _rejuvenation_finish, plan, partials, stats, (group.cols[0][0],)
+    )
+    return {"stats": stats}
