@@ -449,6 +449,28 @@ def _model(env: Env, layers=3, width=256):
     return model
 
 
+def _step_state(model):
+    """``(bio modules, weights, restore, state)`` of a model with gradients: ``restore()`` puts
+    back the gradients and rates as they are now, ``state()`` clones what a step changes."""
+    bios = [m for m in model.modules() if hasattr(m, "fuzzy_learning_rate_parameters")]
+    params = [m.weight for m in model.modules() if hasattr(m, "bio_mod")]
+    grads0 = [p.grad.clone() for p in params]
+    rates0 = [b.fuzzy_learning_rate_parameters.clone() for b in bios]
+
+    def restore():
+        for p, g in zip(params, grads0):
+            p.grad.copy_(g)
+        for b, r in zip(bios, rates0):
+            b.fuzzy_learning_rate_parameters.copy_(r)
+
+    def state():
+        return [p.grad.clone() for p in params] + [
+            b.fuzzy_learning_rate_parameters.clone() for b in bios
+        ]
+
+    return bios, params, restore, state
+
+
 MODEL_OPS = (
     "volume_dependent_lr",
     "fuzzy_learning_rates",
@@ -485,21 +507,8 @@ def check_cuda_graph(env: Env) -> str:
     import torch
 
     model = _model(env)
-    bios = [m for m in model.modules() if hasattr(m, "fuzzy_learning_rate_parameters")]
-    params = [m.weight for m in model.modules() if hasattr(m, "bio_mod")]
-    grads0 = [p.grad.clone() for p in params]
-    rates0 = [b.fuzzy_learning_rate_parameters.clone() for b in bios]
-
-    def restore():
-        for p, g in zip(params, grads0):
-            p.grad.copy_(g)
-        for b, r in zip(bios, rates0):
-            b.fuzzy_learning_rate_parameters.copy_(r)
-
-    def state():
-        return [p.grad.clone() for p in params] + [
-            b.fuzzy_learning_rate_parameters.clone() for b in bios
-        ]
+    bios, params, restore, state = _step_state(model)
+    initial = state()
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -534,7 +543,7 @@ def check_cuda_graph(env: Env) -> str:
         raise AssertionError("graph replay differs from the eager bio_step with the same keys")
     if not all(torch.equal(a, b) for a, b in zip(replayed, again)):
         raise AssertionError("two replays differ")
-    if all(torch.equal(a, g) for a, g in zip(replayed, grads0)):
+    if all(torch.equal(a, g) for a, g in zip(replayed, initial)):
         raise AssertionError("the replay did not change the gradients")
     return f"captured and replayed bio_step over {len(params)} layers; replay == eager"
 
@@ -549,21 +558,7 @@ def check_cuda_graph_capturable(env: Env) -> str:
     from bio_transformations.kernels import settings
 
     model = _model(env)
-    bios = [m for m in model.modules() if hasattr(m, "fuzzy_learning_rate_parameters")]
-    params = [m.weight for m in model.modules() if hasattr(m, "bio_mod")]
-    grads0 = [p.grad.clone() for p in params]
-    rates0 = [b.fuzzy_learning_rate_parameters.clone() for b in bios]
-
-    def restore():
-        for p, g in zip(params, grads0):
-            p.grad.copy_(g)
-        for b, r in zip(bios, rates0):
-            b.fuzzy_learning_rate_parameters.copy_(r)
-
-    def state():
-        return [p.grad.clone() for p in params] + [
-            b.fuzzy_learning_rate_parameters.clone() for b in bios
-        ]
+    bios, params, restore, state = _step_state(model)
 
     with settings.override(capturable=True):
         side = torch.cuda.Stream()
