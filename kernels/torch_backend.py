@@ -167,7 +167,8 @@ def _cpu_step_(
         n = w.numel()
         if n < PACK_BELOW:
             continue
-        pf = ps[i].view(-1) if ps is not None else None
+        # rates are read only by fuzzy scaling and crystallization (any layout without them)
+        pf = ps[i].view(-1) if ps is not None and (p.fuzzy or p.crystallize) else None
         z = normal(keys[i], n, w.device, slabs[i]) if p.volume else None
         for start in range(0, n, CPU_CHUNK):
             piece = slice(start, start + CPU_CHUNK)

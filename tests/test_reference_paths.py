@@ -127,7 +127,9 @@ def test_sharded_abs_means_and_gates(world, dtype, blocks, request):
     alone = stat_helpers.abs_means(ws)
     for a, b in zip(alone, results[0][0]):
         assert float(a) == pytest.approx(float(b), rel=rtol)
-    assert [float(g) for g in stat_helpers.grads_nonzero(gs)] == want_gates
+    alone_gates = stat_helpers.grads_nonzero(gs)
+    assert [float(g) for g in alone_gates] == want_gates
+    assert all(g.dtype == compute(dtype) and g.dim() == 0 for g in alone_gates)
 
 
 @pytest.mark.parametrize("dtype", STAT_DTYPES, ids=str)
@@ -144,21 +146,29 @@ def test_sharded_rejuvenation_stats(world, dtype, blocks, request):
     for got in results:
         assert len(got) == len(ws)
         for w, stats in zip(ws, got):
-            want = ref.lognormal_fit64(w) if w.numel() else None
-            for name, value in zip(("std", "mu", "sigma"), stats):
+            # an empty layer has the statistics of an all-zero one (clamped, never NaN)
+            want = ref.lognormal_fit64(w) if w.numel() else EMPTY_FIT
+            for name, value, exp in zip(("std", "mu", "sigma"), stats, want):
                 assert value.dim() == 0 and value.dtype == compute(dtype), name
-                assert math.isfinite(float(value)), name
-            if want is not None:
-                for name, value, exp in zip(("std", "mu", "sigma"), stats, want):
-                    assert float(value) == pytest.approx(exp, rel=rtol), (name, w.shape)
+                assert float(value) == pytest.approx(exp, rel=rtol), (name, w.shape)
     for other in results[1:]:  # bit-identical on every rank
         for a, b in zip(other, results[0]):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
     alone = stat_helpers.rejuvenation_stats_many(ws)
-    for w, a, b in zip(ws, alone, results[0]):
-        if w.numel():
-            for x, y in zip(a, b):
-                assert float(x) == pytest.approx(float(y), rel=rtol)
+    for a, b in zip(alone, results[0]):
+        for x, y in zip(a, b):
+            assert float(x) == pytest.approx(float(y), rel=rtol)
+
+
+#: The fit of an empty (or all-zero) weight: std and mean|w| clamped to 1e-12, no spread.
+EMPTY_FIT = (1e-12, math.log(1e-12), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_rejuvenation_stats_of_empty_and_zero_weights(dtype):
+    for w in (torch.empty(0, dtype=dtype), torch.zeros(3, 4, dtype=dtype)):
+        for value, want in zip(stat_helpers.rejuvenation_stats(w), EMPTY_FIT):
+            assert value.dtype == dtype and float(value) == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", STAT_DTYPES, ids=str)
@@ -305,7 +315,8 @@ def test_draws_are_keyed_sized_and_independent(rng, shape):
 # With the small_chunks sizes: three layers in one pack, a pack of one, a one-chunk layer
 # between PACK_BELOW and CPU_CHUNK... and layers of 3 and 6 chunks with a ragged last one.
 STEP_SHAPES = [(7,), (5, 6), (50,), (12, 12), (13, 20), (576,), (1, 95), (20, 10)]
-ZERO_GRAD = 7  # this layer's gradient is all zero: its rates are kept
+ZERO_GRAD = (1, 7)  # these layers' gradients are all zero (one packed, one not): rates kept
+STRIDED = 4  # the layer made non-contiguous in the layout variants
 
 
 def step_inputs(dtype, seed=0):
@@ -317,8 +328,17 @@ def step_inputs(dtype, seed=0):
         g = torch.randn(shape, generator=gen) * 0.5
         p = 1.0 + 0.4 * (torch.rand(shape, generator=gen) - 0.5)
         out.append([w.to(dtype), g.to(dtype), p.to(dtype)])
-    out[ZERO_GRAD][1].zero_()
+    for i in ZERO_GRAD:
+        out[i][1].zero_()
     return out
+
+
+def strided(t):
+    """The same values in a transposed (non-contiguous) layout."""
+    return t.t().contiguous().t() if t.dim() == 2 else t
+
+
+LAYOUTS = {"contiguous": (), "w": (0,), "g": (1,), "p": (2,), "gp": (1, 2)}
 
 
 FLAGS = [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1)]
@@ -326,11 +346,17 @@ FLAGS = [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "".join(map(str, f)))
-def test_bio_step_formula_on_every_cpu_path(small_chunks, rng, dtype, flags):
+@pytest.mark.parametrize("layout", ["contiguous", "w", "g", "p", "gp"])
+def test_bio_step_formula_on_every_cpu_path(small_chunks, rng, dtype, flags, layout):
+    """Every stage combination on packs, single and multiple chunks, with one layer's
+    weight, gradient or rates in a strided layout (that layer takes the general path)."""
     volume, fuzzy, crystallize = map(bool, flags)
     lr, stab, var, thresh = 0.1, 1.5, 0.3, 0.3
     params = StepParams(volume, fuzzy, crystallize, lr, stab, var, thresh, DAMPENING)
     data = step_inputs(dtype)
+    for j in LAYOUTS[layout]:
+        data[STRIDED][j] = strided(data[STRIDED][j])
+        assert not data[STRIDED][j].is_contiguous()
     keys = [40 + i for i in range(len(data))]
     expected, dampened, kept = [], 0, 0
     for (w, g, p), key in zip(data, keys):
@@ -347,9 +373,44 @@ def test_bio_step_formula_on_every_cpu_path(small_chunks, rng, dtype, flags):
     for (_, g, p), (ge, pe, near) in zip(data, expected):
         ref.assert_same(g, ge)
         ref.assert_same(torch.where(near, pe, p), pe)
-    if crystallize:  # both branches of the mask are populated, the gate shut on one layer
+    if crystallize:  # both branches of the mask are populated, the gate shut on two layers
         assert dampened > 100 and kept > 100
-        assert torch.equal(data[ZERO_GRAD][2], step_inputs(dtype)[ZERO_GRAD][2])
+        for i in ZERO_GRAD:
+            assert torch.equal(data[i][2], step_inputs(dtype)[i][2])
+
+
+@pytest.mark.parametrize("n", [199, 200, 201, 96, 97, 192, 193])
+def test_bio_step_formula_at_the_size_boundaries(small_chunks, rng, n):
+    """One layer alone, just below, at and above PACK_BELOW (200) and CPU_CHUNK (96)."""
+    params = StepParams(True, True, True, 0.1, 1.5, 0.3, 0.3, DAMPENING)
+    gen = torch.Generator().manual_seed(n)
+    w, g = torch.randn(n, generator=gen) * 0.6, torch.randn(n, generator=gen) * 0.5
+    p = 1.0 + 0.4 * (torch.rand(n, generator=gen) - 0.5)
+    ge = ref.volume64(w, g, ref.normals(8, w), 0.1, 1.5, 0.3) * p
+    mask, near = ref.crystal_mask64(w, ge, 0.3)
+    pe = torch.where(mask, p * DAMPENING, p)
+    tb.bio_step_([w], [g], [p], [8], params)
+    ref.assert_same(g, ge)
+    ref.assert_same(torch.where(near, pe, p), pe)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_crystallize_ties_and_gate_on_the_general_path(dtype):
+    """Half types and strided layouts take the general path: a gradient exactly at mean|w|
+    keeps its rate (``>`` is strict), and an all-zero gradient keeps every rate."""
+    w = torch.tensor([[0.5, -0.25], [0.25, 1.0]], dtype=dtype)  # mean|w| = 0.5 exactly
+    g = torch.tensor([[0.5, 0.5], [-0.5, 0.5]], dtype=dtype)
+    zero_w, zero_g = torch.full((2, 2), 0.5, dtype=dtype), torch.zeros(2, 2, dtype=dtype)
+    ps = [torch.ones(2, 2, dtype=dtype), torch.ones(2, 2, dtype=dtype)]
+    ws, gs = [w, zero_w], [g, zero_g]
+    if dtype == torch.float32:
+        ws, gs = [strided(t) for t in ws], [strided(t) for t in gs]
+    tb.crystallize_(ws, gs, ps, 1e-3, DAMPENING)
+    assert torch.equal(ps[0], torch.ones(2, 2, dtype=dtype))
+    assert torch.equal(ps[1], torch.ones(2, 2, dtype=dtype))
+    g[0, 0] = 0.5625  # above the mean: dampened
+    tb.crystallize_(ws[:1], [strided(g) if dtype == torch.float32 else g], ps[:1], 1e-3, 0.75)
+    assert ps[0].flatten().tolist() == [0.75, 1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("op", ["volume", "crystallize"])
@@ -378,10 +439,11 @@ def test_separate_ops_take_the_one_pass_path(small_chunks, rng, op):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_sharded(world, whole, op):
+def run_sharded(world, whole, op, local=lambda t: t):
     """``op(tensors, spans)`` on each rank's rows of ``whole`` (a list of lists of tensors, one
-    list per argument); returns the tensors gathered back, and what each rank returned."""
-    per_rank = [[dim0_shards(t, world) for t in arg] for arg in whole]
+    list per argument, each shard passed through ``local``); returns the tensors gathered back,
+    and what each rank returned."""
+    per_rank = [[[local(s) for s in dim0_shards(t, world)] for t in arg] for arg in whole]
     spans = [dim0_spans(t, world) for t in whole[0]]
 
     def body(r):
@@ -396,7 +458,8 @@ def run_sharded(world, whole, op):
 def shard_layers(dtype, seed=0):
     """Weights, grads, rates and activity counts of layers with uneven and empty shards."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(9, 13), (1, 30), (5,), (7, 2, 3), (4, 50)]
+    # (12, 50): every local shard has at least PACK_BELOW (200) weights, the chunked path
+    shapes = [(9, 13), (1, 30), (5,), (7, 2, 3), (4, 50), (12, 50)]
     out = []
     for shape in shapes:
         w = torch.randn(shape, generator=gen) * 0.3
@@ -455,27 +518,96 @@ def test_sharded_ops_equal_the_whole_layer(small_chunks, rng, world, op, dtype):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("legacy", [False, True], ids=["rejuvenate", "legacy"])
-def test_sharded_rejuvenation_equals_the_whole_layer(rng, world, legacy):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_sharded_rejuvenation_equals_the_whole_layer(rng, world, legacy, dtype, layout):
     """Both draw paths (``BIO_RNG=torch``: the sparse path, which draws the replaced values
-    after the group has counted them; ``philox``: the dense path), and the legacy rule."""
+    after the group has counted them; ``philox``: the dense path), and the legacy rule; local
+    shards contiguous or transposed in memory; weights near +-1, where new values clamp."""
     gen = torch.Generator().manual_seed(3)
     ws = [torch.randn(shape, generator=gen) * 0.05 for shape in [(40, 25), (1, 60), (7,)]]
     ws[0][3, 4] = float("nan")
     ws[0][5, 6] = 4.0
     ws[2][:] = torch.tensor([0.0, 0.3, -0.01, 0.02, -0.4, 0.0, 0.05])
-    keys = [11, 12, 13]
+    near_one = torch.where(torch.rand(120, 8, generator=gen) < 0.5, 0.95, -0.95)
+    near_one[::10] = 0.0  # replaced for sure; the fitted log-normal exceeds 1 at times
+    ws = [w.to(dtype) for w in ws + [near_one]]
+    keys = [11, 12, 13, 14]
     op = tb.rejuvenate_legacy_ if legacy else tb.rejuvenate_
     whole = clones(ws)
     counts = op(whole, keys, 2.0)
-    (pieces,), returned = run_sharded(world, [ws], lambda a, spans: op(a[0], keys, 2.0, spans))
+    local = strided if layout == "strided" else (lambda t: t)
+    (pieces,), returned = run_sharded(
+        world, [ws], lambda a, spans: op(a[0], keys, 2.0, spans), local
+    )
     # rejuvenate_ cleans (NaN -> 0, clamp to [-1, 1]); the legacy rule only zeroes NaN
-    before = [torch.nan_to_num(w, nan=0.0) if legacy else ref.cleaned(w).float() for w in ws]
+    before = [torch.nan_to_num(w, nan=0.0) if legacy else ref.cleaned(w).to(dtype) for w in ws]
     replaced = [x != y for x, y in zip(whole, before)]
+    rtol = 2e-6 if dtype == torch.float32 else 1e-12
     for got, want, mask in zip(pieces, whole, replaced):
+        assert got.dtype == dtype
         assert torch.equal(got[~mask], want[~mask])  # kept weights: cleaned only
-        torch.testing.assert_close(got[mask], want[mask], rtol=2e-6, atol=0)
+        torch.testing.assert_close(got[mask], want[mask], rtol=rtol, atol=0)
+    if not legacy:  # new values clamped to exactly +-1, both signs
+        assert (whole[3] == 1.0).sum() > 3 and (whole[3] == -1.0).sum() > 3
     total = torch.stack([r for r in returned]).sum(0)
     assert total.dtype == torch.int64 and total.tolist() == counts.tolist()
     assert all(int(c) > 0 for c in counts)
     for r, (start, rows) in enumerate(dim0_bounds(40, world)):
         assert int(returned[r][0]) == int(replaced[0][start : start + rows].sum())
+
+
+def test_sharded_sparse_rejuvenation_needs_row_shards_and_the_group(bio_settings):
+    bio_settings(rng="torch")
+    w = torch.randn(4, 6) * 0.1
+    with pytest.raises(
+        RuntimeError, match="^sharded rejuvenation needs the shard group's reduction installed$"
+    ):
+        tb.rejuvenate_([w.clone()], [1], 2.0, [Span(0, 0, 8)])
+    with pytest.raises(
+        NotImplementedError, match="^sharded rejuvenation needs shards along weight dim 0$"
+    ):  # a shard along dim 1: its elements are not one range of the layer's flat index
+        run_world(1, lambda r: tb.rejuvenate_([w.clone()], [1], 2.0, [Span(1, 6, 12)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_sparse_rejuvenation_follows_the_documented_torch_stream(bio_settings, dtype, layout):
+    """``BIO_RNG=torch`` on the CPU (the sparse path): a generator seeded with the key draws
+    ``n`` uniforms ``u`` (weight ``i`` is replaced where ``u_i < exp(-dre*|w_i|/std)``), then,
+    for the ``k`` replaced weights in index order, ``k`` normals ``z`` and ``k`` uniforms
+    ``s``: the new value is ``+-exp(mu + sigma*z)``, positive where ``s < 0.5``, clamped to
+    [-1, 1]. The expected values are built here from those draws and numpy's fit."""
+    bio_settings(rng="torch")
+    gen = torch.Generator().manual_seed(12)
+    # magnitudes near 1 (the fitted log-normal exceeds 1 at times: new values clamp) and
+    # zeros (replaced for sure)
+    w = torch.where(torch.rand(60, 50, generator=gen) < 0.5, 0.93, -0.93)
+    w += 0.04 * torch.randn(60, 50, generator=gen)
+    w.view(-1)[::10] = 0.0
+    w[1, 1] = float("nan")
+    w = w.to(dtype)
+    before = ref.cleaned(w)
+    std, mu, sigma = ref.lognormal_fit64(before.to(dtype))
+    key, dre, n = 31, 2.0, w.numel()
+    stream = torch.Generator().manual_seed(key)
+    u = torch.rand(n, generator=stream).double()
+    prob = torch.exp(-dre * before.reshape(-1).abs() / std)
+    assert not ((u - prob).abs() < 1e-6).any()  # no decision within rounding of the fit
+    idx = torch.nonzero(u < prob).squeeze(1)
+    k = idx.numel()
+    z = torch.randn(k, generator=stream).double()
+    sign = torch.where(torch.rand(k, generator=stream) < 0.5, 1.0, -1.0).double()
+    expected = before.reshape(-1).clone()
+    expected[idx] = (sign * torch.exp(mu + sigma * z)).clamp(-1.0, 1.0)
+    expected = expected.view(w.shape)
+    assert (expected.abs() == 1.0).sum() > 5 and 0.1 < k / n < 0.9
+    target = strided(w.clone()) if layout == "strided" else w.clone()
+    count = tb.rejuvenate_([target], [key], dre)
+    assert count.tolist() == [k]
+    got = target.double().reshape(-1)
+    kept = torch.ones(n, dtype=torch.bool)
+    kept[idx] = False
+    assert torch.equal(got[kept], expected.reshape(-1)[kept])
+    # new values: float32 arithmetic on the float32 draws (float64 weights too), a few ulp
+    torch.testing.assert_close(got[idx], expected.reshape(-1)[idx], rtol=1e-6, atol=0)
