@@ -26,7 +26,7 @@ from bio_transformations.kernels import stats
 from bio_transformations.kernels.shards import Span
 
 #: Seconds a rank may wait for the others at an exchange.
-TIMEOUT = 60.0
+TIMEOUT = 15.0
 
 
 class ThreadWorld:

@@ -611,3 +611,40 @@ def test_sparse_rejuvenation_follows_the_documented_torch_stream(bio_settings, d
     assert torch.equal(got[kept], expected.reshape(-1)[kept])
     # new values: float32 arithmetic on the float32 draws (float64 weights too), a few ulp
     torch.testing.assert_close(got[idx], expected.reshape(-1)[idx], rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.set_default_dtype(torch.float64) changes no draw and no result
+# ---------------------------------------------------------------------------------------------
+
+
+def every_op_once(data):
+    """The draws and the stochastic ops on fixed inputs: what a default dtype must not change."""
+    out = [rng_helpers.uniform(3, 50, CPU), rng_helpers.normal(3, 50, CPU)]
+    out += list(rng_helpers.uniform4(3, 50, CPU))
+    out.append(rng_helpers.normal_into(3, torch.empty(5, 10, dtype=torch.float32)))
+    w, g, p = [[t.clone() for t in ts] for ts in zip(*data)]
+    keys = list(range(len(w)))
+    tb.bio_step_(w, g, p, keys, StepParams(True, True, True, 0.1, 1.5, 0.3, 0.3, DAMPENING))
+    tb.temporal_update_(p, keys, 0.9, 0.05, 0.5, 2.0)
+    tb.rejuvenate_(w[:4], keys[:4], 2.0)
+    tb.rejuvenate_legacy_(w[4:], keys[4:], 2.0)
+    rates = [torch.empty(30, dtype=w[0].dtype) for _ in tb.RATE_DISTRIBUTIONS]
+    for r, name in zip(rates, tb.RATE_DISTRIBUTIONS):
+        tb.rates_init_([r], [9], name, 0.2, 0.5, 2.0)
+    return out + w + g + p + rates
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_results_do_not_depend_on_the_default_dtype(small_chunks, rng, dtype):
+    data = step_inputs(dtype, seed=4)  # packs and a chunked layer at the small sizes
+    want = every_op_once(data)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = every_op_once(data)
+    finally:
+        torch.set_default_dtype(previous)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
