@@ -629,6 +629,9 @@ def every_op_once(data):
     tb.temporal_update_(p, keys, 0.9, 0.05, 0.5, 2.0)
     tb.rejuvenate_(w[:4], keys[:4], 2.0)
     tb.rejuvenate_legacy_(w[4:], keys[4:], 2.0)
+    layer = [data[5][0].clone().view(24, 24)]  # rejuvenated on two shards (rows)
+    (sharded,), _ = run_sharded(2, [layer], lambda a, spans: tb.rejuvenate_(a[0], [5], 2.0, spans))
+    w.append(sharded[0])
     rates = [torch.empty(30, dtype=w[0].dtype) for _ in tb.RATE_DISTRIBUTIONS]
     for r, name in zip(rates, tb.RATE_DISTRIBUTIONS):
         tb.rates_init_([r], [9], name, 0.2, 0.5, 2.0)
