@@ -11,6 +11,9 @@ Each draw takes an optional :class:`~bio_transformations.kernels.shards.Slab` (a
 a sharded layer): the draw then returns the local elements of the draw over the whole layer
 (Philox: counters at the global indices; torch: the whole layer drawn, the local part taken).
 Without one (``None``, the default) nothing changes.
+
+Every draw is float32 whatever ``torch.get_default_dtype()`` is: a float64 default would draw
+other numbers from the same generator.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def uniform(key: int, n: int, device: torch.device, slab: Optional[Slab] = None)
         return philox.element_uniforms(key, _where(n, device, slab), device)
     if slab is not None:
         return slab.take(uniform(key, slab.global_numel, device))
-    return torch.rand(n, generator=generator(key, device), device=device)
+    return torch.rand(n, generator=generator(key, device), device=device, dtype=torch.float32)
 
 
 def normal(key: int, n: int, device: torch.device, slab: Optional[Slab] = None) -> Tensor:
@@ -83,7 +86,7 @@ def normal(key: int, n: int, device: torch.device, slab: Optional[Slab] = None) 
         return philox.element_normals(key, _where(n, device, slab), device)
     if slab is not None:
         return slab.take(normal(key, slab.global_numel, device))
-    return torch.randn(n, generator=generator(key, device), device=device)
+    return torch.randn(n, generator=generator(key, device), device=device, dtype=torch.float32)
 
 
 def normal_into(key: int, out: Tensor, slab: Optional[Slab] = None) -> Tensor:
@@ -108,7 +111,8 @@ def uniform4(key: int, n: int, device: torch.device, slab: Optional[Slab] = None
         return philox.rand4x(key, index)
     if slab is not None:
         return tuple(slab.take(u) for u in uniform4(key, slab.global_numel, device))
-    return tuple(torch.rand(4, n, generator=generator(key, device), device=device).unbind(0))
+    gen = generator(key, device)
+    return tuple(torch.rand(4, n, generator=gen, device=device, dtype=torch.float32).unbind(0))
 
 
 def rejuvenation_draws(

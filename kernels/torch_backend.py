@@ -178,7 +178,8 @@ def _cpu_step_(
         n = w.numel()
         if n < PACK_BELOW:
             continue
-        pf = ps[i].view(-1) if ps is not None else None
+        # rates are read only by fuzzy scaling and crystallization (any layout without them)
+        pf = ps[i].view(-1) if ps is not None and (p.fuzzy or p.crystallize) else None
         z = normal(keys[i], n, w.device, slabs[i]) if p.volume else None
         for start in range(0, n, CPU_CHUNK):
             piece = slice(start, start + CPU_CHUNK)
@@ -396,12 +397,14 @@ def _rejuvenate_sparse(w: Tensor, key: int, dre: float, stats: tuple) -> Tensor:
     gen = rng.generator(key, w.device)
     flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)
     wf = upcast(flat)
-    u = torch.rand(flat.numel(), generator=gen, device=w.device)
+    u = torch.rand(flat.numel(), generator=gen, device=w.device, dtype=torch.float32)
     prob = wf.abs().mul_(-dre).div_(std).exp_()  # exp(-dre*|w|/std), in one temporary
     idx = torch.nonzero(torch.lt(u, prob)).squeeze(1)  # CPU: reading the count is no sync
     k = idx.numel()
-    magnitude = torch.exp(mu + sigma * torch.randn(k, generator=gen, device=w.device))
-    sign = torch.where(torch.rand(k, generator=gen, device=w.device) < 0.5, 1.0, -1.0)
+    normals = torch.randn(k, generator=gen, device=w.device, dtype=torch.float32)
+    magnitude = torch.exp(mu + sigma * normals)
+    signs = torch.rand(k, generator=gen, device=w.device, dtype=torch.float32)
+    sign = torch.where(signs < 0.5, 1.0, -1.0)
     flat.index_copy_(0, idx, (sign * magnitude).clamp_(-1.0, 1.0).to(flat.dtype))
     if not w.is_contiguous():  # flat was a copy: write it back
         w.copy_(flat.view(w.shape))
@@ -426,7 +429,8 @@ def _rejuvenate_sparse_sharded(
         if where is None or where.flat_start is None:
             raise NotImplementedError("sharded rejuvenation needs shards along weight dim 0")
         gen = torch.Generator(device=w.device).manual_seed(int(key))
-        u = where.take(torch.rand(where.global_numel, generator=gen, device=w.device))
+        u = torch.rand(where.global_numel, generator=gen, device=w.device, dtype=torch.float32)
+        u = where.take(u)
         std = stats[i][0]
         prob = upcast(w).reshape(-1).abs().mul_(-dre).div_(std).exp_()
         picks.append(torch.nonzero(torch.lt(u, prob)).squeeze(1))
@@ -438,8 +442,9 @@ def _rejuvenate_sparse_sharded(
         k, k_all = idx.numel(), sum(row[i] for row in every)
         prefix = sum(row[i] for row in every[: red.rank])
         _, mu, sigma = stats[i]
-        normals = torch.randn(k_all, generator=gen, device=w.device)[prefix : prefix + k]
-        signs = torch.rand(k_all, generator=gen, device=w.device)[prefix : prefix + k]
+        f32 = dict(generator=gen, device=w.device, dtype=torch.float32)
+        normals = torch.randn(k_all, **f32)[prefix : prefix + k]
+        signs = torch.rand(k_all, **f32)[prefix : prefix + k]
         magnitude = torch.exp(mu + sigma * normals)
         value = (torch.where(signs < 0.5, 1.0, -1.0) * magnitude).clamp_(-1.0, 1.0)
         flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)
@@ -556,10 +561,10 @@ def rates_init_(
         elif distribution == "lognormal":
             value = torch.exp(-0.5 * nu * nu + nu * normal(key, n, dev).to(ct))
         elif distribution == "gamma":
-            shape = torch.full((n,), 1.0 / nu, device=dev)
+            shape = torch.full((n,), 1.0 / nu, device=dev, dtype=torch.float32)
             value = _torch_sampled(key, p, torch._standard_gamma, shape) * nu
         else:  # beta
-            shape = torch.full((n,), 1.0 / nu, device=dev)
+            shape = torch.full((n,), 1.0 / nu, device=dev, dtype=torch.float32)
             beta = _torch_sampled(key, p, _beta_sample, shape)
             value = 1.0 + (2.0 * beta - 1.0) * nu
         p.copy_(value.to(ct).clamp(lo, hi).view(p.shape))
