@@ -385,7 +385,7 @@ def _rejuvenate_dense(
     draws = rejuvenation_draws(key, w.numel(), w.device, where)
     u_replace, positive, z = (d.view(w.shape) for d in draws)
     replace = torch.lt(u_replace, wf.abs().mul_(-dre).div_(std).exp_())
-    magnitude = torch.exp(mu + sigma * z)
+    magnitude = torch.exp(mu + sigma * z.to(wf.dtype))  # float64 weights: float64 math
     new = torch.where(positive, magnitude, -magnitude).clamp(-1.0, 1.0)
     w.copy_(torch.where(replace, new.to(wf.dtype), wf))
     return replace.sum()
@@ -402,7 +402,7 @@ def _rejuvenate_sparse(w: Tensor, key: int, dre: float, stats: tuple) -> Tensor:
     idx = torch.nonzero(torch.lt(u, prob)).squeeze(1)  # CPU: reading the count is no sync
     k = idx.numel()
     normals = torch.randn(k, generator=gen, device=w.device, dtype=torch.float32)
-    magnitude = torch.exp(mu + sigma * normals)
+    magnitude = torch.exp(mu + sigma * normals.to(wf.dtype))  # float64 weights: float64 math
     signs = torch.rand(k, generator=gen, device=w.device, dtype=torch.float32)
     sign = torch.where(signs < 0.5, 1.0, -1.0)
     flat.index_copy_(0, idx, (sign * magnitude).clamp_(-1.0, 1.0).to(flat.dtype))
@@ -445,7 +445,7 @@ def _rejuvenate_sparse_sharded(
         f32 = dict(generator=gen, device=w.device, dtype=torch.float32)
         normals = torch.randn(k_all, **f32)[prefix : prefix + k]
         signs = torch.rand(k_all, **f32)[prefix : prefix + k]
-        magnitude = torch.exp(mu + sigma * normals)
+        magnitude = torch.exp(mu + sigma * normals.to(upcast(w).dtype))
         value = (torch.where(signs < 0.5, 1.0, -1.0) * magnitude).clamp_(-1.0, 1.0)
         flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)
         flat.index_copy_(0, idx, value.to(flat.dtype))

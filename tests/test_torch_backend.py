@@ -211,3 +211,18 @@ def test_resume_from_state_dict_is_bit_identical():
             assert torch.equal(va, vb), k
         else:
             assert va == vb, k
+
+
+@pytest.mark.parametrize("rng", ["torch", "philox"])
+def test_float64_rejuvenation_values_are_computed_in_float64(bio_settings, rng):
+    """The draws are float32 by definition, but ``exp(mu + sigma*z)`` of a float64 layer runs
+    in float64: float32 arithmetic would leave every new value float32-representable."""
+    bio_settings(rng=rng)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4000, generator=gen, dtype=torch.float64) * 0.05
+    before = w.clone()
+    count = int(tb.rejuvenate_([w], [1234], 0.5)[0])
+    changed = w != before
+    assert count > 100 and int(changed.sum()) == count
+    new = w[changed]
+    assert bool((new.float().double() != new).any())
