@@ -142,3 +142,14 @@ def test_ab_revisions_compares_two_revisions_in_one_process():
     for case in ("crystallize 64K", "mlp64 bio_step", "fcnet bio_step"):
         assert f"{case:18s} new/old" in done.stdout
     assert done.stdout.count("bit-identical: True") == 3, done.stdout
+
+
+def test_wait_policy_times_both_policies():
+    """benchmarks/wait_policy.py: the crystallize call under PASSIVE and the default OpenMP
+    policy, in child processes (one round at 64K: no timing is asserted)."""
+    cmd = [sys.executable, os.path.join(BENCH, "wait_policy.py"), "--rounds", "1",
+           "--repeats", "1", "--size", "64K"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for policy in ("PASSIVE", "default"):
+        assert f"{policy:8s} crystallize 64K: " in done.stdout

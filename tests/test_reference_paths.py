@@ -609,8 +609,68 @@ def test_sparse_rejuvenation_follows_the_documented_torch_stream(bio_settings, d
     kept = torch.ones(n, dtype=torch.bool)
     kept[idx] = False
     assert torch.equal(got[kept], expected.reshape(-1)[kept])
-    # new values: float32 arithmetic on the float32 draws (float64 weights too), a few ulp
+    # new values: the fit of float64 weights in float64, of float32 ones in float32
     torch.testing.assert_close(got[idx], expected.reshape(-1)[idx], rtol=1e-6, atol=0)
+
+
+def _torch_stream_rows(key: int, n: int) -> torch.Tensor:
+    """``BIO_RNG=torch``'s four uniform rows of a draw of ``n`` elements, in float64."""
+    return torch.rand(4, n, generator=torch.Generator().manual_seed(key)).double()
+
+
+def _first_box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """``sqrt(-2 ln max(u1, 1e-7)) * cos(2 pi u2)`` in float64."""
+    return torch.sqrt(-2.0 * torch.log(u1.clamp_min(1e-7))) * torch.cos(2.0 * math.pi * u2)
+
+
+def test_torch_stream_rejuvenation_and_legacy_draws(bio_settings):
+    """``BIO_RNG=torch`` draws of the dense rejuvenation paths (what a CUDA tensor on the torch
+    backend takes): rows ``(u, s, u1, u2)`` of the key's generator give ``u``, the sign
+    ``s < 0.5`` and ``z`` = the first Box-Muller normal of ``(u1, u2)``; the original rule takes
+    ``z`` of rows 0 and 1 and the uniform of row 2."""
+    bio_settings(rng="torch")
+    key, n = 77, 3000
+    rows = _torch_stream_rows(key, n)
+    u, positive, z = rng_helpers.rejuvenation_draws(key, n, CPU)
+    assert u.dtype == z.dtype == torch.float32 and positive.dtype == torch.bool
+    assert torch.equal(u.double(), rows[0])
+    assert torch.equal(positive, rows[1] < 0.5)
+    torch.testing.assert_close(
+        z.double(), _first_box_muller(rows[2], rows[3]), rtol=2e-6, atol=2e-6
+    )
+    z_old, u_old = rng_helpers.legacy_draws(key, n, CPU)
+    torch.testing.assert_close(
+        z_old.double(), _first_box_muller(rows[0], rows[1]), rtol=2e-6, atol=2e-6
+    )
+    assert torch.equal(u_old.double(), rows[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_dense_rejuvenation_follows_the_documented_torch_stream(bio_settings, dtype):
+    """The dense path (CUDA tensors on the torch backend; called directly here on the CPU):
+    weight ``i`` is replaced where ``u_i < exp(-dre*|w_i|/std)`` by ``+-exp(mu + sigma*z_i)``,
+    positive where ``s_i < 0.5``, clamped to [-1, 1]; draws of every element, not only the
+    replaced ones. Expected values from the key's generator rows and numpy's fit."""
+    bio_settings(rng="torch")
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(40, 30, generator=gen) * 0.3).to(dtype)
+    w.view(-1)[::9] = 0.0
+    std, mu, sigma = ref.lognormal_fit64(w)
+    key, dre, n = 19, 1.5, w.numel()
+    rows = _torch_stream_rows(key, n)
+    prob = torch.exp(-dre * w.reshape(-1).double().abs() / std)
+    assert not ((rows[0] - prob).abs() < 1e-6).any()  # no decision within rounding
+    replace = rows[0] < prob
+    sign = torch.where(rows[1] < 0.5, 1.0, -1.0).double()
+    new = (sign * torch.exp(mu + sigma * _first_box_muller(rows[2], rows[3]))).clamp(-1.0, 1.0)
+    expected = torch.where(replace, new, w.reshape(-1).double())
+    stats = tuple(torch.tensor(v, dtype=dtype) for v in (std, mu, sigma))
+    got = w.clone()
+    count = tb._rejuvenate_dense(got, key, dre, stats)
+    assert int(count) == int(replace.sum()) and 0.1 < float(replace.double().mean()) < 0.9
+    got = got.reshape(-1).double()
+    assert torch.equal(got[~replace], expected[~replace])
+    torch.testing.assert_close(got[replace], expected[replace], rtol=2e-5, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
