@@ -31,19 +31,13 @@ from bio_transformations.kernels.triton import launch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from host_step import stub_launches  # noqa: E402
+from test_host_light import _model as host_light_model  # noqa: E402
+from test_host_light import _weights  # noqa: E402
 
 
 def _model(seed=0, layers=3):
-    torch.manual_seed(seed)
-    model = nn.Sequential(*[nn.Linear(30 if i == 0 else 20, 20, bias=False) for i in range(layers)])
-    model = BioConverter()(model).to(DEVICE)
-    for w in _weights(model):
-        w.grad = torch.randn_like(w)
-    return model
-
-
-def _weights(model):
-    return [layer.weight for _, layer, _ in bio_layers(model)]
+    """A few 20-wide bio Linear layers with gradients (the host-light tests' model)."""
+    return host_light_model(layers=layers, width=20, seed=seed)
 
 
 def _steps(model):
