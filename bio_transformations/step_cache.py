@@ -10,8 +10,9 @@ so :func:`bio_step` makes them once and keeps, per model and per argument set, a
 
 * checks, for every converted layer, that nothing the decisions depend on changed: the list
   of converted layers, the settings (:func:`kernels.settings.token`), every layer's config
-  object, ``requires_grad`` flag and whether it has a gradient, its seed and step counter
-  (when volume scaling draws), no parameter or module registered anywhere since
+  object and rates buffer (``model.to(...)`` replaces buffers), ``requires_grad`` flag and
+  whether it has a gradient, its seed and step counter (when volume scaling draws), no
+  parameter or module registered anywhere since
   (``nn.Module`` global registration hooks count them), and not inside ``torch.compile``;
 * gathers the gradients (``p.grad`` per layer, the only per-call input);
 * runs each group: on the Triton backend a prepared step
@@ -52,6 +53,7 @@ _requires_grad = operator.attrgetter("requires_grad")
 _config = operator.attrgetter("config")
 _seed = operator.attrgetter("layer_seed")
 _step = operator.attrgetter("_rng_step")
+_RATES = "fuzzy_learning_rate_parameters"
 
 # Bumped whenever any module registers a parameter or a submodule (``layer.weight = ...``,
 # ``layer.bio_mod = ...``): a cached step built before is rebuilt.
@@ -121,6 +123,10 @@ class CachedStep:
         self.all_weights = [layer.weight for layer in self.layers]
         self.bios = [bio for *_, bio in entries]
         self.configs = list(map(_config, self.bios))
+        # The rates buffers, read straight from each module's buffer dict: ``model.to(...)``,
+        # ``.double()`` and plain assignment replace a buffer without any registration hook.
+        self.buffer_dicts = [bio._buffers for bio in self.bios]
+        self.rates = self._rates_now()
         self.requires = list(map(_requires_grad, self.all_weights))
         self.has_grad = [g is not None for g in map(_grad, self.all_weights)]
         self.every_grad = all(self.has_grad)
@@ -151,6 +157,7 @@ class CachedStep:
             and _generation[0] == self.generation
             and _same(settings.token(), self.token)
             and _all_is(map(_config, self.bios), self.configs)
+            and _all_is(self._rates_now(), self.rates)
             and list(map(_requires_grad, self.all_weights)) == self.requires
             and (
                 not self.volume
@@ -160,6 +167,9 @@ class CachedStep:
                 )
             )
         )
+
+    def _rates_now(self) -> list:
+        return list(map(dict.get, self.buffer_dicts, itertools.repeat(_RATES)))
 
     def run(self) -> bool:
         """One ``bio_step``; False (nothing done) when a decision no longer holds."""

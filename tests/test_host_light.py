@@ -358,3 +358,39 @@ def test_cached_path_with_several_groups_and_layouts(bio_settings):
             assert sum(len(g.index) for g in step.groups) == 4
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _to_float64(model, step):
+    """``model.double()``: weights keep their Parameter objects, buffers (the rates) are new."""
+    model.double()
+    for w in _weights(model):
+        w.grad = torch.randn_like(w) * step
+
+
+def _assign_new_rates(model, step):
+    """Plain assignment of a new rates tensor (no registration hook sees it)."""
+    _new_grads(model, step)
+    bio = bio_layers(model)[2][2]
+    bio.fuzzy_learning_rate_parameters = bio.fuzzy_learning_rate_parameters.clone() * 0.5
+
+
+@pytest.mark.parametrize("change", [_to_float64, _assign_new_rates], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cached_path_follows_replaced_rates_buffers(change, backend, bio_settings):
+    """The cache must act on the rates the model holds now, on every backend: ``model.double()``
+    and assignment replace buffers without a registration hook."""
+    bio_settings(rng="philox")
+    out = []
+    for cached in (True, False):
+        model = _model(layers=4, width=24, seed=2)
+        with use_backend(backend):
+            for step in range(3):
+                if step:
+                    change(model, step)
+                if cached:
+                    model.bio_step(volume=True)
+                else:
+                    functional.bio_step(bio_layers(model), volume=True)
+        out.append([t.detach().clone() for t in [w.grad for w in _weights(model)] + _rates(model)])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
