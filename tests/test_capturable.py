@@ -31,8 +31,8 @@ from bio_transformations.kernels.triton import launch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from host_step import stub_launches  # noqa: E402
+from test_host_light import OpRecorder, _weights  # noqa: E402
 from test_host_light import _model as host_light_model  # noqa: E402
-from test_host_light import _weights  # noqa: E402
 
 
 def _model(seed=0, layers=3):
@@ -113,22 +113,11 @@ def test_capturable_after_sync_continues_the_eager_stream(bio_settings):
 
 def test_capturable_step_is_host_free():
     """A capturable call touches no host counter and makes no host tensor: only launches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     model = _model()
     with use_backend("triton"), settings.override(capturable=True), stub_launches() as counts:
         model.bio_step(volume=True)
         counts.clear()
-        with Count() as mode:
+        with OpRecorder() as mode:
             model.bio_step(volume=True)
     assert mode.ops == []
     assert dict(counts) == {

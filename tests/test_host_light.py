@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bio_transformations import BioConverter, functional, step_cache
 from bio_transformations.kernels import use_backend
@@ -37,6 +38,18 @@ TARGET_HOST_US = 50.0
 #: uncached path takes ~1000 µs for the same call, so this still fails on any regression to
 #: per-layer planning). benchmarks/host_step.py reports the figure itself.
 ASSERT_HOST_US = 3 * TARGET_HOST_US
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every aten op dispatched while it is active (``.ops``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def _model(layers=100, width=16, seed=0):
@@ -84,23 +97,14 @@ def test_bio_step_of_100_layers_is_3_launches_and_host_light():
 def test_no_torch_ops_per_call():
     """Steady state: nothing but the three Triton launches reaches the device (no statistics
     ops, no torch.stack, no key tensor)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        ops: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     model = _model(layers=10)
     with use_backend("triton"), stub_launches():
         model.bio_step()
         model.bio_step(volume=True)
-        with Count() as mode:
+        with OpRecorder() as mode:
             model.bio_step()
         assert mode.ops == []
-        with Count() as mode:
+        with OpRecorder() as mode:
             model.bio_step(volume=True)
     # Volume scaling reads and advances each layer's CPU step counter (host scalars), makes
     # the keys a host tensor (lift_fresh) and sends them in one copy into the plan's buffer.
@@ -108,13 +112,13 @@ def test_no_torch_ops_per_call():
     assert [op for op in mode.ops if op not in counters] == ["aten.copy_.default"], mode.ops
 
 
-def _run_both(change, volume=False):
+def _run_both(change, volume=False, backend="triton", layers=6, width=40, seed=1):
     """The cached model-level call and ``functional.bio_step`` on twin models, with the same
     ``change`` applied before the second and third steps; returns both models' tensors."""
     out = []
     for cached in (True, False):
-        model = _model(layers=6, width=40, seed=1)
-        with use_backend("triton"):
+        model = _model(layers=layers, width=width, seed=seed)
+        with use_backend(backend):
             for step in range(3):
                 if step:
                     change(model, step)
@@ -295,22 +299,11 @@ def test_statistics_pass_matches_stats(dtype):
 def test_rejuvenation_is_one_statistics_pass():
     """rejuvenate_ on 5 layers: the counts' zero fill, then 3 launches (statistics pass with
     cleaning, its finish, the kernel): no per-layer statistics ops, no stack."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     ws = _layers_of_sizes(torch.float32, nan=True)
     with stub_launches() as counts:
         trb.rejuvenate_(ws, list(range(len(ws))), 8.0)
         counts.clear()
-        with Count() as mode:
+        with OpRecorder() as mode:
             trb.rejuvenate_(ws, list(range(len(ws))), 8.0)
     assert dict(counts) == {
         "_rejuvenation_partials": 1, "_rejuvenation_finish": 1, "_rejuvenate_kernel": 1,
@@ -380,17 +373,6 @@ def test_cached_path_follows_replaced_rates_buffers(change, backend, bio_setting
     """The cache must act on the rates the model holds now, on every backend: ``model.double()``
     and assignment replace buffers without a registration hook."""
     bio_settings(rng="philox")
-    out = []
-    for cached in (True, False):
-        model = _model(layers=4, width=24, seed=2)
-        with use_backend(backend):
-            for step in range(3):
-                if step:
-                    change(model, step)
-                if cached:
-                    model.bio_step(volume=True)
-                else:
-                    functional.bio_step(bio_layers(model), volume=True)
-        out.append([t.detach().clone() for t in [w.grad for w in _weights(model)] + _rates(model)])
+    out = _run_both(change, True, backend, layers=4, width=24, seed=2)
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
