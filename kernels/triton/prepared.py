@@ -29,7 +29,7 @@ import torch
 from ..contract import StepParams
 from . import reduce
 from .launch import _on, fire, groups
-from .step import _step_kernel
+from .step import _step_kernel, step_operands, step_scalars, step_switches
 
 Tensor = torch.Tensor
 
@@ -63,8 +63,7 @@ class PreparedStep:
         p = self.params = params
         weights, grads = list(weights), list(grads)
         uses_rates = p.fuzzy or p.crystallize
-        elems = [weights, grads] + ([list(rates)] if uses_rates else [])
-        written = ((1,) if p.volume or p.fuzzy else ()) + ((2,) if p.crystallize else ())
+        elems, written = step_operands(weights, grads, rates, p)
         self.groups = groups(elems, [], written)
         if any(g.copy_back for g in self.groups):
             raise Unpreparable("a tensor runs on a staged copy")
@@ -82,11 +81,8 @@ class PreparedStep:
         self._all = list(range(len(self.fixed)))
         self._index = list(range(len(grads)))
         self.n = len(grads)
-        self.scalars = (() if uses_rates else (None,)) + (
-            float(p.base_lr), -float(p.stability_factor), float(p.lr_variability),
-            float(p.crystal_thresh), float(p.dampening),
-        )  # fmt: skip
-        self.meta = dict(VOLUME=p.volume, FUZZY=p.fuzzy, CRYSTALLIZE=p.crystallize)
+        self.scalars = step_scalars(p)
+        self.meta = step_switches(p)
         self.uses_rates = uses_rates
 
     def matches(self, grads: List[Tensor]) -> bool:

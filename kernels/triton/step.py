@@ -149,11 +149,7 @@ def bio_step_(
         return
     weights, grads = list(weights), list(grads)
     offsets = flat_offsets(weights, spans) if p.volume else None
-    elems = [weights, grads]
-    uses_rates = p.fuzzy or p.crystallize
-    if uses_rates:
-        elems.append(list(rates))
-    written = ((1,) if p.volume or p.fuzzy else ()) + ((2,) if p.crystallize else ())
+    elems, written = step_operands(weights, grads, rates, p)
     # Crystallization's statistics: two launches over the step's own table (a sharded group
     # reduces them across ranks through stats instead).
     on_device = p.crystallize and current_reduction() is None
@@ -164,13 +160,31 @@ def bio_step_(
         if p.crystallize and not on_device
         else None,
         prelude=reduce.crystallize_stats if on_device else None,
-        # Without rates the kernel's P0 is None (it goes first: it follows the witnesses).
-        scalars=(() if uses_rates else (None,)) + (
-            float(p.base_lr), -float(p.stability_factor), float(p.lr_variability),
-            float(p.crystal_thresh), float(p.dampening),
-        ),
-        VOLUME=p.volume, FUZZY=p.fuzzy, CRYSTALLIZE=p.crystallize,
+        scalars=step_scalars(p), **step_switches(p),
     )  # fmt: skip
+
+
+def step_operands(weights: list, grads: list, rates, p: StepParams) -> tuple:
+    """``(elems, written)`` of the step kernel's launch: the element slots ``[w, g]`` plus
+    ``p`` when a stage reads the rates, and the slots it writes (g: volume/fuzzy; p:
+    crystallize)."""
+    elems = [weights, grads] + ([list(rates)] if p.fuzzy or p.crystallize else [])
+    written = ((1,) if p.volume or p.fuzzy else ()) + ((2,) if p.crystallize else ())
+    return elems, written
+
+
+def step_scalars(p: StepParams) -> tuple:
+    """The step kernel's scalar arguments; without rates its P0 is None (it goes first: it
+    follows the witnesses)."""
+    return (() if p.fuzzy or p.crystallize else (None,)) + (
+        float(p.base_lr), -float(p.stability_factor), float(p.lr_variability),
+        float(p.crystal_thresh), float(p.dampening),
+    )  # fmt: skip
+
+
+def step_switches(p: StepParams) -> dict:
+    """The step kernel's stage constexprs."""
+    return dict(VOLUME=p.volume, FUZZY=p.fuzzy, CRYSTALLIZE=p.crystallize)
 
 
 # The one-stage ops are this fused step with one stage on.
