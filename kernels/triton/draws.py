@@ -39,40 +39,11 @@ from triton.language.random import philox as _philox
 from triton.language.random import uint_to_uniform_float
 
 from .. import philox as _host
-from .launch import DIMS, INTERPRETED, MEM_STRIDE, logical
+from .launch import DIMS, MEM_STRIDE, fast_cos, fast_sin, logical
 
 #: float32(pi * 2**-31): a word read as int32 times this is an angle in [-pi, pi].
 ANGLE_SCALE = tl.constexpr(_host._ANGLE_SCALE)
 U1_FLOOR = tl.constexpr(_host._U1_FLOOR)
-
-if INTERPRETED:
-
-    @triton.jit
-    def fast_cos(x):
-        return tl.cos(x)
-
-    @triton.jit
-    def fast_sin(x):
-        return tl.sin(x)
-
-    @triton.jit
-    def fast_exp(x):
-        return tl.exp(x)
-
-else:
-    from triton.language.extra import libdevice
-
-    @triton.jit
-    def fast_cos(x):
-        return libdevice.fast_cosf(x)  # cos.approx.f32
-
-    @triton.jit
-    def fast_sin(x):
-        return libdevice.fast_sinf(x)  # sin.approx.f32
-
-    @triton.jit
-    def fast_exp(x):
-        return libdevice.fast_expf(x)  # ex2.approx.f32 of x * log2(e)
 
 
 @triton.jit

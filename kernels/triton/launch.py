@@ -109,6 +109,30 @@ if INTERPRETED:
         return tl.exp(x)  # numpy's exp; the interpreter has no libdevice
 
     @triton.jit
+    def fast_cos(x):
+        return tl.cos(x)
+
+    @triton.jit
+    def fast_sin(x):
+        return tl.sin(x)
+
+    @triton.jit
+    def fast_exp(x):
+        return tl.exp(x)
+
+    @triton.jit
+    def log(x):
+        return tl.log(x)
+
+    @triton.jit
+    def log1p(x):
+        return tl.log(1.0 + x)  # float64 here: off by < 1e-16 relative where x is not tiny
+
+    @triton.jit
+    def sqrt(x):
+        return tl.sqrt(x)
+
+    @triton.jit
     def round_to(x, dtype: tl.constexpr):
         """``x.to(dtype)``, rounding to nearest even: the interpreter truncates to bfloat16."""
         if dtype == tl.bfloat16:
@@ -125,6 +149,32 @@ else:
     @triton.jit
     def exp(x):
         return libdevice.exp(x)  # __nv_expf, what torch's CUDA exp calls (tl.exp is ex2.approx)
+
+    # Fast forms, for random draws only (see draws.py for where and why).
+    @triton.jit
+    def fast_cos(x):
+        return libdevice.fast_cosf(x)  # cos.approx.f32
+
+    @triton.jit
+    def fast_sin(x):
+        return libdevice.fast_sinf(x)  # sin.approx.f32
+
+    @triton.jit
+    def fast_exp(x):
+        return libdevice.fast_expf(x)  # ex2.approx.f32 of x * log2(e)
+
+    # Precise forms in the argument's dtype (float64 in the statistics fits).
+    @triton.jit
+    def log(x):
+        return libdevice.log(x)
+
+    @triton.jit
+    def log1p(x):
+        return libdevice.log1p(x)
+
+    @triton.jit
+    def sqrt(x):
+        return libdevice.sqrt(x)
 
     @triton.jit
     def round_to(x, dtype: tl.constexpr):

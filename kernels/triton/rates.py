@@ -13,9 +13,10 @@ import triton.language as tl
 
 from .. import settings, torch_backend
 from ..stats import abs_means, activity_stats
-from .draws import draw_index, fast_exp, for_block, grouped, normals, row_aligned, uniforms
+from .draws import draw_index, for_block, grouped, normals, row_aligned, uniforms
 from .launch import (
     clamp,
+    fast_exp,
     flat_offsets,
     launch,
     logical,

@@ -22,41 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import _HEADER, BLOCK_SIZE, FIRST_BLOCK, INTERPRETED, NUMEL, Group
+from .launch import _HEADER, BLOCK_SIZE, FIRST_BLOCK, NUMEL, Group, log, log1p, sqrt
 
 Tensor = torch.Tensor
 
 #: Rows of partials each finish program adds per step.
 _RBLOCK = 1024
-
-if INTERPRETED:  # numpy's functions (the interpreter has no libdevice)
-
-    @triton.jit
-    def _log(x):
-        return tl.log(x)
-
-    @triton.jit
-    def _log1p(x):
-        return tl.log(1.0 + x)  # float64 here: off by < 1e-16 relative where x is not tiny
-
-    @triton.jit
-    def _sqrt(x):
-        return tl.sqrt(x)
-
-else:
-    from triton.language.extra import libdevice
-
-    @triton.jit
-    def _log(x):
-        return libdevice.log(x)  # float64: __nv_log
-
-    @triton.jit
-    def _log1p(x):
-        return libdevice.log1p(x)
-
-    @triton.jit
-    def _sqrt(x):
-        return libdevice.sqrt(x)
 
 
 @triton.jit
@@ -221,18 +192,18 @@ def _rejuvenation_finish(
     nf = n.to(tl.float64)
     dof = tl.maximum(nf - 1.0, 1.0)  # unbiased, as torch.std; one weight: std 0, not NaN
     tiny = 1e-12
-    std = _sqrt(tl.maximum((s2 - s1 * s1 / nf) / dof, 0.0))
+    std = sqrt(tl.maximum((s2 - s1 * s1 / nf) / dof, 0.0))
     mean_aw = a1 / nf
-    spread = _sqrt(tl.maximum((s2 - a1 * a1 / nf) / dof, 0.0))
+    spread = sqrt(tl.maximum((s2 - a1 * a1 / nf) / dof, 0.0))
     std = tl.maximum(tl.where(std != std, 0.0, std), tiny)
     mean_aw = tl.maximum(tl.where(mean_aw != mean_aw, 0.0, mean_aw), tiny)
     spread = tl.where(spread != spread, 0.0, spread)
     ratio = spread / mean_aw
-    sigma2 = _log1p(ratio * ratio)
-    mu = _log(mean_aw) - 0.5 * sigma2
+    sigma2 = log1p(ratio * ratio)
+    mu = log(mean_aw) - 0.5 * sigma2
     tl.store(stats + 3 * t, std.to(tl.float32))
     tl.store(stats + 3 * t + 1, mu.to(tl.float32))
-    tl.store(stats + 3 * t + 2, (0.5 * _sqrt(sigma2)).to(tl.float32))
+    tl.store(stats + 3 * t + 2, (0.5 * sqrt(sigma2)).to(tl.float32))
 
 
 def rejuvenation_stats(group: Group) -> dict:

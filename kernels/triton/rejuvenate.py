@@ -14,7 +14,6 @@ from ..stats import clean_weights_, current_reduction, legacy_stats_many, rejuve
 from . import reduce
 from .draws import (
     draw_index,
-    fast_exp,
     for_block,
     grouped,
     normals,
@@ -26,6 +25,7 @@ from .draws import (
 from .launch import (
     LIST_INDEX,
     clamp,
+    fast_exp,
     flat_offsets,
     launch,
     operand,
