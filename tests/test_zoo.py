@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
+from test_training import Block  # the residual block of the training tests
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -63,24 +64,11 @@ def vit():
     return model, lambda m: m(pixel_values=images, labels=labels).loss
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(x + self.bn2(self.conv2(y)))
-
-
 class ResNet(nn.Module):
     def __init__(self, classes=3):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
-        self.layer1 = nn.Sequential(BasicBlock(8), BasicBlock(8))
+        self.layer1 = nn.Sequential(Block(8), Block(8))
         self.fc = nn.Linear(8, classes)
 
     def forward(self, x):
