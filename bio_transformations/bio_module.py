@@ -145,6 +145,13 @@ class BioModule(BioModuleCompat, nn.Module):
     #: The model-level method names (one table: ``functional.METHOD_NAMES``).
     exposed_functions = functional.METHOD_NAMES
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "config":  # the model-level bio_step's cached decisions depend on it
+            from . import step_cache
+
+            step_cache.decisions_changed()
+
     def __init__(
         self,
         parent: Callable[[], nn.Module],

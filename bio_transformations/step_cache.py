@@ -9,11 +9,12 @@ so :func:`bio_step` makes them once and keeps, per model and per argument set, a
 :class:`CachedStep`. A call then
 
 * checks, for every converted layer, that nothing the decisions depend on changed: the list
-  of converted layers, the settings (:func:`kernels.settings.token`), every layer's config
-  object and rates buffer (``model.to(...)`` replaces buffers), ``requires_grad`` flag and
-  whether it has a gradient, its seed and step counter (when volume scaling draws), no
-  parameter or module registered anywhere since
-  (``nn.Module`` global registration hooks count them), and not inside ``torch.compile``;
+  of converted layers, the settings (:func:`kernels.settings.token`), the address of every
+  layer's current rates buffer (``model.to(...)`` and assignment replace buffers, ``.data =``
+  moves one), every ``requires_grad`` flag and whether each layer has a gradient, the seeds
+  and step counters (when volume scaling draws), no parameter, module or layer config set
+  anywhere since (``nn.Module``'s global registration hooks and ``BioModule.__setattr__``
+  count them; configs are immutable named tuples), and not inside ``torch.compile``;
 * gathers the gradients (``p.grad`` per layer, the only per-call input);
 * runs each group: on the Triton backend a prepared step
   (:class:`~bio_transformations.kernels.triton.prepared.PreparedStep`, 3 launches at most:
@@ -46,21 +47,26 @@ from . import functional, ops, sharding
 from .kernels import backend_for, settings
 from .kernels.contract import StepParams
 
-__all__ = ["CachedStep", "bio_step", "clear", "sync_steps"]
+__all__ = ["CachedStep", "bio_step", "clear", "decisions_changed", "sync_steps"]
 
 _grad = operator.attrgetter("grad")
 _requires_grad = operator.attrgetter("requires_grad")
-_config = operator.attrgetter("config")
 _seed = operator.attrgetter("layer_seed")
 _step = operator.attrgetter("_rng_step")
+_data_ptr = torch.Tensor.data_ptr
 _RATES = "fuzzy_learning_rate_parameters"
+_rates_of = operator.itemgetter(_RATES)
+_NONES = itertools.repeat(None)
 
 # Bumped whenever any module registers a parameter or a submodule (``layer.weight = ...``,
-# ``layer.bio_mod = ...``): a cached step built before is rebuilt.
+# ``layer.bio_mod = ...``) and when a layer's config is set: a cached step built before is
+# rebuilt.
 _generation = [0]
 
 
-def _bump(*_args: Any) -> None:
+def decisions_changed(*_args: Any) -> None:
+    """Make every cached step rebuild before its next call (a registration hook, and what
+    ``BioModule`` calls when its ``config`` is set)."""
     _generation[0] += 1
 
 
@@ -71,8 +77,8 @@ def _install_hooks() -> None:
     if not _hooks:
         from torch.nn.modules import module as module_mod
 
-        _hooks.append(module_mod.register_module_parameter_registration_hook(_bump))
-        _hooks.append(module_mod.register_module_module_registration_hook(_bump))
+        _hooks.append(module_mod.register_module_parameter_registration_hook(decisions_changed))
+        _hooks.append(module_mod.register_module_module_registration_hook(decisions_changed))
 
 
 _caches: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -122,12 +128,15 @@ class CachedStep:
         self.layers = [layer for _, layer, _ in entries]
         self.all_weights = [layer.weight for layer in self.layers]
         self.bios = [bio for *_, bio in entries]
-        self.configs = list(map(_config, self.bios))
         # The rates buffers, read straight from each module's buffer dict: ``model.to(...)``,
-        # ``.double()`` and plain assignment replace a buffer without any registration hook.
+        # ``.double()`` and plain assignment replace a buffer without any registration hook,
+        # ``.data = ...`` moves one. Their addresses tell both (the cache holds the old
+        # tensors, so a new one cannot reuse an old address).
         self.buffer_dicts = [bio._buffers for bio in self.bios]
         self.rates = self._rates_now()
+        self.rate_ptrs = list(map(_data_ptr, self.rates))
         self.requires = list(map(_requires_grad, self.all_weights))
+        self.all_require = all(self.requires)
         self.has_grad = [g is not None for g in map(_grad, self.all_weights)]
         self.every_grad = all(self.has_grad)
         self.seeds = list(map(_seed, self.bios))
@@ -156,9 +165,12 @@ class CachedStep:
             and len(recorded) == self.n_recorded
             and _generation[0] == self.generation
             and _same(settings.token(), self.token)
-            and _all_is(map(_config, self.bios), self.configs)
-            and _all_is(self._rates_now(), self.rates)
-            and list(map(_requires_grad, self.all_weights)) == self.requires
+            and _rate_addresses(self.buffer_dicts) == self.rate_ptrs
+            and (
+                all(map(_requires_grad, self.all_weights))
+                if self.all_require
+                else list(map(_requires_grad, self.all_weights)) == self.requires
+            )
             and (
                 not self.volume
                 or (
@@ -172,15 +184,23 @@ class CachedStep:
         return list(map(dict.get, self.buffer_dicts, itertools.repeat(_RATES)))
 
     def run(self) -> bool:
-        """One ``bio_step``; False (nothing done) when a decision no longer holds."""
+        """One ``bio_step``; False (nothing done) when a decision no longer holds. Every group
+        is checked before any runs, so a False never leaves a step half done."""
         grads = list(map(_grad, self.all_weights))
-        if self.every_grad:
-            if not all(map(operator.is_not, grads, itertools.repeat(None))):
-                return False
-        elif [g is not None for g in grads] != self.has_grad:
+        if not self.every_grad and [g is not None for g in grads] != self.has_grad:
             return False
+        per_group = []
         for g in self.groups:
             mine = grads if g.everyone else [grads[i] for i in g.index]
+            # A prepared step's address check also fails on a missing gradient, so the
+            # None check runs only off the fast path.
+            if g.prepared is None or not g.prepared.matches(mine):
+                if not all(map(operator.is_not, mine, _NONES)):
+                    return False
+                if g.prepared is not None:  # the gradients moved: plan again
+                    g.prepared = _prepare(g, mine)
+            per_group.append(mine)
+        for g, mine in zip(self.groups, per_group):
             if g.prepared is None:
                 with torch.no_grad():  # (the prepared path runs no autograd-visible op)
                     ops.bio_step_(g.weights, mine, g.rates, g.steps, g.seeds, g.params)
@@ -188,12 +208,7 @@ class CachedStep:
             keys = g.device_keys
             if keys is None and g.params.volume:
                 keys = ops.draw_keys(g.steps, g.seeds, "volume")
-            if g.prepared.run(mine, keys):
-                continue
-            g.prepared = _prepare(g, mine)  # the gradients moved: plan again
-            if g.prepared is None or not g.prepared.run(mine, keys):
-                with torch.no_grad():
-                    ops.backend_of(mine[0]).bio_step_(g.weights, mine, g.rates, keys, g.params)
+            g.prepared.launch(mine, keys)
         return True
 
 
@@ -237,6 +252,14 @@ def _same(a: tuple, b: tuple) -> bool:
 
 def _all_is(values, expected: list) -> bool:
     return all(map(operator.is_, values, expected))
+
+
+def _rate_addresses(buffer_dicts: list) -> Optional[list]:
+    """``data_ptr()`` of each layer's current rates buffer; None when one is missing."""
+    try:
+        return list(map(_data_ptr, map(_rates_of, buffer_dicts)))
+    except (KeyError, TypeError):
+        return None
 
 
 def _prepare(g: _Group, grads: list):

@@ -158,6 +158,13 @@ def _replace_rates(model, step):
     bio.fuzzy_learning_rate_parameters.data = bio.fuzzy_learning_rate_parameters.data * 1.0
 
 
+def _move_weight(model, step):
+    """``.data = ...`` on a weight: same Parameter, new memory (no hook sees it); the
+    gradients stay where they were, so only the weight's address tells."""
+    w = _weights(model)[1]
+    w.data = w.data.clone() * 0.5
+
+
 def _transposed_grad(model, step):
     _new_grads(model, step)
     w = _weights(model)[0]
@@ -166,7 +173,7 @@ def _transposed_grad(model, step):
 
 @pytest.mark.parametrize(
     "change",
-    [_new_grads, _freeze_one, _new_config, _replace_rates, _transposed_grad],
+    [_new_grads, _freeze_one, _new_config, _replace_rates, _move_weight, _transposed_grad],
     ids=lambda f: f.__name__,
 )
 @pytest.mark.parametrize("volume", [False, True], ids=["default", "volume"])

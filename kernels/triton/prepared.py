@@ -7,11 +7,13 @@ tensors (a dozen Python operations per layer, ~300 µs for 100 layers). A
 (tables and buffers, held here, so the plan cache can never free them under it), the
 kernel's scalars and flags, and the addresses the tables were built from. A call then only
 
-1. checks that the tensors still lie where the tables say (the addresses of the weights and
-   rates, and the addresses and strides of this step's gradients, which autograd may have
-   reallocated) and returns False without doing anything when not;
-2. starts the statistics pass (two launches, :mod:`.reduce`) when crystallization runs, and
-   the step kernel (one launch), on the plan's buffers.
+1. checks (:meth:`PreparedStep.matches`) that the tensors still lie where the tables say:
+   the addresses of the weights, and the addresses and strides of this step's gradients,
+   which autograd may have reallocated. The rates' addresses are the caller's check
+   (``step_cache.CachedStep.valid`` reads every layer's current rates buffer, which also
+   catches a replaced buffer);
+2. starts (:meth:`PreparedStep.launch`) the statistics pass (two launches, :mod:`.reduce`)
+   when crystallization runs, and the step kernel (one launch), on the plan's buffers.
 
 So a model-level ``bio_step()`` of one layer group is at most 3 launches, with no
 ``torch.stack``, no per-layer statistics launches and no host tensor per call (the keys, when
@@ -42,10 +44,13 @@ _ptrs_equal_c = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 def addresses_equal(tensors: list, ptrs: list, index: list) -> bool:
     """Whether ``tensors[i].data_ptr() == ptrs[i]`` for every ``i`` (``index`` is
-    ``range(len(tensors))`` as a list, for the C++ check where torch has it)."""
-    if _ptrs_equal_c is not None:
-        return _ptrs_equal_c(tensors, ptrs, index)
+    ``range(len(tensors))`` as a list, for the C++ check where torch has it). Raises
+    TypeError when one of ``tensors`` is None."""
     return list(map(_data_ptr, tensors)) == ptrs
+
+
+if _ptrs_equal_c is not None:
+    addresses_equal = _ptrs_equal_c  # noqa: F811  (same contract, in C++)
 
 
 class Unpreparable(Exception):
@@ -70,45 +75,60 @@ class PreparedStep:
         for g in self.groups:
             g.cols = g.rcols = None  # hold no tensor (an old gradient kept alive would move
             # the next one to a new address)
+        # per launch group: the device context it launches in (made once: reusable)
+        self.contexts = [_on(g.plan.device) for g in self.groups]
         self.fixed = weights + (elems[2] if uses_rates else [])
-        self.fixed_ptrs = list(map(_data_ptr, self.fixed))
+        self.weights = weights
+        self.weight_ptrs = list(map(_data_ptr, weights))
         self.grad_ptrs = list(map(_data_ptr, grads))
         # Layout check: ``is_contiguous`` for all (cheaper than strides), full strides of the
         # gradients that are not contiguous (channels_last, transposed).
         self.grad_contiguous = list(map(_is_contiguous, grads))
         self.permuted = [i for i, c in enumerate(self.grad_contiguous) if not c]
         self.grad_strides = [grads[i].stride() for i in self.permuted]
-        self._all = list(range(len(self.fixed)))
         self._index = list(range(len(grads)))
         self.n = len(grads)
         self.scalars = step_scalars(p)
         self.meta = step_switches(p)
         self.uses_rates = uses_rates
 
-    def matches(self, grads: List[Tensor]) -> bool:
-        """Whether the tables still describe these gradients and the fixed tensors."""
+    def matches(self, grads: List[Optional[Tensor]]) -> bool:
+        """Whether the tables still describe these gradients (False when one is None) and the
+        weights."""
+        if len(grads) != self.n:
+            return False
+        try:
+            if not addresses_equal(grads, self.grad_ptrs, self._index):
+                return False
+        except TypeError:  # a gradient is None
+            return False
         return (
-            len(grads) == self.n
-            and addresses_equal(grads, self.grad_ptrs, self._index)
+            [grads[i].stride() for i in self.permuted] == self.grad_strides
             and list(map(_is_contiguous, grads)) == self.grad_contiguous
-            and [grads[i].stride() for i in self.permuted] == self.grad_strides
-            and addresses_equal(self.fixed, self.fixed_ptrs, self._all)
-        )
+            if self.permuted
+            else all(map(_is_contiguous, grads))
+        ) and addresses_equal(self.weights, self.weight_ptrs, self._index)
 
     def run(self, grads: List[Tensor], keys: Optional[Sequence[int]] = None) -> bool:
-        """One step with this step's ``grads`` (same order as at preparation) and, when volume
-        scaling runs, one key per layer (or a ``keys.DeviceKeys``). Returns False, having done
-        nothing, when the tensors moved (prepare again)."""
+        """:meth:`matches` then :meth:`launch`; False, having done nothing, when the tensors
+        moved (prepare again)."""
         if not self.matches(grads):
             return False
+        self.launch(grads, keys)
+        return True
+
+    def launch(self, grads: List[Tensor], keys: Optional[Sequence[int]] = None) -> None:
+        """One step with this step's ``grads`` (same order as at preparation, as checked by
+        :meth:`matches`) and, when volume scaling runs, one key per layer (or a
+        ``keys.DeviceKeys``)."""
         p = self.params
         n = self.n
-        for g in self.groups:
+        for g, context in zip(self.groups, self.contexts):
             first = g.index[0]
             w0, g0 = self.fixed[first], grads[first]
             witnesses = [w0, g0, self.fixed[n + first]] if self.uses_rates else [w0, g0]
             optional = {"keys": None, "stats": None}
-            with _on(g.plan.device):
+            with context:
                 g.plan.use()  # before this call writes any of the plan's buffers
                 if p.volume and hasattr(keys, "derive"):  # capturable: keys.DeviceKeys
                     optional["keys"] = keys.derive(g.plan, g.index)
@@ -117,4 +137,3 @@ class PreparedStep:
                 if p.crystallize:
                     optional.update(reduce.crystallize_stats(g, (w0, g0)))
                 fire(_step_kernel, g, witnesses, optional, self.scalars, self.meta)
-        return True
