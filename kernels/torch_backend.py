@@ -264,8 +264,9 @@ def _crystallize_one(
     gate: Tensor,
     mean_aw: Optional[Tensor] = None,
 ) -> None:
-    # mean|w| from the shared helper (the Triton backend reads the same number); a sharded
-    # group passes the group's mean, computed for the whole list in _run_step.
+    # mean|w| from the shared helper (the Triton backend's device reduction gives it to
+    # float32 rounding); a sharded group passes the group's mean, computed for the whole list
+    # in _run_step.
     if mean_aw is None:
         mean_aw = abs_means([w])[0]
     for wc, gc, pc in _chunks(w, g, p):
