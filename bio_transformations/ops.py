@@ -65,12 +65,19 @@ def backend_of(t: Tensor):
 
 def draw_keys(steps: List[Tensor], seeds: List[int], op: str) -> List[int]:
     """One stream key per layer from (seed, step, op); advances each CPU step counter."""
-    keys = []
-    for step, seed in zip(steps, seeds):
-        n = int(step)  # a CPU scalar: no device sync
-        keys.append(philox.stream_key(seed, n, OP_IDS[op]))
+    op_id = OP_IDS[op]
+    if len(set(map(id, steps))) < len(steps):  # a counter twice: each use takes the next key
+        return [_next_key(step, seed, op_id) for step, seed in zip(steps, seeds)]
+    values = list(map(int, steps))  # CPU scalars: no device sync
+    for step, n in zip(steps, values):
         step.fill_(n + 1)
-    return keys
+    return philox.stream_keys(seeds, values, op_id)
+
+
+def _next_key(step: Tensor, seed: int, op_id: int) -> int:
+    n = int(step)
+    step.fill_(n + 1)
+    return philox.stream_key(seed, n, op_id)
 
 
 def capturable_keys(steps: List[Tensor], seeds: List[int], like: Tensor, op: str = "volume"):

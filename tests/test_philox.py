@@ -386,3 +386,28 @@ def test_stream_key_values_are_pinned():
     want = [1279368494785126216, 7510213797696614745, 7168542582542666945, 5169819939566142805]
     assert [philox.stream_key(*c) for c in cases] == want
     assert [philox.stream_key(*c) for c in cases] == want  # the cached seed round too
+
+
+@pytest.mark.parametrize("n", [3, philox._VECTOR_KEYS_FROM, 200])
+def test_stream_keys_equal_stream_key(n):
+    """The many-layer path (int64 tensor ops) hashes exactly like the per-layer one."""
+    gen = torch.Generator().manual_seed(n)
+    seeds = [philox.new_layer_seed(gen) for _ in range(n)]
+    seeds[0], seeds[-1] = 0, 2**63 - 1
+    steps = torch.randint(0, 2**62, (n,), generator=gen).tolist()
+    steps[0], steps[-1] = 0, 2**64 - 1  # the step enters as its low 64 bits
+    for op in (0, 1, 7):
+        want = [philox.stream_key(s, k, op) for s, k in zip(seeds, steps)]
+        assert philox.stream_keys(seeds, steps, op) == want
+
+
+def test_draw_keys_advances_a_shared_counter_once_per_use():
+    """The same counter twice in one call: the second use takes the next key (as two calls)."""
+    from bio_transformations import ops
+
+    shared, other = torch.zeros((), dtype=torch.int64), torch.full((), 5, dtype=torch.int64)
+    keys = ops.draw_keys([shared, other, shared], [11, 12, 11], "volume")
+    op = ops.OP_IDS["volume"]
+    assert keys == [philox.stream_key(11, 0, op), philox.stream_key(12, 5, op),
+                    philox.stream_key(11, 1, op)]  # fmt: skip
+    assert int(shared) == 2 and int(other) == 6
