@@ -194,6 +194,24 @@ def test_missing_grad_raises_like_functional():
         model.bio_step(skip_missing_grads=True)
 
 
+def _cpp_style_check(tensors, ptrs, index):
+    """What CUDA builds of torch check addresses with (``torch._C.
+    _tensors_data_ptrs_at_indices_equal``): a pybind cast, so a None raises RuntimeError."""
+    for i in index:
+        if tensors[i] is None:
+            raise RuntimeError("Unable to cast Python instance of type NoneType to C++ type")
+        if tensors[i].data_ptr() != ptrs[i]:
+            return False
+    return True
+
+
+def test_missing_grad_raises_like_functional_with_the_cpp_address_check(monkeypatch):
+    from bio_transformations.kernels.triton import prepared
+
+    monkeypatch.setattr(prepared, "addresses_equal", _cpp_style_check)
+    test_missing_grad_raises_like_functional()
+
+
 def test_cache_is_not_copied_with_the_model():
     import copy
 

@@ -45,7 +45,7 @@ _ptrs_equal_c = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 def addresses_equal(tensors: list, ptrs: list, index: list) -> bool:
     """Whether ``tensors[i].data_ptr() == ptrs[i]`` for every ``i`` (``index`` is
     ``range(len(tensors))`` as a list, for the C++ check where torch has it). Raises
-    TypeError when one of ``tensors`` is None."""
+    TypeError (the C++ check: RuntimeError) when one of ``tensors`` is None."""
     return list(map(_data_ptr, tensors)) == ptrs
 
 
@@ -100,7 +100,7 @@ class PreparedStep:
         try:
             if not addresses_equal(grads, self.grad_ptrs, self._index):
                 return False
-        except TypeError:  # a gradient is None
+        except (TypeError, RuntimeError):  # a gradient is None (torch's C++ check: a cast error)
             return False
         return (
             [grads[i].stride() for i in self.permuted] == self.grad_strides
