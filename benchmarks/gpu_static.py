@@ -1235,6 +1235,7 @@ def _subset_arg(report: dict) -> str:
 def report_markdown(report: dict) -> str:
     res = report["results"]
     failed = [r for r in res if not r["ok"]]
+    added = sum(a["variants"] for a in report.get("additions", []))
     lines = [
         "# Static GPU report of the Triton kernels",
         "",
@@ -1244,6 +1245,7 @@ def report_markdown(report: dict) -> str:
         f"{report['elements_per_thread']} elements per thread. Subset: {report['subset']}.",
         f"{len(res)} variants compiled, {len(failed)} failed"
         + (f", in {report['seconds']} s " if report["seconds"] is not None else " ")
+        + (f"for the first {len(res) - added} " if added else "")
         + f"(`python benchmarks/gpu_static.py{_subset_arg(report)}).",
         "",
         "Definitions: see the docstring of `benchmarks/gpu_static.py` and `analysis.md`. "
