@@ -17,23 +17,40 @@ checkpoint), and ``--from-json partial-full.jsonl`` renders what a checkpoint ho
 partial. Exit status 1 when a
 variant fails to compile.
 
-**Kernels** are found, not listed: every ``triton.JITFunction`` in a submodule of the package
-``bio_transformations.kernels.triton`` whose first two parameters are ``tab, blocks``, followed
-by an operand witness -- the launch convention of ``launch.launch``: ``(tab, blocks, <operand
-witnesses>, <scalars>, [keys], [stats], [counts], S, W, BLOCK, ALIGNED, NDIM, <switches>)``.
-Helpers (``tile``, ``for_block``, the ``*_body`` functions, ...) are compiled inside them.
+**Kernels** are found, not listed: every ``triton.JITFunction`` defined in the package
+``bio_transformations.kernels.triton`` that no other one refers to by name (a launch entry
+point; the helpers ``tile``, ``for_block``, the ``*_body`` functions, ... are compiled inside
+the kernels that use them) and that takes parameters (``launch._probe``, the interpreter probe,
+takes none). Their first parameters say how they are launched (:func:`kind`):
+
+* **op kernels** ``(tab, blocks, <operand witnesses>, <scalars>, [keys], [stats], [counts], S,
+  W, BLOCK, ALIGNED, NDIM, <switches>)``: ``launch.fire`` starts one program per ``BLOCK``
+  elements of a launch table, with ``_LAUNCH``;
+* **statistics partial kernels** ``(tab, blocks, partials, <operand witnesses>, S, W, BLOCK,
+  ALIGNED)``: the first launch of a statistics pass (``reduce.reduce_into``), over the table
+  and blocks of the op kernel it serves: per block, a few float32 sums into ``partials``;
+* **row kernels**, any other: one program per row of a launch table when they take ``tab``
+  without ``blocks`` (a statistics pass's finish, ``(tab, partials, stats, S, W, BLOCK,
+  RBLOCK)``: per row, its blocks' partials into ``stats``), else one program per ``BLOCK``
+  rows of their own table (``keys._derive_keys(rows, keys, n, op_id, BLOCK)``: a key per row,
+  the capturable mode's). The statistics passes and ``_derive_keys`` are launched with
+  Triton's default options (4 warps, FMA contraction on: :func:`launch_options`).
 
 **Signatures** follow from the parameter names (the naming convention of the backend):
 
 * ``tab`` ``*i64``, ``blocks`` ``*i32``, ``keys`` ``*i64``, ``stats`` ``*fp32``,
-  ``counts`` ``*i64`` (:data:`FIXED_PARAMS`);
+  ``counts`` ``*i64``, ``partials`` ``*fp32``, ``rows`` ``*i64`` (:data:`FIXED_PARAMS`);
 * a capital letter and digits (``W0``, ``G0``, ``P0``, ``S0``, ``C0``) is an operand witness: a
   pointer to the variant's element dtype, except the names in :data:`WITNESS_DTYPES` (``C0``,
   the int64 activation counts);
 * any other runtime parameter is an ``fp32`` scalar (Python floats), except those in
-  :data:`INT_SCALARS`;
-* constexprs: ``S`` (the witnesses the launcher passes), ``W`` (the table row width ``Plan``
-  computes: S + 4 + 3*NDIM) and ``BLOCK`` (``launch.BLOCK_SIZE``) are derived; ``NDIM`` and
+  :data:`INT_SCALARS` (``_derive_keys``' ``n`` and ``op_id``: ``i32``);
+* constexprs: ``S`` (the witnesses the launcher passes; for a statistics pass the slots of the
+  table it reduces over, :data:`TABLE_SLOTS`), ``W`` (the table row width ``Plan`` computes:
+  S + 4 + 3*NDIM; NDIM 0 for the statistics passes, which do not map layouts: another NDIM
+  only changes the row stride, an immediate), ``BLOCK`` (``launch.BLOCK_SIZE``, or the kernel
+  module's ``_BLOCK``: ``keys.py``'s 128) and ``RBLOCK`` (the module's ``_RBLOCK``: the
+  partials a finish adds per step) are derived; ``NDIM`` and
   ``MODE`` take :data:`CONSTEXPR_VALUES`; every other constexpr is a boolean switch
   (``ALIGNED``, ``INDEX32``, ``VOLUME``, ``FUZZY``, ``CRYSTALLIZE``, ``NOISY``, and any flag
   added later; ``ALIGNED``, ``NDIM`` and ``INDEX32`` are set by ``launch.launch`` for every
@@ -44,9 +61,11 @@ Helpers (``tile``, ``for_block``, the ``*_body`` functions, ...) are compiled in
   functions really make), and switch combinations no launcher makes are not compiled
   (:data:`NEVER_LAUNCHED`: ``bio_step_`` with every stage off launches nothing).
 
-Variants are the product of dtype (fp32, fp16, bf16) and every constexpr's values; each is
-compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_fp_fusion``) and
-16-byte divisibility on every pointer argument (what the JIT specialises for torch allocations).
+Variants are the product of dtype (fp32, fp16, bf16: the witnesses' element type; a kernel
+without a witness has one variant, dtype ``-``) and every constexpr's values; each is compiled
+with its launch options (op kernels: ``_LAUNCH``, ``num_warps`` and ``enable_fp_fusion``; the
+others Triton's defaults) and 16-byte divisibility on every pointer argument (what the JIT
+specialises for torch allocations).
 
 **Measured per variant** (``triton.compile`` of an ``ASTSource`` for ``GPUTarget("cuda", cap,
 32)``; ptxas, cuobjdump and nvdisasm from the triton wheel, ``triton/backends/nvidia/bin``):
@@ -57,7 +76,9 @@ compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_
 * 128-bit accesses: ``LDG.E.128``/``STG.E.128`` in the SASS of the full-tile body, and
   ``ld.global.v4``/``st.global.v4`` in the PTX of the whole kernel;
 * ``masked_mem_hot_path``: predicated global loads/stores on the hot path (a check of the
-  analysis: the full-tile body has none; the test asserts 0);
+  analysis: an op kernel's full-tile body has none; the test asserts 0), and
+  ``masked_ldg_hot_path`` the loads alone (0 for every full-tile body, the statistics partial
+  kernels' included);
 * ``local_mem_hot_path``: local-memory instructions (``LDL``/``STL``: spills, or the stack
   array of a slow path) on the hot path defined next;
 * SASS instructions in the hot path per element, defined as follows. The SASS
@@ -84,7 +105,16 @@ compiled with the module's launch options (``_LAUNCH``: ``num_warps``, ``enable_
   Per element = that count / elements per thread (``BLOCK / (32 * num_warps)``, 8 here): one
   thread's instructions amortised over the elements it handles, the prologue included. These
   are issued (per-thread) instructions, not cycles: MUFU (ex2, lg2, rcp, sin/cos) issue at a
-  quarter of the FP32 rate, and latency is not modelled.
+  quarter of the FP32 rate, and latency is not modelled. The statistics partial kernels count
+  the same way, per element of the tensor they reduce (their full-tile body: unmasked loads;
+  its stores are predicated by design: one lane writes a block's sums, rejuvenation writes only
+  the elements its cleaning changed).
+* Row kernels (``unit`` "row") have no full-tile split: the hot path runs from the entry over
+  the whole body, and a loop (the finish kernels' loop over the partials) counts its body once
+  (the back edges of a depth-first search from the entry removed, not made cold): a row of up
+  to ``RBLOCK`` blocks. ``sass_hot_per_row`` = that count x threads per program / rows per
+  program (1 for a finish, ``BLOCK`` for ``_derive_keys``): thread-instructions per table row
+  (a layer of the launch; for ``_derive_keys``, one key).
 """
 
 from __future__ import annotations
@@ -120,18 +150,31 @@ FIXED_PARAMS = {
     "keys": "*i64",
     "stats": "*fp32",
     "counts": "*i64",
+    "partials": "*fp32",  # a statistics pass's per-block sums (``reduce.py``)
+    "rows": "*i64",  # ``keys._derive_keys``' table: counter address, seed, counter offset
 }
 #: Operand witnesses whose dtype is not the variant's element dtype.
 WITNESS_DTYPES = {"C0": "*i64"}  # activation counts (int64 buffer); Dale signs share w's dtype
-#: Runtime scalars that are not fp32 (none today: every scalar the launchers pass is a float).
-INT_SCALARS: Dict[str, str] = {}
+#: Runtime scalars that are not fp32: ``_derive_keys``' row count and op id (Python ints below
+#: 2**31, which Triton passes as i32).
+INT_SCALARS: Dict[str, str] = {"n": "i32", "op_id": "i32"}
 #: NDIM: 0 (contiguous launch) .. 5 (a Conv3d weight dense in a permuted order).
 NDIM_VALUES = tuple(range(6))
 #: Values of constexprs that are not boolean switches (others: False, True). ``MODE``: the
 #: initial distribution of ``rates_init_`` (baseline, uniform, normal, lognormal).
 CONSTEXPR_VALUES: Dict[str, tuple] = {"NDIM": NDIM_VALUES, "MODE": (0, 1, 2, 3)}
 #: Derived constexprs (computed per variant, not switched).
-DERIVED = ("S", "W", "BLOCK")
+DERIVED = ("S", "W", "BLOCK", "RBLOCK")
+#: The table slots ``S`` of the statistics passes (``reduce.py``), which reduce over the launch
+#: table of the kernel they serve, not a table of their own operands: crystallization's over
+#: the step's ``w, g, p`` (``crystallize_stats``), rejuvenation's over its ``w``
+#: (``rejuvenation_stats``). Other kernels: ``S`` is the number of witnesses they are passed.
+TABLE_SLOTS = {
+    "_crystal_partials": 3,
+    "_crystal_finish": 3,
+    "_rejuvenation_partials": 1,
+    "_rejuvenation_finish": 1,
+}
 #: Per kernel, the parameters its launcher passes as None, as a function of the variant's
 #: switches (``kernels/triton/step.py``: ``bio_step_``; ``rates.py``: ``rates_init_``,
 #: ``temporal_update_``). Parameters not named here are always passed.
@@ -149,6 +192,7 @@ NEVER_LAUNCHED: Dict[str, Callable[[dict], bool]] = {
     "_step_kernel": lambda c: not (c["VOLUME"] or c["FUZZY"] or c["CRYSTALLIZE"]),
 }
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2}  # name -> bytes per element
+NO_DTYPE = "-"  # the one variant of a kernel without an operand witness (no element dtype)
 TARGETS = (90, 80)
 
 _WITNESS = re.compile(r"^[A-Z][0-9]+$")
@@ -169,37 +213,75 @@ def kernel_modules() -> list:
     return mods
 
 
-def _is_kernel(fn) -> bool:
-    """``tab, blocks`` then an operand witness: what ``launch.launch`` passes (the device
-    helper ``tile(tab, blocks, W, ...)`` is not a kernel)."""
-    p = fn.params
-    return (
-        len(p) > 2
-        and (p[0].name, p[1].name) == ("tab", "blocks")
-        and not p[2].is_constexpr
-        and bool(_WITNESS.match(p[2].name))
-    )
+def _names_used(fn) -> set:
+    """Every name a JIT function's source refers to, called or passed on
+    (``for_block(_step_body, ...)``) or through a module (``launch.exp``)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(fn.src)):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+    return names
+
+
+def kind(fn) -> str:
+    """How a kernel is launched, from its first parameters:
+
+    * ``"op"``: ``(tab, blocks, <witness>, ...)``, an op kernel ``launch.fire`` starts over a
+      launch table, one program per ``BLOCK``-element block;
+    * ``"partials"``: ``(tab, blocks, partials, <witness>, ...)``, a statistics pass's first
+      launch (``reduce.reduce_into``) over the same table and blocks: per block, a few sums;
+    * ``"rows"``: any other kernel, one program per ``BLOCK`` rows of its table, or per row of
+      a launch table when it takes ``tab`` without ``blocks`` (a statistics pass's finish).
+    """
+    p = [x.name for x in fn.params]
+    if p[:2] == ["tab", "blocks"] and len(p) > 2:
+        return "partials" if p[2] == "partials" else "op"
+    return "rows"
 
 
 def discover() -> Tuple[Dict[str, object], dict]:
-    """``({kernel name: JITFunction}, launch settings)`` from the backend's modules."""
+    """``({kernel name: JITFunction}, launch settings)`` from the backend's modules: every JIT
+    function defined there that no other one refers to (a launch entry point, not a device
+    helper) and that takes parameters (``launch._probe``, the interpreter probe, takes none)."""
     import triton
 
-    kernels: Dict[str, object] = {}
-    settings: dict = {}
+    package = "bio_transformations.kernels.triton"
+    jitted: Dict[str, object] = {}
+    home: Dict[str, object] = {}
+    settings: dict = {"constants": {}}
     for mod in kernel_modules():
         for obj in vars(mod).values():
-            if isinstance(obj, triton.runtime.JITFunction) and _is_kernel(obj):
-                kernels.setdefault(obj.__name__, obj)
+            if (
+                isinstance(obj, triton.runtime.JITFunction)
+                and getattr(obj.fn, "__module__", "").startswith(package)
+                and obj.fn.__module__ == mod.__name__
+            ):
+                jitted.setdefault(obj.__name__, obj)
+                home.setdefault(obj.__name__, mod)
         if "BLOCK_SIZE" in vars(mod):
             settings.setdefault("BLOCK_SIZE", int(mod.BLOCK_SIZE))
         if "_LAUNCH" in vars(mod):
             settings.setdefault("options", dict(mod._LAUNCH))
+    used = set().union(*(_names_used(fn) for fn in jitted.values())) if jitted else set()
+    kernels = {n: fn for n, fn in jitted.items() if n not in used and fn.params}
+    if "BLOCK_SIZE" in settings:
+        for name in kernels:
+            # BLOCK: launch.BLOCK_SIZE, or the kernel module's own ``_BLOCK`` (keys.py);
+            # RBLOCK: the module's ``_RBLOCK`` (reduce.py: partials a finish adds per step)
+            mod = vars(home[name])
+            consts = {"BLOCK": int(mod.get("_BLOCK", settings["BLOCK_SIZE"]))}
+            if "_RBLOCK" in mod:
+                consts["RBLOCK"] = int(mod["_RBLOCK"])
+            settings["constants"][name] = consts
     if not kernels:
         if any(type(o).__name__ == "InterpretedFunction" for m in kernel_modules() for o in
                vars(m).values()):  # fmt: skip
             raise RuntimeError("the kernels were decorated under TRITON_INTERPRET=1: unset it")
-        raise RuntimeError("no Triton kernel (parameters tab, blocks, ...) found in the backend")
+        raise RuntimeError("no Triton kernel found in the backend")
     if "BLOCK_SIZE" not in settings or "options" not in settings:
         raise RuntimeError("the backend defines no BLOCK_SIZE or _LAUNCH (launch options)")
     return dict(sorted(kernels.items())), settings
@@ -227,6 +309,11 @@ def _switches(fn) -> Dict[str, tuple]:
     return out
 
 
+def _has_witness(fn) -> bool:
+    """Whether ``fn`` takes an operand witness (then it has a variant per element dtype)."""
+    return any(not p.is_constexpr and _WITNESS.match(p.name) for p in fn.params)
+
+
 def absent(kernel: str, constexprs: dict) -> List[str]:
     """The parameters the launcher of ``kernel`` passes as None for these switches."""
     return sorted(p for p, when in NONE_WHEN.get(kernel, {}).items() if when(constexprs))
@@ -238,23 +325,31 @@ def launched(kernel: str, constexprs: dict) -> bool:
     return never is None or not never(constexprs)
 
 
-def signature(fn, dtype: str, constexprs: dict, block: int) -> Tuple[dict, dict, dict]:
+def launch_options(fn, settings: dict) -> dict:
+    """The options ``fn`` is launched with: ``launch.fire`` passes ``_LAUNCH`` to the op
+    kernels; the statistics passes and ``_derive_keys`` are launched with Triton's defaults."""
+    return dict(settings["options"]) if kind(fn) == "op" else {}
+
+
+def signature(fn, dtype: str, constexprs: dict, constants: dict) -> Tuple[dict, dict, dict]:
     """``(signature, constexprs with the derived ones and the None parameters, attrs)`` for one
-    variant of ``fn``."""
+    variant of ``fn``; ``constants``: its ``BLOCK`` (and ``RBLOCK``), ``discover``'s
+    ``settings["constants"][name]``."""
     sig, consts, attrs = {}, dict(constexprs), {}
     none = set(absent(fn.__name__, constexprs))
     witnesses = [p.name for p in fn.params if not p.is_constexpr and _WITNESS.match(p.name)]
     present = [w for w in witnesses if w not in none]  # S: the columns the launcher fills
+    slots = TABLE_SLOTS.get(fn.__name__, len(present))
     for i, p in enumerate(fn.params):
         name = p.name
         if p.is_constexpr:
             sig[name] = "constexpr"
             if name == "S":
-                consts[name] = len(present)
+                consts[name] = slots
             elif name == "W":
-                consts[name] = len(present) + 4 + 3 * int(constexprs.get("NDIM", 0))
-            elif name == "BLOCK":
-                consts[name] = block
+                consts[name] = slots + 4 + 3 * int(constexprs.get("NDIM", 0))
+            elif name in ("BLOCK", "RBLOCK"):
+                consts[name] = constants[name]
             elif name not in consts:
                 raise KeyError(f"{fn.__name__}: no value for constexpr {name}")
             continue
@@ -276,18 +371,22 @@ def signature(fn, dtype: str, constexprs: dict, block: int) -> Tuple[dict, dict,
 def variants(kernels: dict, subset: str = "full") -> List[dict]:
     """Every (kernel, dtype, constexpr values) a launcher can make, to compile.
     ``subset='test'`` keeps, per kernel, fp32 aligned NDIM 0 with every other switch on (and
-    the last value of a valued one, ``MODE`` 3: lognormal, the longest), and for the kernel with
+    the last value of a valued one, ``MODE`` 3: lognormal, the longest), for the kernel with
     the most switches (the fused step) also bf16 aligned NDIM 0 and fp32 unaligned at the
-    largest NDIM."""
+    largest NDIM, and for the statistics passes' partial kernels also bf16 aligned (16-bit
+    loads). A kernel without an operand witness has one dtype, :data:`NO_DTYPE`."""
     out = []
     widest = max(kernels, key=lambda k: len(_switches(kernels[k])))
     for name, fn in kernels.items():
         sw = _switches(fn)
+        dtypes = list(DTYPES) if _has_witness(fn) else [NO_DTYPE]
         if subset == "test":
             flags = {k: v[-1] for k, v in sw.items() if k not in ("ALIGNED", "NDIM")}
-            picks = [("fp32", True, 0)]
+            picks = [(dtypes[0], True, 0)]
             if name == widest:
                 picks += [("bf16", True, 0), ("fp32", False, max(NDIM_VALUES))]
+            elif kind(fn) == "partials":
+                picks += [("bf16", True, 0)]
             for dtype, aligned, ndim in picks:
                 combo = dict(flags)
                 if "ALIGNED" in sw:
@@ -300,7 +399,7 @@ def variants(kernels: dict, subset: str = "full") -> List[dict]:
                 )  # fmt: skip
             continue
         keys = list(sw)
-        for dtype in DTYPES:
+        for dtype in dtypes:
             for values in itertools.product(*(sw[k] for k in keys)):
                 combo = dict(zip(keys, values))
                 if launched(name, combo):
@@ -472,11 +571,47 @@ def _idoms(entry, nodes, succ) -> Dict[int, int]:
     return idom
 
 
-def analyse_sass(text: str, callees: Optional[Dict[int, str]] = None) -> dict:
+def _back_edges(starts: list, succ: dict) -> set:
+    """The edges a depth-first search from the entry (then from every block not yet seen:
+    subroutines) meets as back edges: removing them leaves each loop body once."""
+    state: Dict[int, int] = {}  # 1: on the stack, 2: done
+    back = set()
+    for root in starts:
+        if root in state:
+            continue
+        state[root] = 1
+        work = [(root, iter(succ[root]))]
+        while work:
+            v, it = work[-1]
+            for w in it:
+                if state.get(w) == 1:
+                    back.add((v, w))
+                elif w not in state:
+                    state[w] = 1
+                    work.append((w, iter(succ[w])))
+                    break
+            else:
+                state[v] = 2
+                work.pop()
+    return back
+
+
+def analyse_sass(
+    text: str,
+    callees: Optional[Dict[int, str]] = None,
+    split: bool = True,
+    loops: str = "cold",
+) -> dict:
     """Hot-path instruction count and 128-bit accesses of one kernel's SASS (see the module
     docstring for the definition). ``callees`` (from :func:`callee_names`) names each CALL's
     subroutine: calls to a ``slowpath`` are cold; other calls are cold when guarded by a fast
-    path (their dominator reaches their post-dominator without them), hot otherwise."""
+    path (their dominator reaches their post-dominator without them), hot otherwise.
+    ``split=False``: the kernel has no full-tile/masked split (a row kernel), its whole body
+    is the region. ``loops="once"``: a loop's body counts once (the back edges of a search
+    from the entry removed) instead of being cold: a row kernel's loop over the partials,
+    which runs once for a row of up to ``RBLOCK`` blocks."""
+    if loops not in ("cold", "once"):
+        raise ValueError(f"loops: 'cold' or 'once', not {loops!r}")
     instrs = parse_sass(text)
     while instrs and (
         instrs[-1].base == "NOP"
@@ -522,6 +657,9 @@ def analyse_sass(text: str, callees: Optional[Dict[int, str]] = None) -> dict:
         succ[s] = out
         calls[s] = [i.target() for i in blocks[s] if i.base == "CALL" and i.target() in blocks]
     looped = set()  # blocks on a cycle: the loops of slow paths (Payne-Hanek reduction, ...)
+    if loops == "once":
+        back = _back_edges(starts, succ)
+        succ = {b: [t for t in out if (b, t) not in back] for b, out in succ.items()}
     for comp in _sccs(starts, succ):
         if len(comp) > 1 or comp[0] in succ[comp[0]]:
             looped.update(comp)
@@ -543,7 +681,7 @@ def analyse_sass(text: str, callees: Optional[Dict[int, str]] = None) -> dict:
         (i for i in instrs if i.addr in in_main and i.base == "BRA"
          and i.conditional and (i.target() or 0) > i.addr),
         None,
-    )  # fmt: skip
+    ) if split else None  # fmt: skip
     end = max(addrs) + 1
     if split is None:
         region, prologue_end = (addrs[0], end), addrs[0]
@@ -650,6 +788,9 @@ def analyse_sass(text: str, callees: Optional[Dict[int, str]] = None) -> dict:
         "masked_mem_hot_path": sum(
             1 for blk in path for i in blocks[blk] if i.base in ("LDG", "STG") and i.conditional
         ),
+        "masked_ldg_hot_path": sum(
+            1 for blk in path for i in blocks[blk] if i.base == "LDG" and i.conditional
+        ),
         "local_mem_hot_path": sum(
             1 for blk in path for i in blocks[blk] if i.base in ("LDL", "STL")
         ),
@@ -704,13 +845,15 @@ def compile_variant(v: dict) -> dict:
     out = dict(v, source=_worker_state["source"])
     t0 = time.perf_counter()
     try:
-        sig, consts, attrs = signature(fn, v["dtype"], v["constexprs"], settings["BLOCK_SIZE"])
+        constants = settings["constants"][v["kernel"]]
+        sig, consts, attrs = signature(fn, v["dtype"], v["constexprs"], constants)
+        options = launch_options(fn, settings)
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             k = triton.compile(
                 ASTSource(fn, sig, consts, attrs),
                 target=GPUTarget("cuda", v["target"], 32),
-                options=dict(settings["options"]),
+                options=options,
             )
         text = log.getvalue()
         for field, rx in _PTXAS.items():
@@ -734,11 +877,26 @@ def compile_variant(v: dict) -> dict:
             ).stdout
         finally:
             os.unlink(f.name)
-        out.update(analyse_sass(sass, callee_names(names)))
-        per_thread = settings["BLOCK_SIZE"] // (32 * settings["options"].get("num_warps", 4))
-        out["elements_per_thread"] = per_thread
+        kernel_kind = kind(fn)
+        rows = kernel_kind == "rows"
+        out.update(
+            analyse_sass(
+                sass, callee_names(names), split=not rows, loops="once" if rows else "cold"
+            )
+        )
+        threads = 32 * options.get("num_warps", 4)  # Triton's default: 4 warps
         hot = out["sass_hot_path"]
-        out["sass_hot_per_element"] = None if hot is None else round(hot / per_thread, 2)
+        if rows:
+            # one program per table row (tab without blocks), else per BLOCK rows
+            per_program = 1 if "tab" in fn.arg_names else constants["BLOCK"]
+            out["unit"] = "row"
+            out["rows_per_program"] = per_program
+            out["sass_hot_per_row"] = None if hot is None else round(hot * threads / per_program, 2)
+        else:
+            per_thread = constants["BLOCK"] // threads
+            out["unit"] = "element"
+            out["elements_per_thread"] = per_thread
+            out["sass_hot_per_element"] = None if hot is None else round(hot / per_thread, 2)
         out["ok"] = True
     except Exception as e:  # recorded: the report says which variant failed and why
         out["ok"] = False
@@ -845,6 +1003,18 @@ ANALYSIS_OPS = [
 ]
 
 
+#: The statistics passes (``reduce.py``): (pass, partial kernel, finish kernel, bytes per
+#: element in units of the element size, traffic, the ops of :data:`ANALYSIS_OPS` they run
+#: before). Crystallization's reads w and g; rejuvenation's reads w and writes back only the
+#: elements its cleaning changes (NaN, or beyond [-1, 1]: none in a healthy model).
+STATS_PASSES = [
+    ("crystallization statistics", "_crystal_partials", "_crystal_finish", 2, "r w,g",
+     ("crystallize_", "bio_step_ (V+F+C)")),
+    ("rejuvenation statistics", "_rejuvenation_partials", "_rejuvenation_finish", 1,
+     "r w; w changed only", ("rejuvenate_",)),
+]  # fmt: skip
+
+
 def _find(results, target, kernel, dtype, **constexprs) -> Optional[dict]:
     for r in results:
         if r["target"] != target or r["kernel"] != kernel or r["dtype"] != dtype or not r["ok"]:
@@ -909,6 +1079,67 @@ def _fmt(x) -> str:
     if isinstance(x, float) and x.is_integer():
         return str(int(x))
     return str(x)
+
+
+def _issue_us(per_element: Optional[float]) -> Optional[float]:
+    """Instruction time of ``ANALYSIS_ELEMENTS`` elements at the H200's issue rate, µs."""
+    if per_element is None:
+        return None
+    return per_element * ANALYSIS_ELEMENTS / H200_THREAD_INSTR_PER_S * 1e6
+
+
+def stats_markdown(results: List[dict]) -> str:
+    """Per statistics pass and dtype (sm_90, aligned): its partial kernel's instructions per
+    element against the H200 floor of the bytes it moves, its finish kernel's per row, and
+    what the pass adds to the op kernel it runs before (each at max(floor, instruction
+    time)). Empty when ``results`` hold no statistics pass."""
+    lines = [
+        f"sm_90, ALIGNED, {ANALYSIS_ELEMENTS:,} elements, the floor and instruction time as in "
+        "the op table (4.8 TB/s; 33.5e12 thread-instructions/s). 'pass µs' = max(floor, "
+        "instruction time) of the partial kernel; the finish kernel's thread-instructions per "
+        "row (one program per row, 128 threads, its loop over the partials once: a row of up "
+        "to RBLOCK x BLOCK = 1,048,576 elements) are negligible next to it for any row above "
+        "a few thousand elements, and its latency and the two launches are not modelled. "
+        "'op µs' = max(floor, instruction time) of the op kernel (AFTER, INDEX32, NDIM 0); "
+        "'+ %' = pass µs / op µs.",
+        "",
+        "| pass | dtype | traffic | B/elem | floor µs | budget instr/elem | partials instr/elem "
+        "| pass µs | % bw | finish instr/row | regs partials / finish | before op | op µs | + % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ops = {op: (kernel, flags, units) for op, kernel, flags, units, _ in ANALYSIS_OPS}
+    found = False
+    for name, partial, finish, units, traffic, served in STATS_PASSES:
+        for dtype in ("fp32", "bf16"):
+            r = _find(results, 90, partial, dtype, ALIGNED=True)
+            f = _find(results, 90, finish, NO_DTYPE)
+            if r is None:
+                continue
+            found = True
+            nbytes = units * DTYPES[dtype]
+            floor_us = nbytes * ANALYSIS_ELEMENTS / H200["hbm_bytes_per_s"] * 1e6
+            per = r.get("sass_hot_per_element")
+            t = _issue_us(per)
+            pass_us = max(floor_us, t or 0.0)
+            for op in served:
+                kernel, flags, op_units = ops[op]
+                k = _find(results, 90, kernel, dtype,
+                          **dict(flags, ALIGNED=True, NDIM=0, INDEX32=True))  # fmt: skip
+                op_floor = op_units * DTYPES[dtype] * ANALYSIS_ELEMENTS / H200["hbm_bytes_per_s"]
+                op_us = None
+                if k is not None:
+                    op_us = max(op_floor * 1e6, _issue_us(k.get("sass_hot_per_element")) or 0.0)
+                cells = (
+                    name, dtype, traffic, nbytes, round(floor_us, 1),
+                    round(nbytes * H200_THREAD_INSTR_PER_S / H200["hbm_bytes_per_s"], 1), per,
+                    round(pass_us, 1), None if t is None else round(100 * min(1.0, floor_us / t)),
+                    f and f.get("sass_hot_per_row"),
+                    f"{_fmt(r.get('registers'))} / {_fmt(f and f.get('registers'))}", op,
+                    None if op_us is None else round(op_us, 1),
+                    None if op_us is None else round(100 * pass_us / op_us),
+                )  # fmt: skip
+                lines.append("| " + " | ".join(_fmt(x) for x in cells) + " |")
+    return "\n".join(lines) + "\n" if found else ""
 
 
 def analysis_markdown(rows: List[dict]) -> str:
@@ -983,6 +1214,13 @@ def counts_markdown(before: List[dict], after: List[dict], target: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _hot(r: dict) -> str:
+    """Hot-path instructions per element, or per row ('/row') for a row kernel."""
+    if r.get("unit") == "row":
+        return _fmt(r.get("sass_hot_per_row")) + "/row"
+    return _fmt(r.get("sass_hot_per_element"))
+
+
 def _flags_label(c: dict) -> str:
     on = [k for k, v in c.items() if isinstance(v, bool) and v and k != "ALIGNED"]
     return "+".join(on) if on else "-"
@@ -997,6 +1235,7 @@ def _subset_arg(report: dict) -> str:
 def report_markdown(report: dict) -> str:
     res = report["results"]
     failed = [r for r in res if not r["ok"]]
+    added = sum(a["variants"] for a in report.get("additions", []))
     lines = [
         "# Static GPU report of the Triton kernels",
         "",
@@ -1006,6 +1245,7 @@ def report_markdown(report: dict) -> str:
         f"{report['elements_per_thread']} elements per thread. Subset: {report['subset']}.",
         f"{len(res)} variants compiled, {len(failed)} failed"
         + (f", in {report['seconds']} s " if report["seconds"] is not None else " ")
+        + (f"for the first {len(res) - added} " if added else "")
         + f"(`python benchmarks/gpu_static.py{_subset_arg(report)}).",
         "",
         "Definitions: see the docstring of `benchmarks/gpu_static.py` and `analysis.md`. "
@@ -1014,6 +1254,21 @@ def report_markdown(report: dict) -> str:
         "loads in bytes (ptxas).",
         "",
     ]
+    if any(r.get("unit") == "row" for r in res):
+        lines[-1:-1] = [
+            "Cells marked '/row' (the statistics passes' finish kernels and `_derive_keys`) count "
+            "thread-instructions per table row instead: the hot path (a loop over the partials "
+            "once) x threads per program / rows per program. The statistics passes and "
+            "`_derive_keys` are launched with Triton's default options (4 warps, FMA "
+            "contraction on); the launch options above are the op kernels'.",
+        ]
+    for add in report.get("additions", []):
+        lines[-1:-1] = [
+            f"Added {add['date']}: {add['variants']} variants of {', '.join(add['kernels'])} "
+            f"({', '.join('sm_%d' % t for t in add['targets'])}) in {add['seconds']} s, from the "
+            f"kernels of commit {add['commit']} (`python benchmarks/gpu_static.py --add "
+            f"--kernels ...`).",
+        ]
     for r in failed:
         lines.append(f"- FAILED `{variant_key(r)}`: {r['error'][:300]}")
     spills = [r for r in res if r["ok"] and (r["spill_stores"] or r["spill_loads"])]
@@ -1065,7 +1320,7 @@ def report_markdown(report: dict) -> str:
             spill = (r["spill_stores"] or 0) + (r["spill_loads"] or 0)
             return (
                 f"{r['registers']}, {spill}, {r['shared']}, {r['ldg128_full_tile']}/"
-                f"{r['stg128_full_tile']}, {_fmt(r['sass_hot_per_element'])}"
+                f"{r['stg128_full_tile']}, {_hot(r)}"
             )
 
         for (kernel, flags, dtype), g in groups.items():
@@ -1081,7 +1336,7 @@ def compare_markdown(old: dict, new: dict) -> str:
     a = {variant_key(r): r for r in old["results"]}
     b = {variant_key(r): r for r in new["results"]}
     fields = ("ok", "registers", "spill_stores", "spill_loads", "shared", "ldg128_full_tile",
-              "stg128_full_tile", "sass_hot_per_element")  # fmt: skip
+              "stg128_full_tile", "sass_hot_per_element", "sass_hot_per_row")  # fmt: skip
     both = sorted(set(a) & set(b))
     changed = [k for k in both if any(a[k].get(f) != b[k].get(f) for f in fields)]
     lines = [
@@ -1112,7 +1367,7 @@ def compare_markdown(old: dict, new: dict) -> str:
             f"| {k} | {pair(x['ok'], y['ok'])} | {pair(x.get('registers'), y.get('registers'))} "
             f"| {pair(spill(x), spill(y))} | {pair(x.get('shared'), y.get('shared'))} "
             f"| {pair(vec(x), vec(y))} "
-            f"| {pair(x.get('sass_hot_per_element'), y.get('sass_hot_per_element'))} |"
+            f"| {pair(_hot(x), _hot(y))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -1137,6 +1392,11 @@ def main(argv=None) -> int:
     )  # fmt: skip
     ap.add_argument("--list", action="store_true", help="only list the variants")
     ap.add_argument(
+        "--add", action="store_true",
+        help="merge the compiled variants into the report.json already in --out (same variants "
+        "replaced, the others kept as recorded) instead of writing a report of them alone",
+    )  # fmt: skip
+    ap.add_argument(
         "--from-json", type=Path, default=None,
         help="re-render the markdown of a recorded report.json instead of compiling",
     )  # fmt: skip
@@ -1147,12 +1407,17 @@ def main(argv=None) -> int:
     elif args.from_json:
         report = json.loads(args.from_json.read_text())
     else:
+        checkpoint = args.out / f"partial-{args.subset}.jsonl"
+        fresh_checkpoint = not checkpoint.exists()
         report = build_report(args)
         if report is None:
             return 0
+        if args.add:
+            report = merge_reports(json.loads((args.out / "report.json").read_text()), report)
         (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        if not (args.ndim or args.kernels or args.targets or args.dtypes or args.where):
-            (args.out / f"partial-{args.subset}.jsonl").unlink(missing_ok=True)
+        filtered = args.ndim or args.kernels or args.targets or args.dtypes or args.where
+        if not filtered or (args.add and fresh_checkpoint):
+            checkpoint.unlink(missing_ok=True)  # everything it holds is in report.json
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(report_markdown(report))
     if args.compare:  # one report, or a comma list whose results are taken together
@@ -1167,11 +1432,40 @@ def main(argv=None) -> int:
     else:
         rows = analysis_rows(report["results"])
     (args.out / "analysis_table.md").write_text(analysis_markdown(rows))
+    stats = stats_markdown(report["results"])
+    if stats:
+        (args.out / "analysis_table_stats.md").write_text(stats)
     failed = [r for r in report["results"] if not r["ok"]]
     print(
         f"gpu_static: {len(report['results']) - len(failed)} ok, {len(failed)} failed -> {args.out}"
     )
     return 1 if failed else 0
+
+
+def _commit() -> str:
+    """The short commit of the checkout, ``+changes`` when its kernels differ from it."""
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "kernels", "bio_transformations")
+    return head + ("+changes" if dirty else "")
+
+
+def merge_reports(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s variants added (a variant in both: ``new``'s), its metadata kept
+    and the addition listed under ``additions``."""
+    added = {variant_key(r) for r in new["results"]}
+    results = [r for r in old["results"] if variant_key(r) not in added] + new["results"]
+    kernels = sorted(set(old["kernels"]) | {r["kernel"] for r in new["results"]})
+    addition = {
+        "date": new["date"], "kernels": sorted({r["kernel"] for r in new["results"]}),
+        "targets": new["targets"], "variants": len(new["results"]),
+        "seconds": new["seconds"], "commit": _commit(),
+    }  # fmt: skip
+    return dict(old, kernels=kernels, results=results,
+                additions=old.get("additions", []) + [addition])  # fmt: skip
 
 
 def report_from_checkpoint(path: Path) -> dict:

@@ -2,9 +2,13 @@
 
 The compile test runs the tool's representative subset (``--subset test``: every kernel in fp32,
 aligned, NDIM 0, all switches on (MODE 3), plus the fused step in bf16 and unaligned at the
-largest NDIM; sm_90; about 40 s on 2 busy cores) in a subprocess, because this test process
-imports Triton under ``TRITON_INTERPRET=1``. The full set (1368 variants x sm_90, sm_80) runs with
-``make gpu-static``; its recorded results are in benchmarks/results/gpu_static/.
+largest NDIM and the statistics passes' partial kernels in bf16; the finish kernels and
+``_derive_keys`` once; sm_90; about 50 s on 2 busy cores) in a subprocess, because this test
+process imports Triton under ``TRITON_INTERPRET=1``. The statistics passes and the capturable
+mode's key derivation are compiled here too (the host-light tests compile nothing of their
+own). The full set (1368 op-kernel variants and 15 of the statistics and key kernels x
+sm_90, sm_80) runs with ``make gpu-static``; its recorded results are in
+benchmarks/results/gpu_static/.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ import gpu_static  # noqa: E402
 #: both on a new spill and on a listed one that no longer spills, so this list can only shrink
 #: deliberately.
 KNOWN_NDIM0_SPILLS = {"_step_kernel|bf16|VOLUME+FUZZY+CRYSTALLIZE+ALIGNED"}
+#: The host-light kernels (issue 15) besides the op kernels: the two statistics passes
+#: (kernels/triton/reduce.py) and the capturable mode's key derivation (keys.py).
+STATISTICS_PARTIALS = {"_crystal_partials", "_rejuvenation_partials"}
+ROW_KERNELS = {"_crystal_finish", "_rejuvenation_finish", "_derive_keys"}
 
 
 def _label(r: dict) -> str:
@@ -58,11 +66,18 @@ def test_every_variant_of_the_subset_compiles(subset_report):
     assert not failed, "\n".join(failed)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     kernels = {r["kernel"] for r in report["results"]}
-    assert kernels == set(report["kernels"]) and len(kernels) >= 9
+    assert kernels == set(report["kernels"]) and len(kernels) >= 14
+    assert kernels >= STATISTICS_PARTIALS | ROW_KERNELS
     for r in report["results"]:
+        key = gpu_static.variant_key(r)
         assert r["registers"] and r["registers"] > 0
-        assert r["sass_hot_per_element"] and r["sass_hot_per_element"] > 0
-        assert r["masked_mem_hot_path"] == 0, gpu_static.variant_key(r)  # the full-tile path
+        if r["kernel"] in ROW_KERNELS:
+            assert r["unit"] == "row" and r["sass_hot_per_row"] > 0, key
+            continue
+        assert r["unit"] == "element" and r["sass_hot_per_element"] > 0, key
+        assert r["masked_ldg_hot_path"] == 0, key  # the full-tile path: unmasked loads
+        if r["kernel"] not in STATISTICS_PARTIALS:  # they store a block's sums from one lane
+            assert r["masked_mem_hot_path"] == 0, key
     for name in ("report.md", "analysis_table.md"):
         assert (out / name).read_text().strip()
 
@@ -80,6 +95,27 @@ def test_full_tiles_vectorise_in_aligned_and_unaligned_launches(subset_report):
         assert r["ptx_ld_v4"] + r["ptx_st_v4"] > 0, gpu_static.variant_key(r)
 
 
+def test_statistics_and_key_kernels_compile_and_aligned_partials_vectorise(subset_report):
+    """The statistics passes (per-block partial sums, per-row finish) and ``_derive_keys``
+    compile for sm_90 without spills, so the GPU run meets no compile error the interpreter let
+    by; every load of an aligned partial kernel's full-tile body is a 128-bit load."""
+    _, report, _ = subset_report
+    by_kernel: dict = {}
+    for r in report["results"]:
+        by_kernel.setdefault(r["kernel"], []).append(r)
+    for name in STATISTICS_PARTIALS | ROW_KERNELS:
+        assert by_kernel.get(name), f"{name} not compiled"
+        for r in by_kernel[name]:
+            assert r["ok"] and (r["spill_stores"], r["spill_loads"]) == (0, 0), r
+    for name in STATISTICS_PARTIALS:
+        assert {r["dtype"] for r in by_kernel[name]} >= {"fp32", "bf16"}
+        for r in by_kernel[name]:
+            assert r["constexprs"] == {"ALIGNED": True}
+            assert r["ldg_full_tile"] > 0 and r["ldg128_full_tile"] == r["ldg_full_tile"], r
+    for name in ROW_KERNELS:
+        assert [r["dtype"] for r in by_kernel[name]] == [gpu_static.NO_DTYPE]
+
+
 def test_ndim0_variants_do_not_spill(subset_report):
     _, report, _ = subset_report
     ndim0 = [r for r in report["results"] if r["constexprs"].get("NDIM", 0) == 0]
@@ -90,46 +126,125 @@ def test_ndim0_variants_do_not_spill(subset_report):
     assert not fixed, f"no longer spill, remove from KNOWN_NDIM0_SPILLS: {fixed}"
 
 
-def test_variant_space_covers_every_kernel_and_switch():
+_STATIC_INFO = """
+import json, sys
+sys.path.insert(0, 'benchmarks')
+import gpu_static as g
+k, s = g.discover()
+v = g.variants(k)
+consts = {}  # per (kernel, switches): the derived constexprs of its NDIM-0 aligned variant
+for x in v:
+    c = x['constexprs']
+    if c.get('NDIM', 0) == 0 and c.get('ALIGNED', True) and c.get('INDEX32', True):
+        _, full, _ = g.signature(k[x['kernel']], x['dtype'], c, s['constants'][x['kernel']])
+        consts[repr((x['kernel'], sorted((a, b) for a, b in c.items()
+                     if a not in ('ALIGNED', 'NDIM', 'INDEX32'))))] = {
+            a: full[a] for a in g.DERIVED if a in full}
+print(json.dumps({
+    'kernels': list(k), 'n': len(v), 'settings': s, 'variants': v, 'consts': consts,
+    'switches': {n: {a: list(b) for a, b in g._switches(f).items()} for n, f in k.items()},
+    'kinds': {n: g.kind(f) for n, f in k.items()},
+    'dtyped': {n: g._has_witness(f) for n, f in k.items()},
+    'options': {n: g.launch_options(f, s) for n, f in k.items()},
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def static_info():
+    """What ``gpu_static`` finds and would compile (a subprocess: it needs the compiled, not
+    the interpreted, kernels)."""
     pytest.importorskip("triton")
-    code = (
-        "import sys, json; sys.path.insert(0, 'benchmarks'); import gpu_static as g; "
-        "k, s = g.discover(); v = g.variants(k); "
-        "print(json.dumps({'kernels': list(k), 'n': len(v), 'settings': s, "
-        "'switches': {n: {a: list(b) for a, b in g._switches(f).items()} for n, f in k.items()}}))"
-    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _STATIC_INFO], cwd=REPO, env=env, capture_output=True, text=True
     )
-    info = json.loads(out.stdout)
-    # every JIT function of the package that takes (tab, blocks, <witness>, ...): not `tile`
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def _switch_key(kernel: str, constexprs: dict) -> str:
+    """``(kernel, switches)`` without the per-launch layout ones, as ``_STATIC_INFO`` keys it."""
+    rest = sorted((k, v) for k, v in constexprs.items() if k not in ("ALIGNED", "NDIM", "INDEX32"))
+    return repr((kernel, rest))
+
+
+def test_variant_space_covers_every_kernel_and_switch(static_info):
+    info = static_info
+    # every launch entry point of the package: no helper (tile, for_block, ...), no probe
     assert set(info["kernels"]) == {
         "_fuzzy_kernel", "_step_kernel", "_rejuvenate_kernel", "_legacy_kernel", "_init_kernel",
         "_temporal_kernel", "_adaptive_kernel", "_activity_kernel", "_dale_kernel",
+        "_crystal_partials", "_crystal_finish", "_rejuvenation_partials",
+        "_rejuvenation_finish", "_derive_keys",
     }  # fmt: skip
+    kinds = info["kinds"]
+    assert {n for n, k in kinds.items() if k == "partials"} == STATISTICS_PARTIALS
+    assert {n for n, k in kinds.items() if k == "rows"} == ROW_KERNELS
     expected = 0
     for name, switches in info["switches"].items():
-        assert switches["ALIGNED"] == [False, True]
-        assert switches["NDIM"] == list(gpu_static.NDIM_VALUES)
+        if kinds[name] == "op":
+            assert switches["ALIGNED"] == [False, True]
+            assert switches["NDIM"] == list(gpu_static.NDIM_VALUES)
+        elif kinds[name] == "partials":
+            assert switches == {"ALIGNED": [False, True]}
+        else:
+            assert switches == {}
         combos = [dict(zip(switches, c)) for c in itertools.product(*switches.values())]
-        expected += len(gpu_static.DTYPES) * sum(gpu_static.launched(name, c) for c in combos)
+        dtypes = len(gpu_static.DTYPES) if info["dtyped"][name] else 1
+        expected += dtypes * sum(gpu_static.launched(name, c) for c in combos)
     assert info["n"] == expected
     assert set(info["switches"]["_step_kernel"]) >= {"VOLUME", "FUZZY", "CRYSTALLIZE"}
     assert info["switches"]["_init_kernel"]["MODE"] == [0, 1, 2, 3]
     assert info["settings"]["BLOCK_SIZE"] % (32 * info["settings"]["options"]["num_warps"]) == 0
 
 
-def test_none_parameters_and_switches_are_those_the_launchers_pass():
+class _LaunchRecorder:
+    """Records every Triton launch ``kernel[grid](...)`` (name and keyword arguments) and
+    runs it (the interpreter's launch path, like ``benchmarks/host_step.stub_launches``)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __enter__(self):
+        import triton.runtime.interpreter as interpreter
+
+        self._cls = interpreter.InterpretedFunction
+        self._saved = self._cls.__dict__.get("__getitem__")
+        original = self._cls.__getitem__
+        launches = self.launches
+
+        def getitem(fn, grid):
+            run = original(fn, grid)
+
+            def launch(*args, **kwargs):
+                launches.append((getattr(fn, "fn", fn).__name__, dict(kwargs)))
+                return run(*args, **kwargs)
+
+            return launch
+
+        self._cls.__getitem__ = getitem
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is None:
+            del self._cls.__getitem__
+        else:
+            self._cls.__getitem__ = self._saved
+
+
+def test_none_parameters_and_switches_are_those_the_launchers_pass(static_info):
     """Every op of the Triton backend, run in the interpreter on tiny tensors, with its launches
     recorded: the parameters each launch passes as None are ``gpu_static.absent``'s, every
-    switch combination launched is one ``gpu_static`` compiles, and every one it compiles is
-    launched by some op."""
+    switch combination launched is one ``gpu_static`` compiles and every one it compiles is
+    launched by some op (the statistics passes and the capturable key derivation included),
+    with the derived constexprs (S, W, BLOCK, RBLOCK) and launch options it compiles with."""
     import torch
 
     trb = pytest.importorskip("bio_transformations.kernels.triton")
     from bio_transformations.kernels.contract import StepParams
     from bio_transformations.kernels.triton import dale, launch, rates, rejuvenate, step
+    from bio_transformations.kernels.triton.keys import DeviceKeys
 
     if not trb.INTERPRETED:
         pytest.skip("needs the interpreter (CPU tensors)")
@@ -163,42 +278,43 @@ def test_none_parameters_and_switches_are_those_the_launchers_pass():
         g = [t(4, 16, scale=1e-3), t(3, 5, scale=1e-3)]
         p = [t(4, 16, scale=0.1, shift=1.0), t(3, 5, scale=0.1, shift=1.0)]
         keys = [11, 12]
-        trb.fuzzy_scale_(g, p)
-        for stages in itertools.product((False, True), repeat=3):
-            trb.bio_step_(w, g, p, keys, StepParams(*stages, 0.1, 2.0, 0.2, 0.05, 0.6))
-        trb.crystallize_(w, g, p, 0.05, 0.6)
-        trb.volume_scale_(w, g, keys, 0.1, 2.0, 0.2)
-        trb.rejuvenate_(w, keys, 8.0)
-        trb.rejuvenate_legacy_(w, keys, 8.0)
-        for dist in ("baseline", "uniform", "normal", "lognormal"):
-            trb.rates_init_(p, keys, dist, 0.16, 0.5, 2.0)
-        for noise in (0.0, 0.016):
-            trb.temporal_update_(p, keys, 0.9995, noise, 0.5, 2.0)
-        trb.weight_adaptive_(p, w, keys, 0.16, 0.5, 2.0)
-        counts = [torch.arange(4, dtype=torch.int64), torch.arange(3, dtype=torch.int64)]
-        trb.activity_update_(p, counts, keys, 0.16, 0.5, 2.0)
-        trb.dale_enforce_(w, [torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([1.0, -1, 1])])
+        with _LaunchRecorder() as recorder:
+            trb.fuzzy_scale_(g, p)
+            for stages in itertools.product((False, True), repeat=3):
+                trb.bio_step_(w, g, p, keys, StepParams(*stages, 0.1, 2.0, 0.2, 0.05, 0.6))
+            trb.crystallize_(w, g, p, 0.05, 0.6)
+            trb.volume_scale_(w, g, keys, 0.1, 2.0, 0.2)
+            steps = [torch.tensor(5, dtype=torch.int64) for _ in w]  # capturable: device keys
+            trb.volume_scale_(w, g, DeviceKeys(steps, keys, op_id=1), 0.1, 2.0, 0.2)
+            trb.rejuvenate_(w, keys, 8.0)
+            trb.rejuvenate_legacy_(w, keys, 8.0)
+            for dist in ("baseline", "uniform", "normal", "lognormal"):
+                trb.rates_init_(p, keys, dist, 0.16, 0.5, 2.0)
+            for noise in (0.0, 0.016):
+                trb.temporal_update_(p, keys, 0.9995, noise, 0.5, 2.0)
+            trb.weight_adaptive_(p, w, keys, 0.16, 0.5, 2.0)
+            counts = [torch.arange(4, dtype=torch.int64), torch.arange(3, dtype=torch.int64)]
+            trb.activity_update_(p, counts, keys, 0.16, 0.5, 2.0)
+            trb.dale_enforce_(w, [torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([1.0, -1, 1])])
     finally:
         mp.undo()
 
-    seen = set()
     for name, meta, none in calls:
         assert gpu_static.launched(name, meta), (name, meta)
         assert gpu_static.absent(name, meta) == none, (name, meta, none)
-        seen.add((name, tuple(sorted(meta.items()))))
-    code = (
-        "import sys, json; sys.path.insert(0, 'benchmarks'); import gpu_static as g; "
-        "k, s = g.discover(); print(json.dumps(g.variants(k)))"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
-    )
-    compiled = {
-        (v["kernel"], tuple(sorted((k, x) for k, x in v["constexprs"].items()
-                                   if k not in ("ALIGNED", "NDIM", "INDEX32"))))
-        for v in json.loads(out.stdout)
-    }  # fmt: skip
+    seen = set()
+    option_names = {"num_warps", "num_stages", "num_ctas", "enable_fp_fusion"}
+    for name, kwargs in recorder.launches:
+        switches = {k: v for k, v in kwargs.items() if k in static_info["switches"][name]}
+        key = _switch_key(name, switches)
+        seen.add(key)
+        assert key in static_info["consts"], (name, kwargs)
+        derived = {k: v for k, v in kwargs.items() if k in gpu_static.DERIVED}
+        assert derived == static_info["consts"][key], (name, kwargs)  # NDIM 0: contiguous
+        options = {k: v for k, v in kwargs.items() if k in option_names}
+        assert options == static_info["options"][name], (name, kwargs)
+    assert {n for n, _ in recorder.launches} == set(static_info["kernels"])
+    compiled = {_switch_key(v["kernel"], v["constexprs"]) for v in static_info["variants"]}
     assert compiled == seen
 
 
@@ -249,3 +365,18 @@ def test_a_call_no_path_avoids_is_hot_and_counts_its_callee():
     # entry (3) + LDG, BRA (2) + FMUL, MOV, CALL (3) + callee FADD, RET (2) + STG, EXIT (2)
     assert a["sass_hot_path"] == 12
     assert a["calls_hot_path"] == 1
+
+
+def test_row_kernels_count_the_whole_body_and_a_loop_once():
+    """A row kernel (``split=False``): no full-tile side is picked, the hot path runs over the
+    whole body; ``loops="once"`` counts the loop block (0x50, branching to itself) once instead
+    of leaving it cold."""
+    names = {0xA0: "__internal_0_$__cuda_sm3x_div_rn_f32_slowpath"}
+    # entry (3) -> LDG, BRA (2) -> the loop once: FADD, BRA (2) -> FADD (1) -> FMUL, BRA (2)
+    # -> skip the slow-path CALL -> STG, EXIT (2) = 12; longer than the other side (3 + 4)
+    once = gpu_static.analyse_sass(_SASS, names, split=False, loops="once")
+    assert once["sass_hot_path"] == 12
+    # loops cold: the loop block is skipped (3 + 2 + 2 + 2)
+    assert gpu_static.analyse_sass(_SASS, names, split=False)["sass_hot_path"] == 9
+    with pytest.raises(ValueError):
+        gpu_static.analyse_sass(_SASS, names, loops="twice")

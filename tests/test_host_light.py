@@ -227,62 +227,6 @@ def test_cache_is_not_copied_with_the_model():
     assert twin in step_cache._caches
 
 
-_AOT = r"""
-import os
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from bio_transformations.kernels.triton import keys, reduce
-
-jobs = [  # (kernel, signature, constexprs)
-    (reduce._crystal_partials, {"tab": "*i64", "blocks": "*i32", "partials": "*fp32",
-                                "W0": "*bf16", "G0": "*bf16"},
-     {"S": 3, "W": 7, "BLOCK": 1024, "ALIGNED": True}),
-    (reduce._crystal_finish, {"tab": "*i64", "partials": "*fp32", "stats": "*fp32"},
-     {"S": 3, "W": 7, "BLOCK": 1024, "RBLOCK": 1024}),
-    (keys._derive_keys, {"rows": "*i64", "keys": "*i64", "n": "i32", "op_id": "i32"},
-     {"BLOCK": 128}),
-    (reduce._rejuvenation_partials, {"tab": "*i64", "blocks": "*i32", "partials": "*fp32",
-                                     "W0": "*fp16"},
-     {"S": 1, "W": 5, "BLOCK": 1024, "ALIGNED": True}),
-    (reduce._rejuvenation_finish, {"tab": "*i64", "partials": "*fp32", "stats": "*fp32"},
-     {"S": 1, "W": 5, "BLOCK": 1024, "RBLOCK": 1024}),
-]
-for fn, sig, consts in jobs:
-    sig = {n: "constexpr" if n in consts else sig[n] for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    ptx = kernel.asm["ptx"]
-    print("compiled", fn.__name__, ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4")
-          + ptx.count("ld.global.v2") + ptx.count("ld.global.nc.v2"))
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for real on this machine")
-def test_host_side_kernels_compile_for_sm90(tmp_path):
-    """The statistics and key kernels through Triton's compiler for sm_90 (a subprocess: this
-    one interprets), so the GPU run does not meet a compile error the interpreter let by."""
-    import os
-    import subprocess
-
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT], env=env, cwd=tmp_path,
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("this triton install has no ptxas")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 5
-    vector = {line.split()[1]: int(line.split()[2]) for line in proc.stdout.splitlines()
-              if line.startswith("compiled")}  # fmt: skip
-    # aligned full tiles of the statistics passes read with vector loads
-    assert all(vector[k] > 0 for k in vector if k.endswith("_partials")), vector
-
-
 def _layers_of_sizes(dtype, nan=False):
     gen = torch.Generator().manual_seed(3)
     shapes = [(1,), (1023,), (1025,), (40, 70), (3, 5, 3, 3)]
