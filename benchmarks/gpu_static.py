@@ -1235,7 +1235,8 @@ def _subset_arg(report: dict) -> str:
 def report_markdown(report: dict) -> str:
     res = report["results"]
     failed = [r for r in res if not r["ok"]]
-    added = sum(a["variants"] for a in report.get("additions", []))
+    added = _added(report)
+    timed = report.get("timed_variants", len(res) - added)
     lines = [
         "# Static GPU report of the Triton kernels",
         "",
@@ -1245,7 +1246,7 @@ def report_markdown(report: dict) -> str:
         f"{report['elements_per_thread']} elements per thread. Subset: {report['subset']}.",
         f"{len(res)} variants compiled, {len(failed)} failed"
         + (f", in {report['seconds']} s " if report["seconds"] is not None else " ")
-        + (f"for the first {len(res) - added} " if added else "")
+        + (f"for the first {timed} " if added else "")
         + f"(`python benchmarks/gpu_static.py{_subset_arg(report)}).",
         "",
         "Definitions: see the docstring of `benchmarks/gpu_static.py` and `analysis.md`. "
@@ -1464,8 +1465,14 @@ def merge_reports(old: dict, new: dict) -> dict:
         "targets": new["targets"], "variants": len(new["results"]),
         "seconds": new["seconds"], "commit": _commit(),
     }  # fmt: skip
-    return dict(old, kernels=kernels, results=results,
+    # the variants of the first, timed recording (replaced variants stay counted there)
+    timed = old.get("timed_variants", len(old["results"]) - _added(old))
+    return dict(old, kernels=kernels, results=results, timed_variants=timed,
                 additions=old.get("additions", []) + [addition])  # fmt: skip
+
+
+def _added(report: dict) -> int:
+    return sum(a["variants"] for a in report.get("additions", []))
 
 
 def report_from_checkpoint(path: Path) -> dict:

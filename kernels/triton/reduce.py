@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import _HEADER, BLOCK_SIZE, FIRST_BLOCK, NUMEL, Group, log, log1p, sqrt
+from .draws import row_aligned
+from .launch import _HEADER, BLOCK_SIZE, FIRST_BLOCK, NUMEL, Group, log, log1p, operand, sqrt
 
 Tensor = torch.Tensor
 
@@ -42,11 +43,14 @@ def _tile_of(tab, blocks, W: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _pointer(row, col: tl.constexpr, like, ALIGNED: tl.constexpr):
-    ptr = tl.load(row + col).to(like.dtype)
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)  # the host checked it (launch.Plan.aligned)
-    return ptr
+def _fast(full, aligned):
+    """Whether this block runs the unmasked, vectorised tile: a full block of a row whose
+    operands are aligned (``aligned`` None: the whole launch is; ``draws.row_aligned``), so
+    one misaligned tensor (a DDP bucket view) costs only its own row the vector loads."""
+    fast = full
+    if aligned is not None:
+        fast = fast & aligned
+    return fast
 
 
 @triton.jit
@@ -74,10 +78,10 @@ def _crystal_partials(
 ):  # fmt: skip
     """Per block: ``sum |w|`` and the number of non-zero gradient elements (NaN counts)."""
     pid, row, offs, n, full = _tile_of(tab, blocks, W, S, BLOCK)
-    w_ptr = _pointer(row, 0, W0, ALIGNED)
-    g_ptr = _pointer(row, 1, G0, ALIGNED)
-    if full:
-        _crystal_tile(w_ptr, g_ptr, partials, pid, offs, n, False)
+    w_ptr, g_ptr = operand(row, 0, W0, ALIGNED), operand(row, 1, G0, ALIGNED)
+    w_fast, g_fast = operand(row, 0, W0, True), operand(row, 1, G0, True)
+    if _fast(full, row_aligned(row, 2, ALIGNED)):
+        _crystal_tile(w_fast, g_fast, partials, pid, offs, n, False)
     else:
         _crystal_tile(w_ptr, g_ptr, partials, pid, offs, n, True)
 
@@ -157,9 +161,9 @@ def _rejuvenation_partials(
     ``sum w``, ``sum w^2``, ``sum |w|``; the cleaned values are stored back where they differ
     (so the rejuvenation kernel reads the cleaned weight, and clean weights cost no write)."""
     pid, row, offs, n, full = _tile_of(tab, blocks, W, S, BLOCK)
-    w_ptr = _pointer(row, 0, W0, ALIGNED)
-    if full:
-        _rejuvenation_tile(w_ptr, partials, pid, offs, n, False)
+    w_ptr, w_fast = operand(row, 0, W0, ALIGNED), operand(row, 0, W0, True)
+    if _fast(full, row_aligned(row, 1, ALIGNED)):
+        _rejuvenation_tile(w_fast, partials, pid, offs, n, False)
     else:
         _rejuvenation_tile(w_ptr, partials, pid, offs, n, True)
 
