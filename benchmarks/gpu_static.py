@@ -374,7 +374,8 @@ def variants(kernels: dict, subset: str = "full") -> List[dict]:
     the last value of a valued one, ``MODE`` 3: lognormal, the longest), for the kernel with
     the most switches (the fused step) also bf16 aligned NDIM 0 and fp32 unaligned at the
     largest NDIM, and for the statistics passes' partial kernels also bf16 aligned (16-bit
-    loads). A kernel without an operand witness has one dtype, :data:`NO_DTYPE`."""
+    loads) and fp32 unaligned (the per-row alignment branch). A kernel without an operand
+    witness has one dtype, :data:`NO_DTYPE`."""
     out = []
     widest = max(kernels, key=lambda k: len(_switches(kernels[k])))
     for name, fn in kernels.items():
@@ -386,7 +387,7 @@ def variants(kernels: dict, subset: str = "full") -> List[dict]:
             if name == widest:
                 picks += [("bf16", True, 0), ("fp32", False, max(NDIM_VALUES))]
             elif kind(fn) == "partials":
-                picks += [("bf16", True, 0)]
+                picks += [("bf16", True, 0), ("fp32", False, 0)]
             for dtype, aligned, ndim in picks:
                 combo = dict(flags)
                 if "ALIGNED" in sw:

@@ -98,7 +98,8 @@ def test_full_tiles_vectorise_in_aligned_and_unaligned_launches(subset_report):
 def test_statistics_and_key_kernels_compile_and_aligned_partials_vectorise(subset_report):
     """The statistics passes (per-block partial sums, per-row finish) and ``_derive_keys``
     compile for sm_90 without spills, so the GPU run meets no compile error the interpreter let
-    by; every load of an aligned partial kernel's full-tile body is a 128-bit load."""
+    by; every load of a partial kernel's full-tile body is a 128-bit load, also in an unaligned
+    launch (its aligned rows: the alignment is checked per row)."""
     _, report, _ = subset_report
     by_kernel: dict = {}
     for r in report["results"]:
@@ -109,8 +110,8 @@ def test_statistics_and_key_kernels_compile_and_aligned_partials_vectorise(subse
             assert r["ok"] and (r["spill_stores"], r["spill_loads"]) == (0, 0), r
     for name in STATISTICS_PARTIALS:
         assert {r["dtype"] for r in by_kernel[name]} >= {"fp32", "bf16"}
+        assert {r["constexprs"]["ALIGNED"] for r in by_kernel[name]} == {True, False}
         for r in by_kernel[name]:
-            assert r["constexprs"] == {"ALIGNED": True}
             assert r["ldg_full_tile"] > 0 and r["ldg128_full_tile"] == r["ldg_full_tile"], r
     for name in ROW_KERNELS:
         assert [r["dtype"] for r in by_kernel[name]] == [gpu_static.NO_DTYPE]

@@ -227,10 +227,21 @@ def test_cache_is_not_copied_with_the_model():
     assert twin in step_cache._caches
 
 
-def _layers_of_sizes(dtype, nan=False):
+def _misaligned(t):
+    """``t``'s values in a view one element into a larger buffer (not 16-byte aligned: a
+    DDP bucket view)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def _layers_of_sizes(dtype, nan=False, misaligned=False):
     gen = torch.Generator().manual_seed(3)
     shapes = [(1,), (1023,), (1025,), (40, 70), (3, 5, 3, 3)]
     ws = [(torch.randn(s, generator=gen) * 0.4).to(DEVICE, dtype) for s in shapes]
+    if misaligned:  # the launch is unaligned; the other rows keep the vectorised body
+        ws[3] = _misaligned(ws[3])
     for w in ws:
         w.view(-1)[::13] *= 5.0  # beyond [-1, 1]
         if nan and w.numel() > 5:
@@ -238,26 +249,32 @@ def _layers_of_sizes(dtype, nan=False):
     return ws
 
 
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_statistics_pass_matches_stats(dtype):
+def test_statistics_pass_matches_stats(dtype, misaligned):
     """The reduction kernels give kernels.stats' numbers (to float32 rounding): mean|w| and
-    the gradient gate for crystallization; cleaning plus (std, mu, sigma) for rejuvenation."""
+    the gradient gate for crystallization; cleaning plus (std, mu, sigma) for rejuvenation.
+    Also in a launch with a misaligned tensor (alignment is decided per row)."""
     from bio_transformations.kernels import stats
     from bio_transformations.kernels.triton import launch, reduce
 
-    ws = _layers_of_sizes(dtype)
+    ws = _layers_of_sizes(dtype, misaligned=misaligned)
     gs = [torch.randn_like(w) for w in ws]
     gs[2].zero_()
+    if misaligned:
+        gs[1] = _misaligned(gs[1])
     group = launch.groups([ws, gs], [])[0]
+    assert group.plan.aligned is not misaligned
     got = reduce.crystallize_stats(group)["stats"].view(-1, 2)
     means, nonzero = stats.crystallize_stats(ws, gs)
     torch.testing.assert_close(got[:, 0], torch.stack(means).float(), rtol=2e-6, atol=0)
     assert got[:, 1].tolist() == torch.stack(nonzero).float().tolist() == [1, 1, 0, 1, 1]
 
-    ws = _layers_of_sizes(dtype, nan=True)
+    ws = _layers_of_sizes(dtype, nan=True, misaligned=misaligned)
     ref = [w.clone() for w in ws]
     stats.clean_weights_(ref)
     group = launch.groups([ws], [], written=(0,))[0]
+    assert group.plan.aligned is not misaligned
     got = reduce.rejuvenation_stats(group)["stats"].view(-1, 3)
     for w, r in zip(ws, ref):  # cleaned in place, bit for bit
         torch.testing.assert_close(w, r, rtol=0, atol=0)
