@@ -374,8 +374,10 @@ def variants(kernels: dict, subset: str = "full") -> List[dict]:
     the last value of a valued one, ``MODE`` 3: lognormal, the longest), for the kernel with
     the most switches (the fused step) also bf16 aligned NDIM 0 and fp32 unaligned at the
     largest NDIM, and for the statistics passes' partial kernels also bf16 aligned (16-bit
-    loads) and fp32 unaligned (the per-row alignment branch). A kernel without an operand
-    witness has one dtype, :data:`NO_DTYPE`."""
+    loads) and fp32 unaligned (the per-row alignment branch), and for every op kernel the other
+    side of its switches: fp16, aligned, NDIM 1, every other switch at its first value (off,
+    64-bit index math, ``MODE`` 0; the first such combination a launcher makes). A kernel
+    without an operand witness has one dtype, :data:`NO_DTYPE`."""
     out = []
     widest = max(kernels, key=lambda k: len(_switches(kernels[k])))
     for name, fn in kernels.items():
@@ -388,12 +390,17 @@ def variants(kernels: dict, subset: str = "full") -> List[dict]:
                 picks += [("bf16", True, 0), ("fp32", False, max(NDIM_VALUES))]
             elif kind(fn) == "partials":
                 picks += [("bf16", True, 0), ("fp32", False, 0)]
+            combos = []
             for dtype, aligned, ndim in picks:
                 combo = dict(flags)
                 if "ALIGNED" in sw:
                     combo["ALIGNED"] = aligned
                 if "NDIM" in sw:
                     combo["NDIM"] = ndim
+                combos.append((dtype, combo))
+            if "NDIM" in sw:  # the other side of every switch: fp16, NDIM 1, switches off
+                combos.append(("fp16", _first_launched(name, sw, ALIGNED=True, NDIM=1)))
+            for dtype, combo in combos:
                 out.append(
                     {"kernel": name, "dtype": dtype, "constexprs": combo,
                      "none": absent(name, combo)}
@@ -409,6 +416,18 @@ def variants(kernels: dict, subset: str = "full") -> List[dict]:
                          "none": absent(name, combo)}
                     )  # fmt: skip
     return out
+
+
+def _first_launched(name: str, sw: Dict[str, tuple], **fixed) -> dict:
+    """The first switch combination (each switch's first value first: off, 64-bit indices,
+    ``MODE`` 0) a launcher makes, with ``fixed`` values."""
+    keys = [k for k in sw if k not in fixed]
+    for values in itertools.product(*(sw[k] for k in keys)):
+        combo = {k: fixed.get(k) for k in sw}
+        combo.update(zip(keys, values))
+        if launched(name, combo):
+            return combo
+    raise ValueError(f"{name}: no launched combination with {fixed}")
 
 
 def variant_key(v: dict) -> str:

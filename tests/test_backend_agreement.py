@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import importlib
 import logging
-import os
 import pkgutil
 
 import pytest
@@ -669,87 +668,6 @@ def test_model_ops_never_read_device_values(monkeypatch):
                 model.rejuvenate_weights_old()
                 model.enforce_dales_principle()
         assert (backend == "triton") == bool(_launches), dict(_launches)
-
-
-# ---------------------------------------------------------------------------------------------
-# Compiled mode without a GPU: the kernels must also pass Triton's compiler, not just its
-# interpreter (the interpreter accepts Python the compiler rejects)
-# ---------------------------------------------------------------------------------------------
-
-_AOT = r"""
-import json, os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from bio_transformations.kernels import triton as trb
-from bio_transformations.kernels.triton import dale, rates, rejuvenate, step
-
-assert not trb.INTERPRETED
-F = "fp32"
-jobs = [  # (kernel, operand pointer types, scalar types, constexprs)
-    (step._fuzzy_kernel, ["*fp32", "*fp32"], {}, {"NDIM": 0}),
-    (step._step_kernel, ["*bf16"] * 3, dict.fromkeys(
-        ["base_lr", "neg_stability", "variability", "thresh", "damp"], F),
-     {"NDIM": 4, "VOLUME": True, "FUZZY": True, "CRYSTALLIZE": True}),
-    (step._step_kernel, ["*fp32"] * 2, dict.fromkeys(
-        ["base_lr", "neg_stability", "variability", "thresh", "damp"], F),
-     {"NDIM": 0, "VOLUME": True, "FUZZY": False, "CRYSTALLIZE": False, "P0": None,
-      "stats": None}),
-    (rejuvenate._rejuvenate_kernel, ["*fp16"], {"neg_dre": F}, {"NDIM": 0}),
-    (rejuvenate._legacy_kernel, ["*fp32"], {}, {"NDIM": 1}),
-    (rates._init_kernel, ["*bf16"], dict.fromkeys(["nu", "shift", "lo", "hi"], F),
-     {"NDIM": 0, "MODE": 3}),
-    (rates._temporal_kernel, ["*fp32"], dict.fromkeys(["decay", "noise", "lo", "hi"], F),
-     {"NDIM": 0, "NOISY": False, "keys": None}),
-    (rates._adaptive_kernel, ["*fp16", "*fp16"], dict.fromkeys(["nu", "lo", "hi"], F),
-     {"NDIM": 0}),
-    (rates._activity_kernel, ["*fp32", "*i64"], dict.fromkeys(["nu", "lo", "hi"], F),
-     {"NDIM": 2}),
-    (dale._dale_kernel, ["*fp32", "*fp32"], {}, {"NDIM": 0}),
-]
-fixed = {"tab": "*i64", "blocks": "*i32", "keys": "*i64", "stats": "*fp32", "counts": "*i64"}
-out = {}
-for fn, ptrs, scalars, consts in jobs:
-    s = len(ptrs)  # the witnesses passed: a None P0 is not one
-    consts = {"S": s, "W": s + 4 + 3 * consts["NDIM"], "BLOCK": 1024, "ALIGNED": True,
-              "INDEX32": True, **consts}
-    ptrs = iter(ptrs)
-    sig = {n: "constexpr" if n in consts else fixed.get(n) or scalars.get(n) or next(ptrs)
-           for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "enable_fp_fusion": False})
-    ptx = kernel.asm["ptx"]
-    name = fn.__name__ + ("" if fn.__name__ not in out else "_volume_only")
-    out[name] = ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4")
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for real on this machine")
-def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
-    """A sample of kernel variants through Triton's compiler for sm_90 (PTX and cubin), in a
-    subprocess (this one interprets); aligned full blocks must get 128-bit loads."""
-    import json
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT], env=env, cwd=tmp_path,  # cwd: see test_config
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("this triton install has no ptxas")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    vector_loads = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert vector_loads["_fuzzy_kernel"] > 0, vector_loads
-    assert vector_loads["_step_kernel"] > 0, vector_loads
 
 
 # ---------------------------------------------------------------------------------------------

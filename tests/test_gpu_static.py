@@ -1,14 +1,16 @@
 """The static GPU report (benchmarks/gpu_static.py): kernels compiled ahead of time, no GPU.
 
 The compile test runs the tool's representative subset (``--subset test``: every kernel in fp32,
-aligned, NDIM 0, all switches on (MODE 3), plus the fused step in bf16 and unaligned at the
-largest NDIM and the statistics passes' partial kernels in bf16; the finish kernels and
-``_derive_keys`` once; sm_90; about 50 s on 2 busy cores) in a subprocess, because this test
-process imports Triton under ``TRITON_INTERPRET=1``. The statistics passes and the capturable
-mode's key derivation are compiled here too (the host-light tests compile nothing of their
-own). The full set (1368 op-kernel variants and 15 of the statistics and key kernels x
-sm_90, sm_80) runs with ``make gpu-static``; its recorded results are in
-benchmarks/results/gpu_static/.
+aligned, NDIM 0, all switches on (MODE 3), and in fp16 at NDIM 1 with its switches off (64-bit
+index math, optional inputs None where the launcher passes None); plus the fused step in bf16
+and unaligned at the largest NDIM and the statistics passes' partial kernels in bf16 and
+unaligned; the finish kernels and ``_derive_keys`` once; sm_90; about a minute on 2 busy cores)
+in a subprocess, because this test process imports Triton under ``TRITON_INTERPRET=1``. It is
+the one ahead-of-time compile of the test suite: the interpreter accepts Python the compiler
+rejects, so every kernel must also pass Triton's compiler here (the statistics passes and the
+capturable mode's key derivation too). The full set (1368 op-kernel variants and 15 of the
+statistics and key kernels x sm_90, sm_80) runs with ``make gpu-static``; its recorded results
+are in benchmarks/results/gpu_static/.
 """
 
 from __future__ import annotations
