@@ -267,36 +267,38 @@ def _helper_kernels():
     import triton.language as tl
 
     @triton.jit
-    def words(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr):
+    def words(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr, RUN: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         idx = draws.draw_index(out, offs, first, 0, 0, GROUPED)
-        w = draws.words_of(key, idx, 0, first, BLOCK, 1, GROUPED)
+        w = draws.words_of(key, idx, 0, first, BLOCK, 1, GROUPED, RUN)
         tl.store(out + offs, w.to(tl.int32, bitcast=True))
 
     @triton.jit
-    def normals(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr):
+    def normals(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr, RUN: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         idx = draws.draw_index(out, offs, first, 0, 0, GROUPED)
-        tl.store(out + offs, draws.normals(key, idx, 0, first, BLOCK, 0, GROUPED))
+        tl.store(out + offs, draws.normals(key, idx, 0, first, BLOCK, 0, GROUPED, RUN))
 
     _helpers.update(words=words, normals=normals)
     return _helpers
 
 
 @pytest.mark.parametrize("first", [0, 2**32 - 8, 2**34 - 4 * 100, 2**40 + 4 * 7])
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "scattered"])
-def test_device_draws_carry_into_the_high_counter_word(first, grouped):
-    """Both draw paths at global indices whose counters cross 2**32 (the grouped path carries
-    the low counter word into the high one in 32-bit halves): the torch map's words and
-    normals."""
+@pytest.mark.parametrize(
+    "grouped, run", [(True, 4), (True, 8), (False, 4)], ids=["grouped", "grouped8", "scattered"]
+)
+def test_device_draws_carry_into_the_high_counter_word(first, grouped, run):
+    """Every draw path at global indices whose counters cross 2**32 (the grouped path carries
+    the low counter word into the high one in 32-bit halves; ``run`` 8 is the grouped layout of
+    16-bit dtypes, 8 consecutive elements per thread): the torch map's words and normals."""
     k = _helper_kernels()
     key, block = _key(30), 1024
     out = torch.empty(block, dtype=torch.int32, device=DEVICE)
-    k["words"][(1,)](key, first, out, BLOCK=block, GROUPED=grouped)
+    k["words"][(1,)](key, first, out, BLOCK=block, GROUPED=grouped, RUN=run)
     want = philox.element_words(key, range(first, first + block), DEVICE, stream=1)
     assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, want)
     z = torch.empty(block, dtype=torch.float32, device=DEVICE)
-    k["normals"][(1,)](key, first, z, BLOCK=block, GROUPED=grouped)
+    k["normals"][(1,)](key, first, z, BLOCK=block, GROUPED=grouped, RUN=run)
     _assert_normals_close(z, philox.element_normals(key, range(first, first + block), DEVICE))
 
 

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .. import settings, torch_backend
 from ..stats import abs_means, activity_stats
-from .draws import draw_index, for_block, grouped, normals, row_aligned, uniforms
+from .draws import draw_index, draw_run, for_block, grouped, normals, row_aligned, uniforms
 from .launch import (
     clamp,
     fast_exp,
@@ -45,13 +45,14 @@ def _init_body(
     NDIM: tl.constexpr = FLAGS[1]
     MODE: tl.constexpr = FLAGS[2]
     BLOCK: tl.constexpr = FLAGS[3]
+    RUN: tl.constexpr = draw_run(p_ptr.dtype.element_ty)
     mask = offs < n if MASKED else None
-    if MODE == 1:  # initial draws: whole layers, no shard offset
-        draw = uniforms(
-            key, draw_index(row, offs, 0, S, NDIM, GROUPED), start, 0, BLOCK, 0, GROUPED
-        )
+    if MODE > 0:  # initial draws: whole layers, no shard offset
+        idx = draw_index(row, offs, 0, S, NDIM, GROUPED)
+    if MODE == 1:
+        draw = uniforms(key, idx, start, 0, BLOCK, 0, GROUPED, RUN)
     elif MODE > 1:
-        draw = normals(key, draw_index(row, offs, 0, S, NDIM, GROUPED), start, 0, BLOCK, 0, GROUPED)
+        draw = normals(key, idx, start, 0, BLOCK, 0, GROUPED, RUN)
     if MODE == 0:
         value = tl.full(offs.shape, 1.0, tl.float32)  # baseline: no clamp, as torch's fill_
     elif MODE == 1:
@@ -116,7 +117,7 @@ def _temporal_body(
     value = 1.0 + (tl.load(p_ptr + offs, mask=mask).to(tl.float32) - 1.0) * decay
     if NOISY:
         idx = draw_index(row, offs, base, S, NDIM, GROUPED)
-        u = uniforms(key, idx, start, base, BLOCK, 0, GROUPED)
+        u = uniforms(key, idx, start, base, BLOCK, 0, GROUPED, draw_run(p_ptr.dtype.element_ty))
         value = value + noise * (2.0 * u - 1.0)
     tl.store(p_ptr + offs, round_to(clamp(value, lo, hi), p_ptr.dtype.element_ty), mask=mask)
 
@@ -187,7 +188,8 @@ def _adaptive_body(
     NDIM: tl.constexpr = FLAGS[1]
     BLOCK: tl.constexpr = FLAGS[2]
     mask = offs < n if MASKED else None
-    u = uniforms(key, draw_index(row, offs, base, S, NDIM, GROUPED), start, base, BLOCK, 0, GROUPED)
+    idx = draw_index(row, offs, base, S, NDIM, GROUPED)
+    u = uniforms(key, idx, start, base, BLOCK, 0, GROUPED, draw_run(p_ptr.dtype.element_ty))
     aw = tl.abs(tl.load(w_ptr + offs, mask=mask).to(tl.float32))
     scale = clamp(2.0 - tl.math.div_rn(aw, denominator), 0.5, 1.5)
     value = clamp(1.0 + (2.0 * u - 1.0) * nu * scale, lo, hi)
@@ -246,7 +248,7 @@ def _activity_body(
     BLOCK: tl.constexpr = FLAGS[2]
     mask = offs < n if MASKED else None
     idx = logical(row, offs, S, NDIM)  # the row index and the scattered draw share it
-    u = uniforms(key, idx + base, start, base, BLOCK, 0, GROUPED)
+    u = uniforms(key, idx + base, start, base, BLOCK, 0, GROUPED, draw_run(p_ptr.dtype.element_ty))
     c = tl.load(c_ptr + unit_of(row, idx, S), mask=mask).to(tl.float32)
     ratio = tl.where(mean_c > 0, tl.math.div_rn(c, denominator), 1.0)
     factor = 2.0 - clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)

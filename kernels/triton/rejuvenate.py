@@ -14,6 +14,7 @@ from ..stats import clean_weights_, current_reduction, legacy_stats_many, rejuve
 from . import reduce
 from .draws import (
     draw_index,
+    draw_run,
     for_block,
     grouped,
     normals,
@@ -53,11 +54,12 @@ def _rejuvenate_body(
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     BLOCK: tl.constexpr = FLAGS[2]
+    RUN: tl.constexpr = draw_run(w_ptr.dtype.element_ty)
     mask = offs < n if MASKED else None
     # Two Philox calls per four elements: stream 0 decides and signs, stream 1 the normals.
     idx = draw_index(row, offs, base, S, NDIM, GROUPED)  # the index math once for both draws
-    word = words_of(key, idx, start, base, BLOCK, 0, GROUPED)
-    z = normals(key, idx, start, base, BLOCK, 1, GROUPED)
+    word = words_of(key, idx, start, base, BLOCK, 0, GROUPED, RUN)
+    z = normals(key, idx, start, base, BLOCK, 1, GROUPED, RUN)
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
     # Random decisions and draws: fast exp, and -dre/std once per block instead of a division
     # per element (within an ulp or two of the torch backend's; flips only at the threshold).
@@ -134,10 +136,11 @@ def _legacy_body(
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     BLOCK: tl.constexpr = FLAGS[2]
+    RUN: tl.constexpr = draw_run(w_ptr.dtype.element_ty)
     mask = offs < n if MASKED else None
     idx = draw_index(row, offs, base, S, NDIM, GROUPED)  # the index math once for both draws
-    z = normals(key, idx, start, base, BLOCK, 0, GROUPED)  # the threshold's
-    u = uniforms(key, idx, start, base, BLOCK, 1, GROUPED)  # the new value's
+    z = normals(key, idx, start, base, BLOCK, 0, GROUPED, RUN)  # the threshold's
+    u = uniforms(key, idx, start, base, BLOCK, 1, GROUPED, RUN)  # the new value's
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
     replace = tl.abs(w) < tl.abs(z * scale)
     new = (2.0 * u - 1.0) * max_aw
