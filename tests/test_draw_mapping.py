@@ -314,3 +314,20 @@ def _assert_normals_close(z: torch.Tensor, ref: torch.Tensor) -> None:
     radius = ref.view(-1, 2).float().pow(2).sum(1).sqrt().repeat_interleave(2)
     err = (z.float() - ref.float()).abs()
     assert bool((err <= radius * 2.0**-19).all()), float((err / radius).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_activity_rows_of_every_length_agree(dtype):
+    """The activity redraw's full blocks take each group's factors from at most two rows
+    (rows of >= 4 elements) and shorter rows run the per-element body: both equal the torch
+    backend bit for bit, with row ends at every position within a group."""
+    row_lens = [1, 2, 3, 4, 5, 7, 8, 9, 50]
+    gen = torch.Generator().manual_seed(3)
+    rates = [_rates([(2100 // n + 1, n)], seed=n, dtype=dtype)[0] for n in row_lens]
+    counts = [torch.randint(0, 40, (p.shape[0],), generator=gen).to(DEVICE) for p in rates]
+    keys = [_key(40 + i) for i in range(len(rates))]
+    got = [p.clone() for p in rates]
+    tb.activity_update_(rates, counts, keys, 0.16, 0.5, 2.0)
+    trb.activity_update_(got, counts, keys, 0.16, 0.5, 2.0)
+    for n, a, b in zip(row_lens, rates, got):
+        assert torch.equal(a, b), n

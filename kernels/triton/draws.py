@@ -143,6 +143,23 @@ def _group_words(key, first, BLOCK: tl.constexpr, STREAM: tl.constexpr, PARITY: 
 
 
 @triton.jit
+def group_lanes(FN: tl.constexpr, args, first, BLOCK: tl.constexpr, RUN: tl.constexpr):
+    """Per-group values in element order, in the layout of the grouped draws (``RUN`` as
+    there): ``FN(args, lane0)`` gets each group's first memory offset (``first + 4 g``) and
+    returns its four lanes' values, which are interleaved like the draws' words (so a value
+    computed once per group, a row's count say, needs no layout conversion either)."""
+    if RUN == 8:
+        lane0 = first + tl.arange(0, BLOCK // 8) * 8
+        a, b, c, d = FN(args, lane0)
+        e, f, g, h = FN(args, lane0 + 4)
+        out = _interleave8(a, b, c, d, e, f, g, h, BLOCK)
+    else:
+        a, b, c, d = FN(args, first + tl.arange(0, BLOCK // 4) * 4)
+        out = _interleave(a, b, c, d, BLOCK)
+    return out
+
+
+@triton.jit
 def _element_words(key, idx, STREAM: tl.constexpr):
     """Per element (global indices ``idx``) the four words of its group, and its lane."""
     g = idx.to(tl.int64) >> 2

@@ -13,8 +13,18 @@ import triton.language as tl
 
 from .. import settings, torch_backend
 from ..stats import abs_means, activity_stats
-from .draws import draw_index, draw_run, for_block, grouped, normals, row_aligned, uniforms
+from .draws import (
+    draw_index,
+    draw_run,
+    for_block,
+    group_lanes,
+    grouped,
+    normals,
+    row_aligned,
+    uniforms,
+)
 from .launch import (
+    ROW_LEN,
     clamp,
     fast_exp,
     flat_offsets,
@@ -238,6 +248,28 @@ def weight_adaptive_(
 
 
 @triton.jit
+def _activity_factor(c_ptr, unit, mean_c, denominator):
+    """The redraw's scale for the counts of output units ``unit``."""
+    c = tl.load(c_ptr + unit).to(tl.float32)
+    ratio = tl.where(mean_c > 0, tl.math.div_rn(c, denominator), 1.0)
+    return 2.0 - clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
+
+
+@triton.jit
+def _group_factors(args, lane0):
+    """The factors of a group's four elements from two units: a row of at least 4 elements
+    (the fast body's condition) holds every group in at most two (one division per group
+    instead of one per element; the same per-unit values)."""
+    c_ptr, row_len, mean_c, denominator = args
+    L = row_len.to(lane0.dtype)
+    q0 = lane0 // L
+    edge = L - (lane0 - q0 * L)  # lanes from here on lie in the next unit
+    f0 = _activity_factor(c_ptr, q0, mean_c, denominator)
+    f1 = _activity_factor(c_ptr, q0 + (edge <= 3).to(q0.dtype), mean_c, denominator)
+    return f0, tl.where(edge <= 1, f1, f0), tl.where(edge <= 2, f1, f0), tl.where(edge <= 3, f1, f0)
+
+
+@triton.jit
 def _activity_body(
     ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
 ):
@@ -246,12 +278,17 @@ def _activity_body(
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     BLOCK: tl.constexpr = FLAGS[2]
+    RUN: tl.constexpr = draw_run(p_ptr.dtype.element_ty)
     mask = offs < n if MASKED else None
     idx = logical(row, offs, S, NDIM)  # the row index and the scattered draw share it
-    u = uniforms(key, idx + base, start, base, BLOCK, 0, GROUPED, draw_run(p_ptr.dtype.element_ty))
-    c = tl.load(c_ptr + unit_of(row, idx, S), mask=mask).to(tl.float32)
-    ratio = tl.where(mean_c > 0, tl.math.div_rn(c, denominator), 1.0)
-    factor = 2.0 - clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
+    u = uniforms(key, idx + base, start, base, BLOCK, 0, GROUPED, RUN)
+    if MASKED:
+        c = tl.load(c_ptr + unit_of(row, idx, S), mask=mask).to(tl.float32)
+        ratio = tl.where(mean_c > 0, tl.math.div_rn(c, denominator), 1.0)
+        factor = 2.0 - clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
+    else:  # a full block of a contiguous row with rows of >= 4 elements: per group
+        args = (c_ptr, tl.load(row + S + ROW_LEN), mean_c, denominator)
+        factor = group_lanes(_group_factors, args, start, BLOCK, RUN)
     new = clamp(1.0 + (2.0 * u - 1.0) * nu * factor, lo, hi)
     tl.store(p_ptr + offs, round_to(new, p_ptr.dtype.element_ty), mask=mask)
 
@@ -271,6 +308,7 @@ def _activity_kernel(
     draw = grouped(row, start, base, S, NDIM)
     aligned = row_aligned(row, 1, ALIGNED)
     fast = (operand(row, 0, P0, True), ptrs[1])  # the counts are gathered per unit: no hint
+    full = full & (tl.load(row + S + ROW_LEN) >= 4)  # rows shorter than a group: masked body
     for_block(
         _activity_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, BLOCK)
     )
