@@ -316,11 +316,15 @@ def _assert_normals_close(z: torch.Tensor, ref: torch.Tensor) -> None:
     assert bool((err <= radius * 2.0**-19).all()), float((err / radius).max())
 
 
+@pytest.mark.parametrize("index32", [True, False], ids=["index32", "index64"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_activity_rows_of_every_length_agree(dtype):
+def test_activity_rows_of_every_length_agree(dtype, index32, monkeypatch):
     """The activity redraw's full blocks take each group's factors from at most two rows
     (rows of >= 4 elements) and shorter rows run the per-element body: both equal the torch
     backend bit for bit, with row ends at every position within a group."""
+    if not index32:
+        monkeypatch.setattr(launch, "INDEX32_LIMIT", -1)
+    launch._plans.clear()
     row_lens = [1, 2, 3, 4, 5, 7, 8, 9, 50]
     gen = torch.Generator().manual_seed(3)
     rates = [_rates([(2100 // n + 1, n)], seed=n, dtype=dtype)[0] for n in row_lens]
@@ -331,3 +335,4 @@ def test_activity_rows_of_every_length_agree(dtype):
     trb.activity_update_(got, counts, keys, 0.16, 0.5, 2.0)
     for n, a, b in zip(row_lens, rates, got):
         assert torch.equal(a, b), n
+    launch._plans.clear()

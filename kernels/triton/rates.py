@@ -261,7 +261,9 @@ def _group_factors(args, lane0):
     (the fast body's condition) holds every group in at most two (one division per group
     instead of one per element; the same per-unit values)."""
     c_ptr, row_len, mean_c, denominator = args
-    L = row_len.to(lane0.dtype)
+    UT: tl.constexpr = tl.uint32 if lane0.dtype == tl.int32 else tl.uint64
+    lane0 = lane0.to(UT)  # offsets are non-negative: unsigned division, no sign fix-ups
+    L = row_len.to(UT)
     q0 = lane0 // L
     edge = L - (lane0 - q0 * L)  # lanes from here on lie in the next unit
     f0 = _activity_factor(c_ptr, q0, mean_c, denominator)
