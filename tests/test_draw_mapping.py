@@ -319,9 +319,10 @@ def _assert_normals_close(z: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("index32", [True, False], ids=["index32", "index64"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_activity_rows_of_every_length_agree(dtype, index32, monkeypatch):
-    """The activity redraw's full blocks take each group's factors from at most two rows
-    (rows of >= 4 elements) and shorter rows run the per-element body: both equal the torch
-    backend bit for bit, with row ends at every position within a group."""
+    """The activity redraw's full blocks take the factors of a thread's run of elements (4,
+    or 8 for 16-bit rates) from at most two rows (rows at least that long) and shorter rows
+    run the per-element body: both equal the torch backend bit for bit, with row ends at every
+    position within a run."""
     if not index32:
         monkeypatch.setattr(launch, "INDEX32_LIMIT", -1)
     launch._plans.clear()

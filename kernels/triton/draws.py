@@ -143,18 +143,18 @@ def _group_words(key, first, BLOCK: tl.constexpr, STREAM: tl.constexpr, PARITY: 
 
 
 @triton.jit
-def group_lanes(FN: tl.constexpr, args, first, BLOCK: tl.constexpr, RUN: tl.constexpr):
-    """Per-group values in element order, in the layout of the grouped draws (``RUN`` as
-    there): ``FN(args, lane0)`` gets each group's first memory offset (``first + 4 g``) and
-    returns its four lanes' values, which are interleaved like the draws' words (so a value
-    computed once per group, a row's count say, needs no layout conversion either)."""
+def run_lanes(FN: tl.constexpr, args, first, BLOCK: tl.constexpr, RUN: tl.constexpr):
+    """Per-run values in element order, in the layout of the grouped draws: a thread's
+    ``RUN`` consecutive elements (as there: 8 for 16-bit operands, else 4) are one run, and
+    ``FN(args, start, RUN)`` gets every run's first memory offset (``first + RUN * k``) and
+    returns its ``RUN`` values, interleaved like the draws' words (so a value computed once
+    per run, a row's count say, needs no layout conversion either)."""
+    lane0 = first + tl.arange(0, BLOCK // RUN) * RUN
     if RUN == 8:
-        lane0 = first + tl.arange(0, BLOCK // 8) * 8
-        a, b, c, d = FN(args, lane0)
-        e, f, g, h = FN(args, lane0 + 4)
+        a, b, c, d, e, f, g, h = FN(args, lane0, RUN)
         out = _interleave8(a, b, c, d, e, f, g, h, BLOCK)
     else:
-        a, b, c, d = FN(args, first + tl.arange(0, BLOCK // 4) * 4)
+        a, b, c, d = FN(args, lane0, RUN)
         out = _interleave(a, b, c, d, BLOCK)
     return out
 

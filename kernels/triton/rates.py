@@ -17,10 +17,10 @@ from .draws import (
     draw_index,
     draw_run,
     for_block,
-    group_lanes,
     grouped,
     normals,
     row_aligned,
+    run_lanes,
     uniforms,
 )
 from .launch import (
@@ -256,10 +256,10 @@ def _activity_factor(c_ptr, unit, mean_c, denominator):
 
 
 @triton.jit
-def _group_factors(args, lane0):
-    """The factors of a group's four elements from two units: a row of at least 4 elements
-    (the fast body's condition) holds every group in at most two (one division per group
-    instead of one per element; the same per-unit values)."""
+def _run_factors(args, lane0, RUN: tl.constexpr):
+    """The factors of a run of ``RUN`` consecutive elements from two units: rows of at least
+    ``RUN`` elements (the fast body's condition) hold every run in at most two (one division
+    per run instead of one per element; the same per-unit values)."""
     c_ptr, row_len, mean_c, denominator = args
     UT: tl.constexpr = tl.uint32 if lane0.dtype == tl.int32 else tl.uint64
     lane0 = lane0.to(UT)  # offsets are non-negative: unsigned division, no sign fix-ups
@@ -267,8 +267,15 @@ def _group_factors(args, lane0):
     q0 = lane0 // L
     edge = L - (lane0 - q0 * L)  # lanes from here on lie in the next unit
     f0 = _activity_factor(c_ptr, q0, mean_c, denominator)
-    f1 = _activity_factor(c_ptr, q0 + (edge <= 3).to(q0.dtype), mean_c, denominator)
-    return f0, tl.where(edge <= 1, f1, f0), tl.where(edge <= 2, f1, f0), tl.where(edge <= 3, f1, f0)
+    f1 = _activity_factor(c_ptr, q0 + (edge < RUN).to(q0.dtype), mean_c, denominator)
+    f = tl.where(edge <= 1, f1, f0), tl.where(edge <= 2, f1, f0), tl.where(edge <= 3, f1, f0)
+    if RUN == 8:
+        g = tl.where(edge <= 4, f1, f0), tl.where(edge <= 5, f1, f0)
+        h = tl.where(edge <= 6, f1, f0), tl.where(edge <= 7, f1, f0)
+        out = f0, f[0], f[1], f[2], g[0], g[1], h[0], h[1]
+    else:
+        out = f0, f[0], f[1], f[2]
+    return out
 
 
 @triton.jit
@@ -288,9 +295,9 @@ def _activity_body(
         c = tl.load(c_ptr + unit_of(row, idx, S), mask=mask).to(tl.float32)
         ratio = tl.where(mean_c > 0, tl.math.div_rn(c, denominator), 1.0)
         factor = 2.0 - clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
-    else:  # a full block of a contiguous row with rows of >= 4 elements: per group
+    else:  # a full block of a contiguous row with rows of >= RUN elements: per run
         args = (c_ptr, tl.load(row + S + ROW_LEN), mean_c, denominator)
-        factor = group_lanes(_group_factors, args, start, BLOCK, RUN)
+        factor = run_lanes(_run_factors, args, start, BLOCK, RUN)
     new = clamp(1.0 + (2.0 * u - 1.0) * nu * factor, lo, hi)
     tl.store(p_ptr + offs, round_to(new, p_ptr.dtype.element_ty), mask=mask)
 
@@ -310,7 +317,8 @@ def _activity_kernel(
     draw = grouped(row, start, base, S, NDIM)
     aligned = row_aligned(row, 1, ALIGNED)
     fast = (operand(row, 0, P0, True), ptrs[1])  # the counts are gathered per unit: no hint
-    full = full & (tl.load(row + S + ROW_LEN) >= 4)  # rows shorter than a group: masked body
+    # rows shorter than a thread's run of elements: the masked (per-element) body
+    full = full & (tl.load(row + S + ROW_LEN) >= draw_run(P0.dtype.element_ty))
     for_block(
         _activity_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, BLOCK)
     )
