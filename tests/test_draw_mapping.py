@@ -267,36 +267,38 @@ def _helper_kernels():
     import triton.language as tl
 
     @triton.jit
-    def words(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr):
+    def words(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr, RUN: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         idx = draws.draw_index(out, offs, first, 0, 0, GROUPED)
-        w = draws.words_of(key, idx, 0, first, BLOCK, 1, GROUPED)
+        w = draws.words_of(key, idx, 0, first, BLOCK, 1, GROUPED, RUN)
         tl.store(out + offs, w.to(tl.int32, bitcast=True))
 
     @triton.jit
-    def normals(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr):
+    def normals(key, first, out, BLOCK: tl.constexpr, GROUPED: tl.constexpr, RUN: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         idx = draws.draw_index(out, offs, first, 0, 0, GROUPED)
-        tl.store(out + offs, draws.normals(key, idx, 0, first, BLOCK, 0, GROUPED))
+        tl.store(out + offs, draws.normals(key, idx, 0, first, BLOCK, 0, GROUPED, RUN))
 
     _helpers.update(words=words, normals=normals)
     return _helpers
 
 
 @pytest.mark.parametrize("first", [0, 2**32 - 8, 2**34 - 4 * 100, 2**40 + 4 * 7])
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "scattered"])
-def test_device_draws_carry_into_the_high_counter_word(first, grouped):
-    """Both draw paths at global indices whose counters cross 2**32 (the grouped path carries
-    the low counter word into the high one in 32-bit halves): the torch map's words and
-    normals."""
+@pytest.mark.parametrize(
+    "grouped, run", [(True, 4), (True, 8), (False, 4)], ids=["grouped", "grouped8", "scattered"]
+)
+def test_device_draws_carry_into_the_high_counter_word(first, grouped, run):
+    """Every draw path at global indices whose counters cross 2**32 (the grouped path carries
+    the low counter word into the high one in 32-bit halves; ``run`` 8 is the grouped layout of
+    16-bit dtypes, 8 consecutive elements per thread): the torch map's words and normals."""
     k = _helper_kernels()
     key, block = _key(30), 1024
     out = torch.empty(block, dtype=torch.int32, device=DEVICE)
-    k["words"][(1,)](key, first, out, BLOCK=block, GROUPED=grouped)
+    k["words"][(1,)](key, first, out, BLOCK=block, GROUPED=grouped, RUN=run)
     want = philox.element_words(key, range(first, first + block), DEVICE, stream=1)
     assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, want)
     z = torch.empty(block, dtype=torch.float32, device=DEVICE)
-    k["normals"][(1,)](key, first, z, BLOCK=block, GROUPED=grouped)
+    k["normals"][(1,)](key, first, z, BLOCK=block, GROUPED=grouped, RUN=run)
     _assert_normals_close(z, philox.element_normals(key, range(first, first + block), DEVICE))
 
 
@@ -312,3 +314,26 @@ def _assert_normals_close(z: torch.Tensor, ref: torch.Tensor) -> None:
     radius = ref.view(-1, 2).float().pow(2).sum(1).sqrt().repeat_interleave(2)
     err = (z.float() - ref.float()).abs()
     assert bool((err <= radius * 2.0**-19).all()), float((err / radius).max())
+
+
+@pytest.mark.parametrize("index32", [True, False], ids=["index32", "index64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_activity_rows_of_every_length_agree(dtype, index32, monkeypatch):
+    """The activity redraw's full blocks take the factors of a thread's run of elements (4,
+    or 8 for 16-bit rates) from at most two rows (rows at least that long) and shorter rows
+    run the per-element body: both equal the torch backend bit for bit, with row ends at every
+    position within a run."""
+    if not index32:
+        monkeypatch.setattr(launch, "INDEX32_LIMIT", -1)
+    launch._plans.clear()
+    row_lens = [1, 2, 3, 4, 5, 7, 8, 9, 50]
+    gen = torch.Generator().manual_seed(3)
+    rates = [_rates([(2100 // n + 1, n)], seed=n, dtype=dtype)[0] for n in row_lens]
+    counts = [torch.randint(0, 40, (p.shape[0],), generator=gen).to(DEVICE) for p in rates]
+    keys = [_key(40 + i) for i in range(len(rates))]
+    got = [p.clone() for p in rates]
+    tb.activity_update_(rates, counts, keys, 0.16, 0.5, 2.0)
+    trb.activity_update_(got, counts, keys, 0.16, 0.5, 2.0)
+    for n, a, b in zip(row_lens, rates, got):
+        assert torch.equal(a, b), n
+    launch._plans.clear()

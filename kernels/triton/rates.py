@@ -13,8 +13,18 @@ import triton.language as tl
 
 from .. import settings, torch_backend
 from ..stats import abs_means, activity_stats
-from .draws import draw_index, for_block, grouped, normals, row_aligned, uniforms
+from .draws import (
+    draw_index,
+    draw_run,
+    for_block,
+    grouped,
+    normals,
+    row_aligned,
+    run_lanes,
+    uniforms,
+)
 from .launch import (
+    ROW_LEN,
     clamp,
     fast_exp,
     flat_offsets,
@@ -45,13 +55,14 @@ def _init_body(
     NDIM: tl.constexpr = FLAGS[1]
     MODE: tl.constexpr = FLAGS[2]
     BLOCK: tl.constexpr = FLAGS[3]
+    RUN: tl.constexpr = draw_run(p_ptr.dtype.element_ty)
     mask = offs < n if MASKED else None
-    if MODE == 1:  # initial draws: whole layers, no shard offset
-        draw = uniforms(
-            key, draw_index(row, offs, 0, S, NDIM, GROUPED), start, 0, BLOCK, 0, GROUPED
-        )
+    if MODE > 0:  # initial draws: whole layers, no shard offset
+        idx = draw_index(row, offs, 0, S, NDIM, GROUPED)
+    if MODE == 1:
+        draw = uniforms(key, idx, start, 0, BLOCK, 0, GROUPED, RUN)
     elif MODE > 1:
-        draw = normals(key, draw_index(row, offs, 0, S, NDIM, GROUPED), start, 0, BLOCK, 0, GROUPED)
+        draw = normals(key, idx, start, 0, BLOCK, 0, GROUPED, RUN)
     if MODE == 0:
         value = tl.full(offs.shape, 1.0, tl.float32)  # baseline: no clamp, as torch's fill_
     elif MODE == 1:
@@ -116,7 +127,7 @@ def _temporal_body(
     value = 1.0 + (tl.load(p_ptr + offs, mask=mask).to(tl.float32) - 1.0) * decay
     if NOISY:
         idx = draw_index(row, offs, base, S, NDIM, GROUPED)
-        u = uniforms(key, idx, start, base, BLOCK, 0, GROUPED)
+        u = uniforms(key, idx, start, base, BLOCK, 0, GROUPED, draw_run(p_ptr.dtype.element_ty))
         value = value + noise * (2.0 * u - 1.0)
     tl.store(p_ptr + offs, round_to(clamp(value, lo, hi), p_ptr.dtype.element_ty), mask=mask)
 
@@ -187,7 +198,8 @@ def _adaptive_body(
     NDIM: tl.constexpr = FLAGS[1]
     BLOCK: tl.constexpr = FLAGS[2]
     mask = offs < n if MASKED else None
-    u = uniforms(key, draw_index(row, offs, base, S, NDIM, GROUPED), start, base, BLOCK, 0, GROUPED)
+    idx = draw_index(row, offs, base, S, NDIM, GROUPED)
+    u = uniforms(key, idx, start, base, BLOCK, 0, GROUPED, draw_run(p_ptr.dtype.element_ty))
     aw = tl.abs(tl.load(w_ptr + offs, mask=mask).to(tl.float32))
     scale = clamp(2.0 - tl.math.div_rn(aw, denominator), 0.5, 1.5)
     value = clamp(1.0 + (2.0 * u - 1.0) * nu * scale, lo, hi)
@@ -236,6 +248,37 @@ def weight_adaptive_(
 
 
 @triton.jit
+def _activity_factor(c_ptr, unit, mean_c, denominator):
+    """The redraw's scale for the counts of output units ``unit``."""
+    c = tl.load(c_ptr + unit).to(tl.float32)
+    ratio = tl.where(mean_c > 0, tl.math.div_rn(c, denominator), 1.0)
+    return 2.0 - clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
+
+
+@triton.jit
+def _run_factors(args, lane0, RUN: tl.constexpr):
+    """The factors of a run of ``RUN`` consecutive elements from two units: rows of at least
+    ``RUN`` elements (the fast body's condition) hold every run in at most two (one division
+    per run instead of one per element; the same per-unit values)."""
+    c_ptr, row_len, mean_c, denominator = args
+    UT: tl.constexpr = tl.uint32 if lane0.dtype == tl.int32 else tl.uint64
+    lane0 = lane0.to(UT)  # offsets are non-negative: unsigned division, no sign fix-ups
+    L = row_len.to(UT)
+    q0 = lane0 // L
+    edge = L - (lane0 - q0 * L)  # lanes from here on lie in the next unit
+    f0 = _activity_factor(c_ptr, q0, mean_c, denominator)
+    f1 = _activity_factor(c_ptr, q0 + (edge < RUN).to(q0.dtype), mean_c, denominator)
+    f = tl.where(edge <= 1, f1, f0), tl.where(edge <= 2, f1, f0), tl.where(edge <= 3, f1, f0)
+    if RUN == 8:
+        g = tl.where(edge <= 4, f1, f0), tl.where(edge <= 5, f1, f0)
+        h = tl.where(edge <= 6, f1, f0), tl.where(edge <= 7, f1, f0)
+        out = f0, f[0], f[1], f[2], g[0], g[1], h[0], h[1]
+    else:
+        out = f0, f[0], f[1], f[2]
+    return out
+
+
+@triton.jit
 def _activity_body(
     ptrs, values, row, offs, n, FLAGS: tl.constexpr, MASKED: tl.constexpr, GROUPED: tl.constexpr
 ):
@@ -244,12 +287,17 @@ def _activity_body(
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     BLOCK: tl.constexpr = FLAGS[2]
+    RUN: tl.constexpr = draw_run(p_ptr.dtype.element_ty)
     mask = offs < n if MASKED else None
     idx = logical(row, offs, S, NDIM)  # the row index and the scattered draw share it
-    u = uniforms(key, idx + base, start, base, BLOCK, 0, GROUPED)
-    c = tl.load(c_ptr + unit_of(row, idx, S), mask=mask).to(tl.float32)
-    ratio = tl.where(mean_c > 0, tl.math.div_rn(c, denominator), 1.0)
-    factor = 2.0 - clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
+    u = uniforms(key, idx + base, start, base, BLOCK, 0, GROUPED, RUN)
+    if MASKED:
+        c = tl.load(c_ptr + unit_of(row, idx, S), mask=mask).to(tl.float32)
+        ratio = tl.where(mean_c > 0, tl.math.div_rn(c, denominator), 1.0)
+        factor = 2.0 - clamp(1.0 + (ratio - 1.0) * 0.1, 0.8, 1.2)
+    else:  # a full block of a contiguous row with rows of >= RUN elements: per run
+        args = (c_ptr, tl.load(row + S + ROW_LEN), mean_c, denominator)
+        factor = run_lanes(_run_factors, args, start, BLOCK, RUN)
     new = clamp(1.0 + (2.0 * u - 1.0) * nu * factor, lo, hi)
     tl.store(p_ptr + offs, round_to(new, p_ptr.dtype.element_ty), mask=mask)
 
@@ -269,6 +317,8 @@ def _activity_kernel(
     draw = grouped(row, start, base, S, NDIM)
     aligned = row_aligned(row, 1, ALIGNED)
     fast = (operand(row, 0, P0, True), ptrs[1])  # the counts are gathered per unit: no hint
+    # rows shorter than a thread's run of elements: the masked (per-element) body
+    full = full & (tl.load(row + S + ROW_LEN) >= draw_run(P0.dtype.element_ty))
     for_block(
         _activity_body, fast, ptrs, values, row, offs, n, full, draw, aligned, (S, NDIM, BLOCK)
     )

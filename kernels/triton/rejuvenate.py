@@ -14,6 +14,7 @@ from ..stats import clean_weights_, current_reduction, legacy_stats_many, rejuve
 from . import reduce
 from .draws import (
     draw_index,
+    draw_run,
     for_block,
     grouped,
     normals,
@@ -39,9 +40,13 @@ Tensors = Sequence[Tensor]
 
 
 @triton.jit
-def _count_replaced(counts, out_index, replace, offs, n):
-    hits = replace & (offs < n)  # masked-off lanes hold junk draws: never count them
-    tl.atomic_add(counts + out_index, tl.sum(hits.to(tl.int64), axis=0), sem="relaxed")
+def _count_replaced(counts, out_index, replace, offs, n, MASKED: tl.constexpr):
+    hits = replace
+    if MASKED:
+        hits = hits & (offs < n)  # masked-off lanes hold junk draws: never count them
+    # at most BLOCK per block: summed in 32 bits (half the shuffles), added to the int64 count
+    total = tl.sum(hits.to(tl.int32), axis=0)
+    tl.atomic_add(counts + out_index, total.to(tl.int64), sem="relaxed")
 
 
 @triton.jit
@@ -53,11 +58,12 @@ def _rejuvenate_body(
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     BLOCK: tl.constexpr = FLAGS[2]
+    RUN: tl.constexpr = draw_run(w_ptr.dtype.element_ty)
     mask = offs < n if MASKED else None
     # Two Philox calls per four elements: stream 0 decides and signs, stream 1 the normals.
     idx = draw_index(row, offs, base, S, NDIM, GROUPED)  # the index math once for both draws
-    word = words_of(key, idx, start, base, BLOCK, 0, GROUPED)
-    z = normals(key, idx, start, base, BLOCK, 1, GROUPED)
+    word = words_of(key, idx, start, base, BLOCK, 0, GROUPED, RUN)
+    z = normals(key, idx, start, base, BLOCK, 1, GROUPED, RUN)
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
     # Random decisions and draws: fast exp, and -dre/std once per block instead of a division
     # per element (within an ulp or two of the torch backend's; flips only at the threshold).
@@ -66,7 +72,7 @@ def _rejuvenate_body(
     positive = word.to(tl.int32, bitcast=True) >= 0  # bit 31 clear; U(word) folds it away
     new = clamp(tl.where(positive, magnitude, -magnitude), -1.0, 1.0)
     tl.store(w_ptr + offs, round_to(tl.where(replace, new, w), w_ptr.dtype.element_ty), mask=mask)
-    _count_replaced(counts, out_index, replace, offs, n)
+    _count_replaced(counts, out_index, replace, offs, n, MASKED)
 
 
 @triton.jit
@@ -134,15 +140,16 @@ def _legacy_body(
     S: tl.constexpr = FLAGS[0]
     NDIM: tl.constexpr = FLAGS[1]
     BLOCK: tl.constexpr = FLAGS[2]
+    RUN: tl.constexpr = draw_run(w_ptr.dtype.element_ty)
     mask = offs < n if MASKED else None
     idx = draw_index(row, offs, base, S, NDIM, GROUPED)  # the index math once for both draws
-    z = normals(key, idx, start, base, BLOCK, 0, GROUPED)  # the threshold's
-    u = uniforms(key, idx, start, base, BLOCK, 1, GROUPED)  # the new value's
+    z = normals(key, idx, start, base, BLOCK, 0, GROUPED, RUN)  # the threshold's
+    u = uniforms(key, idx, start, base, BLOCK, 1, GROUPED, RUN)  # the new value's
     w = tl.load(w_ptr + offs, mask=mask).to(tl.float32)
     replace = tl.abs(w) < tl.abs(z * scale)
     new = (2.0 * u - 1.0) * max_aw
     tl.store(w_ptr + offs, round_to(tl.where(replace, new, w), w_ptr.dtype.element_ty), mask=mask)
-    _count_replaced(counts, out_index, replace, offs, n)
+    _count_replaced(counts, out_index, replace, offs, n, MASKED)
 
 
 @triton.jit

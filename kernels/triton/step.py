@@ -13,7 +13,7 @@ import triton.language as tl
 from ..contract import StepParams, one_stage_ops
 from ..stats import crystallize_stats, current_reduction
 from . import reduce
-from .draws import draw_index, for_block, grouped, normals, row_aligned
+from .draws import draw_index, draw_run, for_block, grouped, normals, row_aligned
 from .launch import exp, flat_offsets, launch, operand, round_to, stream_of, tile
 
 Tensor = torch.Tensor
@@ -70,7 +70,7 @@ def _step_body(
         m = base_lr * exp(neg_stability * tl.math.div_rn(aw, aw + 1.0))
         # N(i): one Philox call per four elements, both Box-Muller outputs used
         idx = draw_index(row, offs, base, S, NDIM, GROUPED)
-        z = normals(key, idx, start, base, BLOCK, 0, GROUPED)
+        z = normals(key, idx, start, base, BLOCK, 0, GROUPED, draw_run(GT))
         g = round_to(g * (m * tl.abs(1.0 + variability * z)), GT).to(tl.float32)  # as stored
     if FUZZY or CRYSTALLIZE:
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
