@@ -1287,8 +1287,7 @@ def report_markdown(report: dict) -> str:
         lines[-1:-1] = [
             f"Added {add['date']}: {add['variants']} variants of {', '.join(add['kernels'])} "
             f"({', '.join('sm_%d' % t for t in add['targets'])}) in {add['seconds']} s, from the "
-            f"kernels of commit {add['commit']} (`python benchmarks/gpu_static.py --add "
-            f"--kernels ...`).",
+            f"kernels of commit {add['commit']} (`{add.get('command', 'gpu_static.py --add')}`).",
         ]
     for r in failed:
         lines.append(f"- FAILED `{variant_key(r)}`: {r['error'][:300]}")
@@ -1484,6 +1483,7 @@ def merge_reports(old: dict, new: dict) -> dict:
         "date": new["date"], "kernels": sorted({r["kernel"] for r in new["results"]}),
         "targets": new["targets"], "variants": len(new["results"]),
         "seconds": new["seconds"], "commit": _commit(),
+        "command": " ".join(["python benchmarks/gpu_static.py", *sys.argv[1:]]),
     }  # fmt: skip
     # the variants of the first, timed recording (replaced variants stay counted there)
     timed = old.get("timed_variants", len(old["results"]) - _added(old))
