@@ -227,15 +227,18 @@ def for_block(BODY: tl.constexpr, fast_ptrs, ptrs, values, row, offs, n, full, g
 
 
 @triton.jit
-def _grouped_words(key, first, BLOCK: tl.constexpr, STREAM: tl.constexpr, RUN: tl.constexpr):
+def _grouped(GROUP: tl.constexpr, key, first, BLOCK: tl.constexpr, STREAM: tl.constexpr,
+             RUN: tl.constexpr):  # fmt: skip
+    """``GROUP``'s four lanes per Philox call (words or normals) in element order: a run of 8
+    (16-bit operands) takes groups 2k and 2k+1 per thread, a run of 4 group k."""
     if RUN == 8:
-        w0, w1, w2, w3 = _group_words(key, first, BLOCK, STREAM, 0, 2)
-        v0, v1, v2, v3 = _group_words(key, first, BLOCK, STREAM, 1, 2)
-        words = _interleave8(w0, w1, w2, w3, v0, v1, v2, v3, BLOCK)
+        a0, a1, a2, a3 = GROUP(key, first, BLOCK, STREAM, 0, 2)
+        b0, b1, b2, b3 = GROUP(key, first, BLOCK, STREAM, 1, 2)
+        out = _interleave8(a0, a1, a2, a3, b0, b1, b2, b3, BLOCK)
     else:
-        w0, w1, w2, w3 = _group_words(key, first, BLOCK, STREAM)
-        words = _interleave(w0, w1, w2, w3, BLOCK)
-    return words
+        a0, a1, a2, a3 = GROUP(key, first, BLOCK, STREAM, 0, 1)
+        out = _interleave(a0, a1, a2, a3, BLOCK)
+    return out
 
 
 @triton.jit
@@ -245,18 +248,6 @@ def _group_normals(key, first, BLOCK: tl.constexpr, STREAM: tl.constexpr, PARITY
     n0, n1 = box_muller(w0, w1)
     n2, n3 = box_muller(w2, w3)
     return n0, n1, n2, n3
-
-
-@triton.jit
-def _grouped_normals(key, first, BLOCK: tl.constexpr, STREAM: tl.constexpr, RUN: tl.constexpr):
-    if RUN == 8:
-        n0, n1, n2, n3 = _group_normals(key, first, BLOCK, STREAM, 0, 2)
-        m0, m1, m2, m3 = _group_normals(key, first, BLOCK, STREAM, 1, 2)
-        z = _interleave8(n0, n1, n2, n3, m0, m1, m2, m3, BLOCK)
-    else:
-        n0, n1, n2, n3 = _group_normals(key, first, BLOCK, STREAM, 0, 1)
-        z = _interleave(n0, n1, n2, n3, BLOCK)
-    return z
 
 
 @triton.jit
@@ -291,7 +282,7 @@ def words_of(key, idx, start, base, BLOCK: tl.constexpr, STREAM: tl.constexpr,
     block's first memory offset ``start`` and the tensor's first global index ``base`` (its
     shard's); scattered: at the global indices ``idx`` (:func:`draw_index`)."""
     if GROUPED:
-        word = _grouped_words(key, start + base, BLOCK, STREAM, RUN)
+        word = _grouped(_group_words, key, start + base, BLOCK, STREAM, RUN)
     else:
         word = _scattered_words(key, idx, STREAM)
     return word
@@ -310,7 +301,7 @@ def normals(key, idx, start, base, BLOCK: tl.constexpr, STREAM: tl.constexpr,
     """Each element's normal ``N(i)`` (:func:`philox.element_normals`): both Box-Muller
     outputs of each pair used."""
     if GROUPED:
-        z = _grouped_normals(key, start + base, BLOCK, STREAM, RUN)
+        z = _grouped(_group_normals, key, start + base, BLOCK, STREAM, RUN)
     else:
         z = _scattered_normals(key, idx, STREAM)
     return z
