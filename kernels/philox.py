@@ -453,17 +453,20 @@ def stream_key(layer_seed: int, step: int, op_id: int) -> int:
 _VECTOR_KEYS_FROM = 48
 
 
-def _signed64(x: int) -> int:
-    return x - (1 << 64) if x >> 63 else x
+def to_signed64(k: int) -> int:
+    """A 64-bit pattern (its low 64 bits) as the int64 with the same bits (what an int64 tensor
+    holds; Triton reads it back as uint64)."""
+    k = int(k) & _M64
+    return k - (1 << 64) if k >> 63 else k
 
 
 def _splitmix64_(z: Tensor) -> Tensor:
     """:func:`_splitmix64` in place on int64 bit patterns (wrapping arithmetic; the right
     shifts are made logical by masking off the copied sign bits)."""
-    z.add_(_signed64(0x9E3779B97F4A7C15))
+    z.add_(to_signed64(0x9E3779B97F4A7C15))
     for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         z.bitwise_xor_((z >> shift).bitwise_and_((1 << (64 - shift)) - 1))
-        z.mul_(_signed64(multiplier))
+        z.mul_(to_signed64(multiplier))
     return z.bitwise_xor_((z >> 31).bitwise_and_((1 << 33) - 1))
 
 
@@ -471,10 +474,10 @@ def stream_keys(layer_seeds: List[int], steps: List[int], op_id: int) -> List[in
     """``[stream_key(seed, step, op_id) ...]`` for many layers at once (the same integers)."""
     if len(steps) < _VECTOR_KEYS_FROM:
         return [stream_key(seed, step, op_id) for seed, step in zip(layer_seeds, steps)]
-    seed_rounds = [_signed64(_seed_hash(operator.index(seed))) for seed in layer_seeds]
+    seed_rounds = [to_signed64(_seed_hash(operator.index(seed))) for seed in layer_seeds]
     h = torch.tensor(seed_rounds, dtype=torch.int64)
-    h.bitwise_xor_(torch.tensor([_signed64(n & _M64) for n in steps], dtype=torch.int64))
-    h = _splitmix64_(_splitmix64_(h).bitwise_xor_(_signed64(op_id & _M64)))
+    h.bitwise_xor_(torch.tensor([to_signed64(n) for n in steps], dtype=torch.int64))
+    h = _splitmix64_(_splitmix64_(h).bitwise_xor_(to_signed64(op_id)))
     return (h >> 1).bitwise_and_(_M63).tolist()
 
 

@@ -60,7 +60,7 @@ def test_device_keys_are_the_host_keys():
     plan = launch.groups([w], [])[0].plan
     keys = device_keys.DeviceKeys(steps, seeds, op_id=1).derive(plan, list(range(len(w))))
     got = keys.view(-1, 2)[:, 0].cpu().tolist()
-    want = [launch._to_signed64(philox.stream_key(s, n, 1)) for s, n in zip(seeds, starts)]
+    want = [philox.to_signed64(philox.stream_key(s, n, 1)) for s, n in zip(seeds, starts)]
     assert got == want
     counters = [int(device_keys.device_step(s, DEVICE)) for s in steps]
     assert counters == [n + 1 for n in starts]

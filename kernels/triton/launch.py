@@ -65,6 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..philox import to_signed64
+
 Tensor = torch.Tensor
 Tensors = Sequence[Tensor]
 
@@ -296,18 +298,12 @@ class AliasError(ValueError):
     """Two tensors of one call share memory that one of them writes (they would race)."""
 
 
-def _to_signed64(k: int) -> int:
-    """A 64-bit key as the int64 with the same bits (Triton reads it back as uint64)."""
-    k = int(k) & 0xFFFF_FFFF_FFFF_FFFF
-    return k - (1 << 64) if k >= (1 << 63) else k
-
-
 def _int64s(values: Sequence[int]) -> Tensor:
     """``values`` (any 64-bit patterns) as a CPU int64 tensor with the same bits."""
     try:
         return torch.tensor(values, dtype=torch.int64)
     except (OverflowError, RuntimeError, ValueError):  # >= 2**63: the int64 with its bits
-        return torch.tensor([_to_signed64(k) for k in values], dtype=torch.int64)
+        return torch.tensor([to_signed64(k) for k in values], dtype=torch.int64)
 
 
 def capturing(device: torch.device) -> bool:
@@ -515,7 +511,7 @@ class Plan:
         if capturing(self.device):
             out = torch.empty(n, dtype=torch.int64, device=self.device)
             for j, k in enumerate(values):
-                out[j].fill_(_to_signed64(k))
+                out[j].fill_(to_signed64(k))
             return out
         slot = next((s for s in self._key_slots if s[1].query()), None)
         if slot is None:

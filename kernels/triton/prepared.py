@@ -60,7 +60,8 @@ class Unpreparable(Exception):
 
 class PreparedStep:
     """``step.bio_step_(weights, grads, rates, keys, params)`` over these weights and rates,
-    planned once; :meth:`run` takes this step's gradients (and keys)."""
+    planned once; each step :meth:`matches` then :meth:`launch` this step's gradients (and
+    keys)."""
 
     def __init__(
         self, weights: Sequence[Tensor], grads: Sequence[Tensor], rates, params: StepParams
@@ -108,14 +109,6 @@ class PreparedStep:
             if self.permuted
             else all(map(_is_contiguous, grads))
         ) and addresses_equal(self.weights, self.weight_ptrs, self._index)
-
-    def run(self, grads: List[Tensor], keys: Optional[Sequence[int]] = None) -> bool:
-        """:meth:`matches` then :meth:`launch`; False, having done nothing, when the tensors
-        moved (prepare again)."""
-        if not self.matches(grads):
-            return False
-        self.launch(grads, keys)
-        return True
 
     def launch(self, grads: List[Tensor], keys: Optional[Sequence[int]] = None) -> None:
         """One step with this step's ``grads`` (same order as at preparation, as checked by
