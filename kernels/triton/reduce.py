@@ -87,6 +87,22 @@ def _crystal_partials(
 
 
 @triton.jit
+def _row_total(tab, partials, t, K: tl.constexpr, j: tl.constexpr, S: tl.constexpr,
+               W: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr):  # fmt: skip
+    """``(sum, n)``: the float64 sum of partial ``j`` (of ``K`` per block) over table row
+    ``t``'s blocks, in a fixed order, and the row's element count."""
+    row = tab + t * W
+    n = tl.load(row + S + NUMEL)
+    first = tl.load(row + S + FIRST_BLOCK)
+    nb = (n + BLOCK - 1) // BLOCK
+    acc = tl.zeros([RBLOCK], dtype=tl.float64)
+    for s in range(0, nb, RBLOCK):
+        idx = s + tl.arange(0, RBLOCK)
+        acc += tl.load(partials + K * (first + idx) + j, mask=idx < nb, other=0.0).to(tl.float64)
+    return tl.sum(acc, axis=0), n
+
+
+@triton.jit
 def _crystal_finish(
     tab, partials, stats,
     S: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
@@ -94,21 +110,10 @@ def _crystal_finish(
     """Per row: ``stats[2t] = mean|w|`` (float32 of the float64 sum over the element count),
     ``stats[2t+1] = 1`` if the gradient has a non-zero element, else ``0``."""
     t = tl.program_id(0)
-    row = tab + t * W
-    n = tl.load(row + S + NUMEL)
-    first = tl.load(row + S + FIRST_BLOCK)
-    nb = (n + BLOCK - 1) // BLOCK
-    acc_w = tl.zeros([RBLOCK], dtype=tl.float64)
-    acc_g = tl.zeros([RBLOCK], dtype=tl.float64)
-    for s in range(0, nb, RBLOCK):
-        idx = s + tl.arange(0, RBLOCK)
-        m = idx < nb
-        at = partials + 2 * (first + idx)
-        acc_w += tl.load(at, mask=m, other=0.0).to(tl.float64)
-        acc_g += tl.load(at + 1, mask=m, other=0.0).to(tl.float64)
-    mean = tl.sum(acc_w, axis=0) / n.to(tl.float64)
-    tl.store(stats + 2 * t, mean.to(tl.float32))
-    tl.store(stats + 2 * t + 1, tl.where(tl.sum(acc_g, axis=0) > 0.0, 1.0, 0.0))
+    sum_aw, n = _row_total(tab, partials, t, 2, 0, S, W, BLOCK, RBLOCK)
+    nonzero, n = _row_total(tab, partials, t, 2, 1, S, W, BLOCK, RBLOCK)
+    tl.store(stats + 2 * t, (sum_aw / n.to(tl.float64)).to(tl.float32))
+    tl.store(stats + 2 * t + 1, tl.where(nonzero > 0.0, 1.0, 0.0))
 
 
 def crystallize_stats(group: Group, witnesses=None) -> dict:
@@ -176,23 +181,9 @@ def _rejuvenation_finish(
     """Per row, ``stats.rejuvenation_stats`` from the three sums (float64, the same formula
     and clamps as ``stats._rejuvenation_fit``): ``stats[3t:3t+3] = std, mu, sigma``."""
     t = tl.program_id(0)
-    row = tab + t * W
-    n = tl.load(row + S + NUMEL)
-    first = tl.load(row + S + FIRST_BLOCK)
-    nb = (n + BLOCK - 1) // BLOCK
-    acc1 = tl.zeros([RBLOCK], dtype=tl.float64)
-    acc2 = tl.zeros([RBLOCK], dtype=tl.float64)
-    acc3 = tl.zeros([RBLOCK], dtype=tl.float64)
-    for s in range(0, nb, RBLOCK):
-        idx = s + tl.arange(0, RBLOCK)
-        m = idx < nb
-        at = partials + 3 * (first + idx)
-        acc1 += tl.load(at, mask=m, other=0.0).to(tl.float64)
-        acc2 += tl.load(at + 1, mask=m, other=0.0).to(tl.float64)
-        acc3 += tl.load(at + 2, mask=m, other=0.0).to(tl.float64)
-    s1 = tl.sum(acc1, axis=0)
-    s2 = tl.sum(acc2, axis=0)
-    a1 = tl.sum(acc3, axis=0)
+    s1, n = _row_total(tab, partials, t, 3, 0, S, W, BLOCK, RBLOCK)
+    s2, n = _row_total(tab, partials, t, 3, 1, S, W, BLOCK, RBLOCK)
+    a1, n = _row_total(tab, partials, t, 3, 2, S, W, BLOCK, RBLOCK)
     nf = n.to(tl.float64)
     dof = tl.maximum(nf - 1.0, 1.0)  # unbiased, as torch.std; one weight: std 0, not NaN
     tiny = 1e-12
