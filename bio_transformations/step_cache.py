@@ -133,7 +133,7 @@ class CachedStep:
         # ``.data = ...`` moves one. Their addresses tell both (the cache holds the old
         # tensors, so a new one cannot reuse an old address).
         self.buffer_dicts = [bio._buffers for bio in self.bios]
-        self.rates = self._rates_now()
+        self.rates = list(map(_rates_of, self.buffer_dicts))
         self.rate_ptrs = list(map(_data_ptr, self.rates))
         self.requires = list(map(_requires_grad, self.all_weights))
         self.all_require = all(self.requires)
@@ -179,9 +179,6 @@ class CachedStep:
                 )
             )
         )
-
-    def _rates_now(self) -> list:
-        return list(map(dict.get, self.buffer_dicts, itertools.repeat(_RATES)))
 
     def run(self) -> bool:
         """One ``bio_step``; False (nothing done) when a decision no longer holds. Every group
